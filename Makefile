@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DATA   ?= ../shared/data/magnetic-tile
+DEMO   ?= runs/demo
+
+.PHONY: demo test bench install install-test clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# Stamp files: reinstall when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/adtr-edge train --data $(DATA) --out $(DEMO)/model
+	$(VENV)/bin/adtr-edge eval --model $(DEMO)/model --data $(DATA) --report $(DEMO)/report.json --out $(DEMO)
+	@echo "overlays and ROC curve: $(DEMO)/overlays, $(DEMO)/roc.png"
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest tests
+
+bench: $(VENV)/.installed-test
+	$(PY) tests/benchmarks/bench_model.py --data $(DATA) --out runs/bench
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""The process a user runs: CLI, settings, logging."""

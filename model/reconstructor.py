@@ -1,0 +1,122 @@
+"""ADTR's feature reconstructor (method §2), DETR-style.
+
+Tokens (one per feature-map position) go through a transformer encoder; the decoder's input is a
+learned auxiliary query per position, never the tokens themselves, so an anomalous token can only
+reach the output through attention. A learned position embedding is added to queries and keys in
+every attention layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ReconstructorConfig
+
+
+def with_pos(x: Tensor, pos: Tensor) -> Tensor:
+    return x + pos
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d: int, heads: int, ffn: int, dropout: float):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn, d))
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, src: Tensor, pos: Tensor) -> Tensor:
+        q = k = with_pos(src, pos)
+        src = self.norm1(src + self.drop1(self.self_attn(q, k, src, need_weights=False)[0]))
+        return self.norm2(src + self.drop2(self.ffn(src)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, d: int, heads: int, ffn: int, dropout: float):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn, d))
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.drop1, self.drop2, self.drop3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor) -> Tensor:
+        q = k = with_pos(tgt, pos)
+        tgt = self.norm1(tgt + self.drop1(self.self_attn(q, k, tgt, need_weights=False)[0]))
+        attended = self.cross_attn(with_pos(tgt, pos), with_pos(memory, pos), memory, need_weights=False)[0]
+        tgt = self.norm2(tgt + self.drop2(attended))
+        return self.norm3(tgt + self.drop3(self.ffn(tgt)))
+
+
+class Reconstructor(nn.Module):
+    """(B, C, S, S) features → (target, reconstruction), both (B, C, S, S) in normalized space.
+
+    The feature normalization (per-position or per-channel mean, per-channel std) is fitted on the
+    training features with `fit_normalization` and stored as buffers, so it travels in the checkpoint.
+    """
+
+    def __init__(self, channels: int, feature_size: int, cfg: ReconstructorConfig):
+        super().__init__()
+        self.cfg, self.channels, self.feature_size = cfg, channels, feature_size
+        d, n = cfg.hidden_dim, feature_size * feature_size
+        self.input_proj = nn.Conv2d(channels, d, kernel_size=1)
+        self.output_proj = nn.Conv2d(d, channels, kernel_size=1)
+        self.pos_embed = nn.Parameter(torch.empty(1, n, d))
+        self.query_embed = nn.Parameter(torch.empty(1, n, d))
+        layer_args = (d, cfg.num_heads, cfg.ffn_dim, cfg.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(cfg.num_encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(cfg.num_decoder_layers))
+        self.register_buffer("feature_mean", torch.zeros(1, channels, feature_size, feature_size))
+        self.register_buffer("feature_std", torch.ones(1, channels, 1, 1))
+        nn.init.normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.query_embed, std=0.02)
+        for p in self.parameters():
+            if p.dim() > 1 and p is not self.pos_embed and p is not self.query_embed:
+                nn.init.xavier_uniform_(p)
+        if cfg.zero_init_output:
+            nn.init.zeros_(self.output_proj.weight)
+            nn.init.zeros_(self.output_proj.bias)
+
+    @torch.no_grad()
+    def fit_normalization(self, features: Tensor) -> None:
+        """Fit the feature normalization on training features (N, C, S, S)."""
+        if self.cfg.feature_norm == "none":
+            return
+        if self.cfg.feature_norm == "position":
+            mean = features.mean(dim=0, keepdim=True)
+        else:
+            mean = features.mean(dim=(0, 2, 3), keepdim=True).expand_as(self.feature_mean)
+        std = (features - mean).pow(2).mean(dim=(0, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std)
+
+    def normalize(self, features: Tensor) -> Tensor:
+        return (features - self.feature_mean) / self.feature_std
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        if features.shape[1:] != self.feature_mean.shape[1:]:
+            raise ValueError(f"features are {tuple(features.shape[1:])}, the reconstructor was built for "
+                             f"{tuple(self.feature_mean.shape[1:])}")
+        target = self.normalize(features)  # (B, C, S, S)
+        b, _, s, _ = target.shape
+        tokens = target.flatten(2).transpose(1, 2)  # (B, S*S, C)
+        if self.training and self.cfg.jitter_scale > 0 and torch.rand(()) < self.cfg.jitter_prob:
+            # UniAD's feature jitter: noise ∝ each token's norm, only on the input, never the target.
+            scale = tokens.norm(dim=2, keepdim=True) / tokens.shape[2] * self.cfg.jitter_scale
+            tokens = tokens + torch.randn_like(tokens) * scale
+        x = tokens.transpose(1, 2).reshape(b, -1, s, s)
+        memory = self.input_proj(x).flatten(2).transpose(1, 2)  # (B, S*S, D)
+        pos = self.pos_embed
+        for layer in self.encoder:
+            memory = layer(memory, pos)
+        out = self.query_embed.expand(b, -1, -1)  # (B, S*S, D): the auxiliary query
+        for layer in self.decoder:
+            out = layer(out, memory, pos)
+        out = out.transpose(1, 2).reshape(b, -1, s, s)  # (B, D, S, S)
+        return target, self.output_proj(out)  # both (B, C, S, S)
+
+
+def reconstruction_loss(target: Tensor, reconstruction: Tensor) -> Tensor:
+    """L_norm (eq. 1) as a plain MSE: ||f − f̂||² / (C·H·W), averaged over the batch."""
+    return F.mse_loss(reconstruction, target)

@@ -1,0 +1,74 @@
+"""The one place for the scoring math: anomaly map, image score, thresholds, normalized score.
+
+Training, evaluation, offline prediction and the live pipeline all call these functions, so a frame
+scores the same everywhere.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import ScoringConfig
+
+
+def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of (B, H, W) maps, kernel truncated at 4σ, reflect padding."""
+    if sigma <= 0:
+        return maps
+    radius = max(1, int(math.ceil(4.0 * sigma)))
+    radius = min(radius, maps.shape[-1] - 1, maps.shape[-2] - 1)
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    out = maps.unsqueeze(1)
+    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return out.squeeze(1)
+
+
+def anomaly_map(target: Tensor, reconstruction: Tensor, out_size: int, blur_sigma: float = 0.0) -> Tensor:
+    """s(u) = ||f(:,u) − f̂(:,u)||₂ → bilinear upsample to out_size → optional blur. (B, H, W)."""
+    coarse = (target - reconstruction).pow(2).sum(dim=1, keepdim=True).sqrt()  # (B, 1, S, S)
+    full = F.interpolate(coarse, size=(out_size, out_size), mode="bilinear", align_corners=False)
+    return gaussian_blur(full.squeeze(1), blur_sigma)
+
+
+def pool_kernel_px(cfg: ScoringConfig, image_size: int, feature_size: int) -> int:
+    """The image-score pooling kernel in pixels; 0 in the config means one feature cell."""
+    return cfg.pool_kernel or max(1, image_size // feature_size)
+
+
+def image_score(maps: Tensor, kernel: int) -> Tensor:
+    """Max of the (B, H, W) maps average-pooled with a kernel×kernel window at stride 1. (B,)."""
+    kernel = max(1, min(kernel, maps.shape[-1], maps.shape[-2]))
+    pooled = F.avg_pool2d(maps.unsqueeze(1), kernel_size=kernel, stride=1)
+    return pooled.flatten(1).amax(dim=1)
+
+
+def normalized_score(score, threshold: float):
+    """score / threshold: 1.0 is the decision boundary."""
+    return score / threshold
+
+
+def threshold_from_normals(scores: np.ndarray, quantile: float) -> float:
+    """Normals only: a high quantile of validation normal image scores."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0:
+        raise ValueError("no validation scores to calibrate a threshold on")
+    return float(np.quantile(scores, quantile))
+
+
+def threshold_f1_optimal(scores: np.ndarray, labels: np.ndarray) -> float:
+    """With labelled anomalies: the threshold that maximizes F1 (decision: score >= threshold)."""
+    from sklearn.metrics import precision_recall_curve
+
+    labels = np.asarray(labels).astype(int)
+    if labels.min() == labels.max():
+        raise ValueError("F1-optimal threshold needs both normal and anomalous validation samples")
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.clip(precision[:-1] + recall[:-1], 1e-12, None)
+    return float(thresholds[int(np.argmax(f1))])

@@ -1,0 +1,218 @@
+"""Training: cached backbone features → reconstructor (normal-only), then checkpoint + threshold.
+
+One loop, readable top to bottom: AdamW, linear warm-up, lr × 0.1 at `lr_drop_at`, gradient
+clipping, validation loss per epoch, resumable from `train_state.pt` in the output folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import structlog
+import torch
+from tqdm import tqdm
+
+from .backbone import Backbone
+from .checkpoint import data_fingerprint, save_checkpoint
+from .config import AdtrConfig, TrainConfig
+from .data import BadFiles, Dataset
+from .detector import AnomalyDetector
+from .features import FeatureCache
+from .reconstructor import Reconstructor, reconstruction_loss
+from .scoring import threshold_f1_optimal, threshold_from_normals
+
+log = structlog.get_logger(__name__)
+STATE_FILE = "train_state.pt"
+LossFn = Callable[[Reconstructor, tuple[torch.Tensor, ...]], torch.Tensor]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def normal_loss(model: Reconstructor, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    target, recon = model(batch[0])
+    return reconstruction_loss(target, recon)
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+def _settings_hash(cfg: AdtrConfig) -> str:
+    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+
+
+def fit(
+    model: Reconstructor,
+    train_data: tuple[torch.Tensor, ...],
+    val_data: tuple[torch.Tensor, ...] | None,
+    tcfg: TrainConfig,
+    *,
+    epochs: int | None = None,
+    lr: float | None = None,
+    loss_fn: LossFn = normal_loss,
+    state_path: Path | None = None,
+    state_tag: str = "",
+    progress: bool = True,
+) -> FitResult:
+    """Train `model` on tensors whose first dimension is the sample; returns the loss history."""
+    epochs = epochs or tcfg.epochs
+    lr = lr or tcfg.lr
+    n = train_data[0].shape[0]
+    steps_per_epoch = math.ceil(n / tcfg.batch_size)
+    drop_step = int(tcfg.lr_drop_at * epochs) * steps_per_epoch
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=tcfg.weight_decay
+    )
+
+    def lr_factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / tcfg.warmup_steps) if tcfg.warmup_steps else 1.0
+        return warm * (0.1 if step >= drop_step else 1.0)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    result, start_epoch = FitResult(), 0
+    if state_path is not None and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state.get("tag") == state_tag:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch, result.history = state["epoch"], json.loads(state["history"])
+            torch.set_rng_state(state["rng"])
+            log.info("resuming training", from_epoch=start_epoch, path=str(state_path))
+        else:
+            log.warning("ignoring train state from other settings", path=str(state_path))
+
+    generator = torch.Generator().manual_seed(tcfg.seed)
+    t0 = time.monotonic()
+    bar = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
+               disable=not progress, desc="train", unit="step")
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        t_epoch, losses = time.monotonic(), []
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n, tcfg.batch_size):
+            idx = order[i : i + tcfg.batch_size]
+            loss = loss_fn(model, tuple(t[idx] for t in train_data))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
+        record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+                  "seconds": time.monotonic() - t_epoch}
+        if val_data is not None:
+            record["val_loss"] = evaluate_loss(model, val_data, loss_fn, tcfg.batch_size)
+        result.history.append(record)
+        log.info("epoch done", **{k: round(v, 5) for k, v in record.items()})
+        if state_path is not None:
+            torch.save({
+                "tag": state_tag, "epoch": epoch + 1, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "history": json.dumps(result.history), "rng": torch.get_rng_state(),
+            }, state_path)
+        if tcfg.max_minutes and time.monotonic() - t0 > tcfg.max_minutes * 60 and epoch + 1 < epochs:
+            log.warning("time budget reached; stopping early", epoch=epoch + 1, max_minutes=tcfg.max_minutes)
+            result.stopped_early = True
+            break
+    bar.close()
+    result.seconds = time.monotonic() - t0
+    model.eval()
+    return result
+
+
+@torch.no_grad()
+def evaluate_loss(model: Reconstructor, data: tuple[torch.Tensor, ...], loss_fn: LossFn, batch_size: int) -> float:
+    model.eval()
+    n, total = data[0].shape[0], 0.0
+    for i in range(0, n, batch_size):
+        batch = tuple(t[i : i + batch_size] for t in data)
+        total += loss_fn(model, batch).item() * batch[0].shape[0]
+    model.train()
+    return total / n
+
+
+def score_stats(scores: np.ndarray) -> dict[str, float]:
+    q = np.quantile(scores, [0.5, 0.9, 0.95, 0.99])
+    return {"n": int(scores.size), "mean": float(scores.mean()), "std": float(scores.std()),
+            "min": float(scores.min()), "max": float(scores.max()),
+            "p50": float(q[0]), "p90": float(q[1]), "p95": float(q[2]), "p99": float(q[3])}
+
+
+def calibrate_threshold(detector: AnomalyDetector, features: torch.Tensor, labels: np.ndarray) -> tuple[float, str, np.ndarray]:
+    """Normals only → high quantile; labelled anomalies present → F1-optimal. Validation data only."""
+    scores = np.concatenate([
+        detector.score_features(features[i : i + 32]).scores.numpy() for i in range(0, len(features), 32)
+    ])
+    if labels.max() > 0 and labels.min() == 0:
+        return threshold_f1_optimal(scores, labels), "f1_optimal", scores
+    return threshold_from_normals(scores[labels == 0], detector.cfg.threshold.normal_quantile), "normal_quantile", scores
+
+
+def train_model(cfg: AdtrConfig, dataset: Dataset, out_dir: Path, progress: bool = True,
+                cache: FeatureCache | None = None) -> dict[str, Any]:
+    """Normal-only ADTR training on `dataset.train`, threshold on `dataset.val`; writes the checkpoint."""
+    seed_everything(cfg.train.seed)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backbone = cache.backbone if cache else Backbone(cfg.backbone)
+    cache = cache or FeatureCache(backbone, cfg.data.cache_dir)
+    bad = BadFiles()
+    t0 = time.monotonic()
+    train = cache.extract(dataset.train, bad, cfg.data.bad_files, cfg.train.feature_batch_size, progress, "train features")
+    val = cache.extract(dataset.val, bad, cfg.data.bad_files, cfg.train.feature_batch_size, progress, "val features")
+    feature_seconds = time.monotonic() - t0
+
+    model = Reconstructor(backbone.out_channels, cfg.backbone.feature_size, cfg.reconstructor)
+    model.fit_normalization(train.features)
+    val_normal = val.features[[s.label == 0 for s in val.samples]]
+    fitted = fit(model, (train.features,), (val_normal,), cfg.train,
+                 state_path=out_dir / STATE_FILE, state_tag=_settings_hash(cfg), progress=progress)
+
+    detector = AnomalyDetector(cfg, backbone, model)
+    val_labels = np.array([s.label for s in val.samples])
+    threshold, method, val_scores = calibrate_threshold(detector, val.features, val_labels)
+    created = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    manifest = {
+        "created_at": created,
+        "settings": json.loads(cfg.model_dump_json()),
+        "backbone": {"name": cfg.backbone.name, "weights": cfg.backbone.weights,
+                     "weights_id": backbone.weights_id, "channels": backbone.out_channels,
+                     "strides": backbone.strides},
+        "normalization": backbone.normalization,
+        "image_size": cfg.backbone.image_size,
+        "feature_shape": [backbone.out_channels, cfg.backbone.feature_size, cfg.backbone.feature_size],
+        "threshold": threshold,
+        "threshold_method": method,
+        "validation_scores": score_stats(val_scores[val_labels == 0]),
+        "data": {"name": dataset.name, "root": dataset.root, "layout": dataset.layout,
+                 "fingerprint": data_fingerprint(train.digests), **dataset.summary(),
+                 "skipped_files": bad.items},
+        "training": {"history": fitted.history, "seconds": fitted.seconds,
+                     "feature_seconds": feature_seconds, "stopped_early": fitted.stopped_early},
+        "metrics": {},
+    }
+    manifest = save_checkpoint(out_dir, model.state_dict(), manifest)
+    (out_dir / STATE_FILE).unlink(missing_ok=True)
+    log.info("model saved", path=str(out_dir), threshold=round(threshold, 5),
+             model_version=manifest["model_version"], seconds=round(fitted.seconds, 1))
+    return manifest

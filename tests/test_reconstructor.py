@@ -1,0 +1,63 @@
+"""Reconstructor: shapes, normalization, the auxiliary query, jitter only in training."""
+import torch
+
+from model.config import ReconstructorConfig
+from model.reconstructor import Reconstructor
+
+
+def _model(**kw) -> Reconstructor:
+    cfg = ReconstructorConfig(hidden_dim=32, num_heads=4, ffn_dim=64, dropout=0.0, **kw)
+    return Reconstructor(channels=12, feature_size=4, cfg=cfg)
+
+
+def test_output_shapes_match_input():
+    target, recon = _model()(torch.randn(3, 12, 4, 4))
+    assert target.shape == recon.shape == (3, 12, 4, 4)
+
+
+def test_zero_init_starts_at_the_mean_feature():
+    model = _model(feature_norm="position").eval()
+    feats = torch.randn(20, 12, 4, 4) * 3 + 1
+    model.fit_normalization(feats)
+    target, recon = model(feats)
+    assert torch.count_nonzero(recon) == 0
+    assert torch.allclose(target.mean(0), torch.zeros(12, 4, 4), atol=1e-5)
+    assert torch.allclose(target.pow(2).mean(dim=(0, 2, 3)), torch.ones(12), atol=1e-4)
+
+
+def test_channel_norm_uses_one_mean_per_channel():
+    model = _model(feature_norm="channel")
+    feats = torch.randn(10, 12, 4, 4)
+    model.fit_normalization(feats)
+    assert torch.allclose(model.feature_mean[0, :, 0, 0], feats.mean(dim=(0, 2, 3)), atol=1e-6)
+    assert torch.allclose(model.feature_mean[0, :, 1, 2], model.feature_mean[0, :, 0, 0])
+
+
+def test_decoder_sees_tokens_only_through_attention():
+    # With every attention's value path zeroed, the output cannot depend on the input at all:
+    # there is no shortcut from a token to its own reconstruction.
+    model = _model(zero_init_output=False).eval()
+    for layer in model.decoder:
+        torch.nn.init.zeros_(layer.cross_attn.in_proj_weight)
+        torch.nn.init.zeros_(layer.cross_attn.in_proj_bias)
+        torch.nn.init.zeros_(layer.cross_attn.out_proj.weight)
+        torch.nn.init.zeros_(layer.cross_attn.out_proj.bias)
+    _, a = model(torch.randn(1, 12, 4, 4))
+    _, b = model(torch.randn(1, 12, 4, 4))
+    assert torch.allclose(a, b)
+
+
+def test_jitter_applies_in_training_only():
+    model = _model(jitter_scale=50.0, zero_init_output=False)
+    x = torch.randn(2, 12, 4, 4)
+    model.eval()
+    assert torch.equal(model(x)[1], model(x)[1])
+    model.train()
+    assert not torch.equal(model(x)[1], model(x)[1])
+
+
+def test_wrong_grid_size_is_rejected():
+    import pytest
+
+    with pytest.raises(ValueError, match="built for"):
+        _model()(torch.randn(1, 12, 8, 8))

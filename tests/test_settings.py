@@ -1,0 +1,78 @@
+"""Settings: YAML < environment < --set, typed, and bad values are clear errors."""
+from pathlib import Path
+
+import pytest
+
+from agent.settings import SettingsError, load_settings, merge, parse_overrides
+from model.config import AdtrConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_edge_yaml_is_exactly_the_defaults():
+    assert load_settings(CONFIGS / "edge.yaml") == AdtrConfig()
+
+
+def test_paper_b4_config_is_the_paper_setup():
+    cfg = load_settings(CONFIGS / "paper-b4.yaml")
+    assert cfg.backbone.name == "efficientnet_b4" and cfg.backbone.levels == [1, 2, 3, 4, 5]
+    r = cfg.reconstructor
+    assert (r.hidden_dim, r.num_encoder_layers, r.num_decoder_layers, r.num_heads, r.ffn_dim) == (256, 4, 4, 8, 1024)
+    assert (cfg.train.epochs, cfg.train.lr, cfg.train.lr_drop_at) == (500, 1e-4, 0.8)
+
+
+def test_precedence_yaml_then_env_then_set(tmp_path, monkeypatch):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("train:\n  epochs: 3\n  lr: 0.5\nbackbone:\n  image_size: 128\n")
+    monkeypatch.setenv("ADTR_EDGE_TRAIN__EPOCHS", "7")
+    cfg = load_settings(yaml_file, ["backbone.image_size=96"])
+    assert cfg.train.epochs == 7  # env beats YAML
+    assert cfg.train.lr == 0.5  # YAML beats default
+    assert cfg.backbone.image_size == 96  # --set beats everything
+    assert cfg.backbone.feature_size == 16  # untouched default
+
+
+def test_set_values_are_parsed_as_yaml():
+    assert parse_overrides(["backbone.levels=[1, 2]", "train.lr=0.5", "data.bad_files=fail"]) == {
+        "backbone": {"levels": [1, 2]}, "train": {"lr": 0.5}, "data": {"bad_files": "fail"}}
+    # YAML 1.1 reads 1e-3 as text; the typed setting still gets a float.
+    assert load_settings(overrides=["train.lr=1e-3"]).train.lr == 1e-3
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.epochs=0"], "train.epochs"),
+    (["train.epochz=3"], "train.epochz"),
+    (["backbone.levels=[7]"], "backbone.levels"),
+    (["reconstructor.hidden_dim=100", "reconstructor.num_heads=3"], "divisible"),
+    (["scoring.blur_sigma=-1"], "scoring.blur_sigma"),
+    (["noequals"], "key=value"),
+])
+def test_bad_values_name_the_setting(override, message):
+    with pytest.raises(SettingsError, match=message):
+        load_settings(overrides=override)
+
+
+def test_bad_environment_value_is_an_error(monkeypatch):
+    monkeypatch.setenv("ADTR_EDGE_TRAIN__BATCH_SIZE", "lots")
+    with pytest.raises(SettingsError, match="train.batch_size"):
+        load_settings()
+
+
+def test_missing_or_malformed_config_file(tmp_path):
+    with pytest.raises(SettingsError, match="not found"):
+        load_settings(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(SettingsError, match="not valid YAML"):
+        load_settings(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(SettingsError, match="mapping"):
+        load_settings(listy)
+
+
+def test_merge_overrides_an_existing_config():
+    cfg = merge(AdtrConfig(), ["data.limit_per_class=5"])
+    assert cfg.data.limit_per_class == 5 and cfg.train == AdtrConfig().train
+    with pytest.raises(SettingsError):
+        merge(cfg, ["data.limit_per_class=-1"])
