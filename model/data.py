@@ -230,6 +230,13 @@ def _is_mask_file(path: Path, siblings: set[Path]) -> bool:
     )
 
 
+def images_in(folder: Path) -> list[Path]:
+    """Image files under `folder` (recursive), leaving out mask files."""
+    files = _images_in(folder)
+    siblings = set(files)
+    return [p for p in files if not _is_mask_file(p, siblings)]
+
+
 def _read_folder(root: Path, cfg: DataConfig) -> Dataset:
     folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not folders:
@@ -238,9 +245,7 @@ def _read_folder(root: Path, cfg: DataConfig) -> Dataset:
     normals: list[Sample] = []
     defects: list[Sample] = []
     for folder in folders:
-        files = _images_in(folder)
-        siblings = set(files)
-        images = _limit([p for p in files if not _is_mask_file(p, siblings)], cfg)
+        images = _limit(images_in(folder), cfg)
         if any(t in folder.name.lower() for t in tokens):
             normals += [Sample(p, 0, NORMAL_TYPE) for p in images]
         else:

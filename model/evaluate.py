@@ -18,6 +18,7 @@ import torch
 from .data import NORMAL_TYPE, BadFiles, DataError, Dataset, read_image, read_mask, resize_mask
 from .detector import AnomalyDetector
 from .features import FeatureCache
+from .scoring import normalized_score
 from .metrics import aupro, auroc, precision_recall_f1, roc_points
 from .visualize import heatmap_overlay, roc_image
 
@@ -107,7 +108,7 @@ def evaluate(detector: AnomalyDetector, dataset: Dataset, out_dir: Path | None =
         "images_per_second": len(samples) / max(score_seconds, 1e-9),
         "scores": [
             {"path": str(s.path), "defect_type": s.defect_type, "label": int(s.label),
-             "score": float(sc), "normalized_score": float(sc / threshold), "is_anomaly": bool(p)}
+             "score": float(sc), "normalized_score": normalized_score(float(sc), threshold), "is_anomaly": bool(p)}
             for s, sc, p in zip(samples, scores, predicted)
         ],
     }

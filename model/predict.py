@@ -13,7 +13,8 @@ import cv2
 import structlog
 from tqdm import tqdm
 
-from .data import IMAGE_SUFFIXES, DataError, read_image
+from .data import IMAGE_SUFFIXES, DataError, images_in, read_image
+from .scoring import normalized_score
 from .detector import AnomalyDetector
 from .visualize import heatmap_overlay
 
@@ -25,8 +26,7 @@ def image_paths(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                      and not p.stem.endswith("_mask"))
+        return images_in(path)
     raise FileNotFoundError(f"no image or folder at {path}")
 
 
@@ -55,7 +55,7 @@ def predict_path(detector: AnomalyDetector, path: Path, out_dir: Path, batch_siz
         result = detector.score_images(images)
         for i, p in enumerate(batch):
             score = float(result.scores[i])
-            rows.append({"path": str(p), "score": score, "normalized_score": float(result.normalized[i]),
+            rows.append({"path": str(p), "score": score, "normalized_score": normalized_score(score, threshold),
                          "threshold": threshold, "is_anomaly": bool(result.is_anomaly[i]),
                          "model_version": detector.model_version, "error": ""})
             if overlays:

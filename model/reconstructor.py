@@ -19,9 +19,9 @@ def with_pos(x: Tensor, pos: Tensor) -> Tensor:
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, d: int, heads: int, ffn: int, dropout: float):
+    def __init__(self, d: int, heads: int, ffn: int, dropout: float, attn_dropout: float):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(d, heads, dropout=attn_dropout, batch_first=True)
         self.ffn = nn.Sequential(nn.Linear(d, ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn, d))
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
@@ -33,10 +33,10 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, d: int, heads: int, ffn: int, dropout: float):
+    def __init__(self, d: int, heads: int, ffn: int, dropout: float, attn_dropout: float):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(d, heads, dropout=attn_dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d, heads, dropout=attn_dropout, batch_first=True)
         self.ffn = nn.Sequential(nn.Linear(d, ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn, d))
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.drop1, self.drop2, self.drop3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
@@ -64,7 +64,7 @@ class Reconstructor(nn.Module):
         self.output_proj = nn.Conv2d(d, channels, kernel_size=1)
         self.pos_embed = nn.Parameter(torch.empty(1, n, d))
         self.query_embed = nn.Parameter(torch.empty(1, n, d))
-        layer_args = (d, cfg.num_heads, cfg.ffn_dim, cfg.dropout)
+        layer_args = (d, cfg.num_heads, cfg.ffn_dim, cfg.dropout, cfg.attn_dropout)
         self.encoder = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(cfg.num_encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(cfg.num_decoder_layers))
         self.register_buffer("feature_mean", torch.zeros(1, channels, feature_size, feature_size))

@@ -32,8 +32,13 @@ def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
 
 def anomaly_map(target: Tensor, reconstruction: Tensor, out_size: int, blur_sigma: float = 0.0) -> Tensor:
     """s(u) = ||f(:,u) − f̂(:,u)||₂ → bilinear upsample to out_size → optional blur. (B, H, W)."""
-    coarse = (target - reconstruction).pow(2).sum(dim=1, keepdim=True).sqrt()  # (B, 1, S, S)
-    full = F.interpolate(coarse, size=(out_size, out_size), mode="bilinear", align_corners=False)
+    coarse = (target - reconstruction).pow(2).sum(dim=1).sqrt()  # (B, S, S)
+    return upsample_map(coarse, out_size, blur_sigma)
+
+
+def upsample_map(coarse: Tensor, out_size: int, blur_sigma: float = 0.0) -> Tensor:
+    """A (B, S, S) feature-grid map → (B, out_size, out_size): bilinear, then optional blur."""
+    full = F.interpolate(coarse.unsqueeze(1), size=(out_size, out_size), mode="bilinear", align_corners=False)
     return gaussian_blur(full.squeeze(1), blur_sigma)
 
 

@@ -68,6 +68,7 @@ def fit(
     state_path: Path | None = None,
     state_tag: str = "",
     progress: bool = True,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> FitResult:
     """Train `model` on tensors whose first dimension is the sample; returns the loss history."""
     epochs = epochs or tcfg.epochs
@@ -123,6 +124,8 @@ def fit(
             record["val_loss"] = evaluate_loss(model, val_data, loss_fn, tcfg.batch_size)
         result.history.append(record)
         log.info("epoch done", **{k: round(v, 5) for k, v in record.items()})
+        if on_epoch is not None:
+            on_epoch(record)
         if state_path is not None:
             torch.save({
                 "tag": state_tag, "epoch": epoch + 1, "model": model.state_dict(),
@@ -168,7 +171,8 @@ def calibrate_threshold(detector: AnomalyDetector, features: torch.Tensor, label
 
 
 def train_model(cfg: AdtrConfig, dataset: Dataset, out_dir: Path, progress: bool = True,
-                cache: FeatureCache | None = None) -> dict[str, Any]:
+                cache: FeatureCache | None = None,
+                on_epoch: Callable[[Reconstructor, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Normal-only ADTR training on `dataset.train`, threshold on `dataset.val`; writes the checkpoint."""
     seed_everything(cfg.train.seed)
     if cfg.train.num_threads:
@@ -186,7 +190,8 @@ def train_model(cfg: AdtrConfig, dataset: Dataset, out_dir: Path, progress: bool
     model.fit_normalization(train.features)
     val_normal = val.features[[s.label == 0 for s in val.samples]]
     fitted = fit(model, (train.features,), (val_normal,), cfg.train,
-                 state_path=out_dir / STATE_FILE, state_tag=_settings_hash(cfg), progress=progress)
+                 state_path=out_dir / STATE_FILE, state_tag=_settings_hash(cfg), progress=progress,
+                 on_epoch=(lambda record: on_epoch(model, record)) if on_epoch else None)
 
     detector = AnomalyDetector(cfg, backbone, model)
     val_labels = np.array([s.label for s in val.samples])

@@ -66,3 +66,19 @@ def test_thresholds():
     with pytest.raises(ValueError):
         threshold_f1_optimal(scores, np.zeros(5))
     assert normalized_score(2.0, 4.0) == 0.5
+
+
+def test_patch_memory_baseline_matches_brute_force():
+    from model.patch_memory import PatchMemory
+
+    rng = torch.Generator().manual_seed(0)
+    train = torch.randn(5, 6, 3, 3, generator=rng)
+    test = torch.randn(2, 6, 3, 3, generator=rng)
+    memory = PatchMemory(train, chunk=7)
+    bank = train.permute(0, 2, 3, 1).reshape(-1, 6)
+    queries = test.permute(0, 2, 3, 1).reshape(-1, 6)
+    brute = torch.cdist(queries, bank).min(dim=1).values.view(2, 3, 3)
+    assert torch.allclose(memory.distance_map(test), brute, atol=1e-5)
+    assert torch.allclose(memory.distance_map(train[:1]), torch.zeros(1, 3, 3), atol=1e-3)
+    maps, scores = memory.score(test, 12, ScoringConfig(blur_sigma=0.0))
+    assert maps.shape == (2, 12, 12) and scores.shape == (2,)

@@ -1,0 +1,1 @@
+"""Ray actors wrapping `model/` (the streaming agent builds on these)."""

@@ -1,0 +1,85 @@
+"""Checkpoints: exact round trip; truncated, damaged or mismatched ones fail with a clear message."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import CheckpointError, load_checkpoint, read_manifest
+from model.data import read_image
+from model.detector import load_detector
+
+
+def test_round_trip_is_exact(trained_model, small_dataset):
+    a, b = load_detector(trained_model), load_detector(trained_model)
+    for key, value in a.reconstructor.state_dict().items():
+        assert torch.equal(value, b.reconstructor.state_dict()[key])
+    images = [read_image(s.path) for s in small_dataset.test[:3]]
+    assert torch.equal(a.score_images(images).scores, b.score_images(images).scores)
+    assert a.threshold == b.threshold > 0
+
+
+def test_manifest_records_what_a_deployment_needs(trained_model):
+    m = read_manifest(trained_model)
+    for key in ("settings", "backbone", "normalization", "image_size", "threshold", "validation_scores",
+                "data", "metrics", "model_version", "weights_sha256"):
+        assert key in m, key
+    assert m["backbone"]["weights_id"].startswith("sha256:")
+    assert len(m["data"]["fingerprint"]) == 64
+    assert m["training"]["history"][-1]["val_loss"] > 0
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_weights_fail_clearly(trained_model, tmp_path):
+    model = _copy(trained_model, tmp_path)
+    weights = model / "reconstructor.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(model)
+
+
+def test_truncated_manifest_fails_clearly(trained_model, tmp_path):
+    model = _copy(trained_model, tmp_path)
+    manifest = model / "manifest.json"
+    manifest.write_text(manifest.read_text()[:50])
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_detector(model)
+
+
+def test_missing_model_fails_clearly(tmp_path):
+    with pytest.raises(CheckpointError, match="manifest.json is missing"):
+        load_detector(tmp_path)
+
+
+def test_other_backbone_weights_are_refused(trained_model, tmp_path):
+    model = _copy(trained_model, tmp_path)
+    m = json.loads((model / "manifest.json").read_text())
+    m["backbone"]["weights_id"] = "sha256:" + "0" * 64
+    (model / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="trained on backbone weights"):
+        load_detector(model)
+
+
+def test_other_channel_count_is_refused(trained_model, tmp_path):
+    model = _copy(trained_model, tmp_path)
+    m = json.loads((model / "manifest.json").read_text())
+    m["settings"]["backbone"]["levels"] = [1, 2, 3]  # 80 channels instead of 192
+    m["backbone"].pop("channels")
+    (model / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="shape"):
+        load_detector(model)
+
+
+def test_unknown_format_is_refused(trained_model, tmp_path):
+    model = _copy(trained_model, tmp_path)
+    m = json.loads((model / "manifest.json").read_text())
+    m["format"] = "something-else/9"
+    (model / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="unknown checkpoint format"):
+        load_detector(model)
