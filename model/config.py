@@ -60,8 +60,9 @@ class ReconstructorConfig(_Strict):
     jitter_scale: float = Field(0.0, ge=0.0)
     jitter_prob: float = Field(1.0, ge=0.0, le=1.0)
     # Standardize features before reconstruction: "position" subtracts each position's training mean
-    # and divides by the channel std; "channel" uses the per-channel mean; "none" keeps raw features.
-    feature_norm: Literal["none", "channel", "position"] = "position"
+    # and divides by the channel std; "position_std" also divides by each position's own std;
+    # "channel" uses the per-channel mean; "none" keeps raw features.
+    feature_norm: Literal["none", "channel", "position", "position_std"] = "position"
     # Zero-init the output projection so an untrained model outputs the (normalized) mean feature.
     zero_init_output: bool = True
 

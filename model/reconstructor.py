@@ -68,7 +68,7 @@ class Reconstructor(nn.Module):
         self.encoder = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(cfg.num_encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(cfg.num_decoder_layers))
         self.register_buffer("feature_mean", torch.zeros(1, channels, feature_size, feature_size))
-        self.register_buffer("feature_std", torch.ones(1, channels, 1, 1))
+        self.register_buffer("feature_std", torch.ones(1, channels, feature_size, feature_size))
         nn.init.normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.query_embed, std=0.02)
         for p in self.parameters():
@@ -83,13 +83,14 @@ class Reconstructor(nn.Module):
         """Fit the feature normalization on training features (N, C, S, S)."""
         if self.cfg.feature_norm == "none":
             return
-        if self.cfg.feature_norm == "position":
+        if self.cfg.feature_norm in ("position", "position_std"):
             mean = features.mean(dim=0, keepdim=True)
         else:
-            mean = features.mean(dim=(0, 2, 3), keepdim=True).expand_as(self.feature_mean)
-        std = (features - mean).pow(2).mean(dim=(0, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
-        self.feature_mean.copy_(mean)
-        self.feature_std.copy_(std)
+            mean = features.mean(dim=(0, 2, 3), keepdim=True)
+        std_dims = (0,) if self.cfg.feature_norm == "position_std" else (0, 2, 3)
+        std = (features - mean).pow(2).mean(dim=std_dims, keepdim=True).sqrt().clamp_min(1e-6)
+        self.feature_mean.copy_(mean.expand_as(self.feature_mean))
+        self.feature_std.copy_(std.expand_as(self.feature_std))
 
     def normalize(self, features: Tensor) -> Tensor:
         return (features - self.feature_mean) / self.feature_std
