@@ -63,6 +63,9 @@ class ReconstructorConfig(_Strict):
     # and divides by the channel std; "position_std" also divides by each position's own std;
     # "channel" uses the per-channel mean; "none" keeps raw features.
     feature_norm: Literal["none", "channel", "position", "position_std"] = "position"
+    # UniAD's neighbour mask: a position may not attend to the k×k neighbourhood around itself
+    # (encoder self-attention and decoder attentions), so it must be rebuilt from context; 0 = off.
+    neighbor_mask: int = Field(0, ge=0)
     # Zero-init the output projection so an untrained model outputs the (normalized) mean feature.
     zero_init_output: bool = True
 

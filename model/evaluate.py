@@ -31,7 +31,7 @@ def score_feature_set(detector: AnomalyDetector, features: torch.Tensor, batch: 
     return torch.cat([o.maps for o in out]).numpy(), torch.cat([o.scores for o in out]).numpy()
 
 
-def _load_masks(samples, size: int, bad: BadFiles, policy: str) -> tuple[np.ndarray, np.ndarray]:
+def load_masks(samples, size: int, bad: BadFiles, policy: str) -> tuple[np.ndarray, np.ndarray]:
     """(masks (N, size, size) bool, usable (N,) bool): usable = the sample has pixel ground truth."""
     masks = np.zeros((len(samples), size, size), bool)
     usable = np.zeros(len(samples), bool)
@@ -70,7 +70,7 @@ def evaluate(detector: AnomalyDetector, dataset: Dataset, out_dir: Path | None =
     samples = test.samples
     labels = np.array([s.label for s in samples])
     types = np.array([s.defect_type for s in samples])
-    masks, usable = _load_masks(samples, detector.image_size, bad, cfg.data.bad_files)
+    masks, usable = load_masks(samples, detector.image_size, bad, cfg.data.bad_files)
     threshold = float(detector.threshold)
     predicted = scores >= threshold
     pixel_auroc, pixel_aupro = _pixel_metrics(masks, maps, usable)

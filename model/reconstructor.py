@@ -18,6 +18,15 @@ def with_pos(x: Tensor, pos: Tensor) -> Tensor:
     return x + pos
 
 
+def neighbor_mask(size: int, k: int) -> Tensor | None:
+    """(size², size²) bool attention mask, True where query u may NOT look: key v within the k×k
+    window centred on u (Chebyshev distance ≤ k // 2)."""
+    if k <= 0:
+        return None
+    yx = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij"), -1).view(-1, 2)
+    return (yx[:, None, :] - yx[None, :, :]).abs().amax(-1) <= k // 2
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, d: int, heads: int, ffn: int, dropout: float, attn_dropout: float):
         super().__init__()
@@ -26,9 +35,9 @@ class EncoderLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
 
-    def forward(self, src: Tensor, pos: Tensor) -> Tensor:
+    def forward(self, src: Tensor, pos: Tensor, mask: Tensor | None = None) -> Tensor:
         q = k = with_pos(src, pos)
-        src = self.norm1(src + self.drop1(self.self_attn(q, k, src, need_weights=False)[0]))
+        src = self.norm1(src + self.drop1(self.self_attn(q, k, src, attn_mask=mask, need_weights=False)[0]))
         return self.norm2(src + self.drop2(self.ffn(src)))
 
 
@@ -41,10 +50,11 @@ class DecoderLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.drop1, self.drop2, self.drop3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
 
-    def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor) -> Tensor:
+    def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, mask: Tensor | None = None) -> Tensor:
         q = k = with_pos(tgt, pos)
-        tgt = self.norm1(tgt + self.drop1(self.self_attn(q, k, tgt, need_weights=False)[0]))
-        attended = self.cross_attn(with_pos(tgt, pos), with_pos(memory, pos), memory, need_weights=False)[0]
+        tgt = self.norm1(tgt + self.drop1(self.self_attn(q, k, tgt, attn_mask=mask, need_weights=False)[0]))
+        attended = self.cross_attn(with_pos(tgt, pos), with_pos(memory, pos), memory, attn_mask=mask,
+                                   need_weights=False)[0]
         tgt = self.norm2(tgt + self.drop2(attended))
         return self.norm3(tgt + self.drop3(self.ffn(tgt)))
 
@@ -67,6 +77,10 @@ class Reconstructor(nn.Module):
         layer_args = (d, cfg.num_heads, cfg.ffn_dim, cfg.dropout, cfg.attn_dropout)
         self.encoder = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(cfg.num_encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(cfg.num_decoder_layers))
+        mask = neighbor_mask(feature_size, cfg.neighbor_mask)
+        if mask is not None and mask.all():
+            raise ValueError(f"neighbor_mask {cfg.neighbor_mask} hides the whole {feature_size}x{feature_size} grid")
+        self.register_buffer("attn_mask", mask, persistent=False)
         self.register_buffer("feature_mean", torch.zeros(1, channels, feature_size, feature_size))
         self.register_buffer("feature_std", torch.ones(1, channels, feature_size, feature_size))
         nn.init.normal_(self.pos_embed, std=0.02)
@@ -110,10 +124,10 @@ class Reconstructor(nn.Module):
         memory = self.input_proj(x).flatten(2).transpose(1, 2)  # (B, S*S, D)
         pos = self.pos_embed
         for layer in self.encoder:
-            memory = layer(memory, pos)
+            memory = layer(memory, pos, self.attn_mask)
         out = self.query_embed.expand(b, -1, -1)  # (B, S*S, D): the auxiliary query
         for layer in self.decoder:
-            out = layer(out, memory, pos)
+            out = layer(out, memory, pos, self.attn_mask)
         out = out.transpose(1, 2).reshape(b, -1, s, s)  # (B, D, S, S)
         return target, self.output_proj(out)  # both (B, C, S, S)
 

@@ -61,3 +61,22 @@ def test_wrong_grid_size_is_rejected():
 
     with pytest.raises(ValueError, match="built for"):
         _model()(torch.randn(1, 12, 8, 8))
+
+
+def test_neighbor_mask_hides_the_window_around_each_position():
+    from model.reconstructor import neighbor_mask
+
+    mask = neighbor_mask(4, 3)
+    assert mask.shape == (16, 16) and mask.diagonal().all()
+    assert mask[5, 0] and mask[5, 10] and not mask[5, 15] and not mask[0, 2]
+    assert neighbor_mask(4, 0) is None
+    model = _model(neighbor_mask=3, zero_init_output=False)
+    _, recon = model(torch.randn(2, 12, 4, 4))
+    assert torch.isfinite(recon).all()
+
+
+def test_neighbor_mask_covering_the_grid_is_rejected():
+    import pytest
+
+    with pytest.raises(ValueError, match="whole"):
+        _model(neighbor_mask=9)
