@@ -32,7 +32,7 @@ def small_overrides(cache_dir) -> dict:
     """A small, fast, real configuration: real lite0 weights, a Magnetic Tile subset, few epochs."""
     return {
         "backbone": {"image_size": 128, "feature_size": 8},
-        "reconstructor": {"hidden_dim": 64, "num_heads": 4, "ffn_dim": 128},
+        "reconstructor": {"hidden_dim": 64, "num_heads": 4, "ffn_dim": 128, "neighbor_mask": 3},
         "train": {"epochs": 6, "batch_size": 8, "warmup_steps": 5, "lr": 2e-3},
         "data": {"limit_per_class": 60, "cache_dir": str(cache_dir)},
     }

@@ -101,7 +101,7 @@ def test_cli_train_small(tmp_path, small_overrides):
     r = _run("train", "--data", MAGNETIC_TILE, "--out", tmp_path / "m", "--no-progress",
              "--set", "data.limit_per_class=12", "--set", "train.epochs=1",
              "--set", "backbone.image_size=64", "--set", "backbone.feature_size=4",
-             "--set", "reconstructor.hidden_dim=32", "--set", f"data.cache_dir={tmp_path / 'cache'}")
+             "--set", "reconstructor.hidden_dim=32", "--set", "reconstructor.neighbor_mask=0", "--set", f"data.cache_dir={tmp_path / 'cache'}")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "m" / "reconstructor.safetensors").is_file()
 

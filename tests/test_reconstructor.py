@@ -6,6 +6,7 @@ from model.reconstructor import Reconstructor
 
 
 def _model(**kw) -> Reconstructor:
+    kw.setdefault("neighbor_mask", 0)
     cfg = ReconstructorConfig(hidden_dim=32, num_heads=4, ffn_dim=64, dropout=0.0, **kw)
     return Reconstructor(channels=12, feature_size=4, cfg=cfg)
 

@@ -183,7 +183,9 @@ class Bench:
         ds = load_dataset(self.args.data, self.base.data)
         variants = {
             "levels 1-5": ["backbone.levels=[1,2,3,4,5]"],
-            "feature jitter on": ["reconstructor.jitter_scale=20"],
+            "feature jitter on (20)": ["reconstructor.jitter_scale=20"],
+            "neighbour mask off": ["reconstructor.neighbor_mask=0"],
+            "2+2 layers": ["reconstructor.num_encoder_layers=2", "reconstructor.num_decoder_layers=2"],
             "4+4 layers": ["reconstructor.num_encoder_layers=4", "reconstructor.num_decoder_layers=4"],
             "image 320 (20x20 grid)": ["backbone.image_size=320", "backbone.feature_size=20"],
         }
@@ -191,7 +193,7 @@ class Bench:
         main = self.results.get("magnetic_tile", {}).get("adtr")
         if main:
             rows.append({**{k: main[k] for k in ("image_auroc", "pixel_auroc", "aupro", "train_seconds", "epochs")},
-                         "run": "default (levels 1-4, jitter off, blur 4, 2+2, 256 px)"})
+                         "run": "default (levels 1-4, jitter off, neighbour mask 7, blur 4, 1+1, 256 px)"})
             det = load_detector(self.out / "adtr-edge")
             for blur in (0.0, 8.0):
                 det.cfg = merge(det.cfg, [f"scoring.blur_sigma={blur}"])
@@ -206,7 +208,7 @@ class Bench:
                              "aupro": aupro(masks[usable], maps[usable])})
         for name, overrides in variants.items():
             cfg = merge(self.base, overrides + [f"train.max_minutes={self.args.ablation_minutes}"])
-            rows.append(self.train_and_score("ablation-" + name.split()[0] + name.split()[1], cfg, ds) | {"run": name})
+            rows.append(self.train_and_score("ablation-" + "".join(c for c in name if c.isalnum()), cfg, ds) | {"run": name})
             self.results["ablations"] = rows
             self.save()
         self.results["ablations"] = rows
