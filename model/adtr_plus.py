@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from .checkpoint import save_checkpoint
 from .config import AdtrConfig
-from .data import BadFiles, DataError, Dataset, read_image, read_mask, resize_image, resize_mask, to_tensor_batch
+from .data import BadFiles, DataError, Dataset, read_image, resize_image, to_tensor_batch
 from .detector import AnomalyDetector, load_detector
+from .evaluate import load_masks
 from .features import FeatureCache
 from .losses import image_topk_loss, pixel_push_pull_loss, pseudo_huber_distance
 from .train import calibrate_threshold, fit, score_stats, seed_everything
@@ -86,18 +87,10 @@ def _synthetic(detector: AnomalyDetector, dataset: Dataset, fraction: float, see
     return torch.cat(feats), np.stack(masks)
 
 
-def _labelled(detector: AnomalyDetector, cache: FeatureCache, dataset: Dataset, bad: BadFiles, policy: str):
+def _labelled(cache: FeatureCache, dataset: Dataset, size: int, bad: BadFiles, policy: str):
+    """Features, pixel masks and which samples have a usable mask, for the labelled anomalies."""
     fs = cache.extract(dataset.train_anomalous, bad, policy, desc="labelled anomalies")
-    size = detector.image_size
-    masks, has_mask = np.zeros((len(fs.samples), size, size), bool), np.zeros(len(fs.samples), bool)
-    for i, s in enumerate(fs.samples):
-        if s.mask_path is None:
-            continue
-        try:
-            masks[i] = resize_mask(read_mask(s.mask_path, read_image(s.path).shape[:2]), size)
-            has_mask[i] = True
-        except DataError as exc:
-            bad.record(s.mask_path, str(exc).split(": ", 1)[-1], policy)
+    masks, has_mask = load_masks(fs.samples, size, bad, policy)
     return fs.features, masks, has_mask
 
 
@@ -113,6 +106,8 @@ def finetune_adtr_plus(model_dir: Path, dataset: Dataset, out_dir: Path, progres
         detector.cfg = detector.cfg.model_copy(update={
             k: getattr(cfg, k) for k in ("adtr_plus", "train", "data", "threshold")})
     cfg, plus = detector.cfg, detector.cfg.adtr_plus
+    if plus.confetti_fraction == 0 and not (plus.use_labelled and dataset.train_anomalous):
+        raise DataError("ADTR+ needs anomalies: set adtr_plus.confetti_fraction > 0 or data.labelled_fraction > 0")
     seed_everything(cfg.train.seed)
     policy = cfg.data.bad_files
     bad = BadFiles()
@@ -133,14 +128,14 @@ def finetune_adtr_plus(model_dir: Path, dataset: Dataset, out_dir: Path, progres
             parts_y.append(torch.ones(n_synthetic))
             parts_h.append(torch.ones(n_synthetic, dtype=torch.bool))
     if plus.use_labelled and dataset.train_anomalous:
-        feats, masks, has_mask = _labelled(detector, cache, dataset, bad, policy)
+        feats, masks, has_mask = _labelled(cache, dataset, detector.image_size, bad, policy)
         n_labelled = len(feats)
         parts_f.append(feats)
         parts_m.append(cell_fraction(masks, s))
         parts_y.append(torch.ones(n_labelled))
         parts_h.append(torch.from_numpy(has_mask))
     if n_synthetic + n_labelled == 0:
-        raise DataError("ADTR+ needs anomalies: set adtr_plus.confetti_fraction > 0 or data.labelled_fraction > 0")
+        raise DataError("ADTR+ found no usable anomalies (all synthetic or labelled ones were unreadable)")
     train_data = (torch.cat(parts_f), torch.cat(parts_m), torch.cat(parts_y), torch.cat(parts_h))
     model = detector.reconstructor
     for p in model.parameters():

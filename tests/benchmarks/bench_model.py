@@ -50,6 +50,7 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self.base = load_settings(overrides=args.set)
         self.caches: dict[str, FeatureCache] = {}
+        self.test_sets: dict[tuple, dict] = {}
         self.results: dict = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(),
@@ -63,6 +64,25 @@ class Bench:
             self.caches[key] = FeatureCache(Backbone(cfg.backbone), cfg.data.cache_dir)
         return self.caches[key]
 
+    def test_set(self, cfg: AdtrConfig, dataset) -> dict:
+        """Cached test features, labels and pixel masks for one backbone setting and dataset."""
+        key = (cfg.backbone.model_dump_json(), dataset.name, len(dataset.test))
+        if key not in self.test_sets:
+            bad = BadFiles()
+            test = self.cache_for(cfg).extract(dataset.test, bad, desc="test features")
+            masks, usable = load_masks(test.samples, cfg.backbone.image_size, bad, "skip")
+            self.test_sets[key] = {"features": test.features, "masks": masks, "usable": usable,
+                                   "labels": np.array([x.label for x in test.samples])}
+        return self.test_sets[key]
+
+    @staticmethod
+    def metrics(t: dict, maps: np.ndarray, scores: np.ndarray) -> dict:
+        masks, usable = t["masks"], t["usable"]
+        pixel = masks.any()
+        return {"image_auroc": auroc(t["labels"], scores),
+                "pixel_auroc": auroc(masks[usable], maps[usable]) if pixel else None,
+                "aupro": aupro(masks[usable], maps[usable]) if pixel else None}
+
     def save(self) -> None:
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2))
 
@@ -71,10 +91,8 @@ class Bench:
     def train_and_score(self, name: str, cfg: AdtrConfig, dataset, curve: bool = False) -> dict:
         """Train with `cfg`, then image/pixel AUROC and AUPRO on the test split (features cached)."""
         cache = self.cache_for(cfg)
-        bad = BadFiles()
-        test = cache.extract(dataset.test, bad, desc="test features")
-        labels = np.array([s.label for s in test.samples])
-        masks, usable = load_masks(test.samples, cfg.backbone.image_size, bad, "skip")
+        t = self.test_set(cfg, dataset)
+        labels, masks, usable = t["labels"], t["masks"], t["usable"]
         points: list[dict] = []
         t0 = time.monotonic()
 
@@ -84,7 +102,7 @@ class Bench:
             train_seconds = time.monotonic() - t0 - sum(p["eval_seconds"] for p in points)
             t_eval = time.monotonic()
             det = AnomalyDetector(cfg, cache.backbone, model.eval())
-            maps, scores = score_feature_set(det, test.features)
+            maps, scores = score_feature_set(det, t["features"])
             model.train()
             # The curve's pixel AUROC uses every 4th pixel each way (1/16): fast, and close to the full one.
             points.append({"epoch": record["epoch"], "train_minutes": round(train_seconds / 60, 2),
@@ -96,13 +114,11 @@ class Bench:
 
         manifest = train_model(cfg, dataset, self.out / name, progress=False, cache=cache, on_epoch=on_epoch)
         detector = load_detector(self.out / name)
-        maps, scores = score_feature_set(detector, test.features)
         row = {
             "run": name,
-            "image_auroc": auroc(labels, scores),
-            "pixel_auroc": auroc(masks[usable], maps[usable]) if masks.any() else None,
-            "aupro": aupro(masks[usable], maps[usable]) if masks.any() else None,
-            "train_seconds": round(manifest["training"]["seconds"], 1),
+            **self.metrics(t, *score_feature_set(detector, t["features"])),
+            # Training time only: the curve's evaluations ran inside the loop and are taken out.
+            "train_seconds": round(manifest["training"]["seconds"] - sum(p["eval_seconds"] for p in points), 1),
             "epochs": len(manifest["training"]["history"]),
             "final_train_loss": manifest["training"]["history"][-1]["train_loss"],
         }
@@ -118,32 +134,21 @@ class Bench:
         t0 = time.monotonic()
         finetune_adtr_plus(self.out / "adtr-edge", dataset, self.out / "adtr-plus", progress=False, cfg=cfg)
         seconds = time.monotonic() - t0
-        detector = load_detector(self.out / "adtr-plus")
-        bad = BadFiles()
-        test = self.cache_for(cfg).extract(dataset.test, bad)
-        masks, usable = load_masks(test.samples, cfg.backbone.image_size, bad, "skip")
-        maps, scores = score_feature_set(detector, test.features)
-        labels = np.array([s.label for s in test.samples])
-        return {"run": f"ADTR+ (confetti, {cfg.adtr_plus.epochs} epochs)", "image_auroc": auroc(labels, scores),
-                "pixel_auroc": auroc(masks[usable], maps[usable]), "aupro": aupro(masks[usable], maps[usable]),
+        t = self.test_set(cfg, dataset)
+        return {"run": f"ADTR+ (confetti, {cfg.adtr_plus.epochs} epochs)",
+                **self.metrics(t, *score_feature_set(load_detector(self.out / "adtr-plus"), t["features"])),
                 "finetune_seconds": round(seconds, 1)}
 
     def baseline(self, cfg: AdtrConfig, dataset) -> dict:
-        cache = self.cache_for(cfg)
-        bad = BadFiles()
-        train = cache.extract(dataset.train, bad, desc="train features")
-        test = cache.extract(dataset.test, bad, desc="test features")
-        masks, usable = load_masks(test.samples, cfg.backbone.image_size, bad, "skip")
-        labels = np.array([s.label for s in test.samples])
+        train = self.cache_for(cfg).extract(dataset.train, BadFiles(), desc="train features")
+        t = self.test_set(cfg, dataset)
         memory = PatchMemory(train.features)
-        out = [memory.score(test.features[i : i + 16], cfg.backbone.image_size, cfg.scoring)
-               for i in range(0, len(test.features), 16)]
+        out = [memory.score(t["features"][i : i + 16], cfg.backbone.image_size, cfg.scoring)
+               for i in range(0, len(t["features"]), 16)]
         maps = torch.cat([m for m, _ in out]).numpy()
         scores = torch.cat([s for _, s in out]).numpy()
         return {"run": "patch-memory baseline", "memory_patches": int(memory.bank.shape[0]),
-                "image_auroc": auroc(labels, scores),
-                "pixel_auroc": auroc(masks[usable], maps[usable]) if masks.any() else None,
-                "aupro": aupro(masks[usable], maps[usable]) if masks.any() else None}
+                **self.metrics(t, maps, scores)}
 
     def magnetic_tile(self) -> None:
         cfg = self.base
@@ -188,6 +193,8 @@ class Bench:
             "2+2 layers": ["reconstructor.num_encoder_layers=2", "reconstructor.num_decoder_layers=2"],
             "4+4 layers": ["reconstructor.num_encoder_layers=4", "reconstructor.num_decoder_layers=4"],
             "image 320 (20x20 grid)": ["backbone.image_size=320", "backbone.feature_size=20"],
+            "image 128 (8x8 grid, mask 3)": ["backbone.image_size=128", "backbone.feature_size=8",
+                                              "reconstructor.neighbor_mask=3"],
         }
         rows = []
         main = self.results.get("magnetic_tile", {}).get("adtr")
@@ -195,17 +202,11 @@ class Bench:
             rows.append({**{k: main[k] for k in ("image_auroc", "pixel_auroc", "aupro", "train_seconds", "epochs")},
                          "run": "default (levels 1-4, jitter off, neighbour mask 7, blur 4, 1+1, 256 px)"})
             det = load_detector(self.out / "adtr-edge")
+            t = self.test_set(det.cfg, ds)
             for blur in (0.0, 8.0):
                 det.cfg = merge(det.cfg, [f"scoring.blur_sigma={blur}"])
-                cache = self.cache_for(det.cfg)
-                bad = BadFiles()
-                test = cache.extract(ds.test, bad)
-                masks, usable = load_masks(test.samples, det.image_size, bad, "skip")
-                maps, scores = score_feature_set(det, test.features)
-                labels = np.array([s.label for s in test.samples])
-                rows.append({"run": f"blur sigma {blur:g} (same model)", "image_auroc": auroc(labels, scores),
-                             "pixel_auroc": auroc(masks[usable], maps[usable]),
-                             "aupro": aupro(masks[usable], maps[usable])})
+                rows.append({"run": f"blur sigma {blur:g} (same model)",
+                             **self.metrics(t, *score_feature_set(det, t["features"]))})
         for name, overrides in variants.items():
             cfg = merge(self.base, overrides + [f"train.max_minutes={self.args.ablation_minutes}"])
             rows.append(self.train_and_score("ablation-" + "".join(c for c in name if c.isalnum()), cfg, ds) | {"run": name})
