@@ -98,6 +98,7 @@ def _detector_with_overrides(model_dir: Path, overrides: list[str]):
 
 
 def cmd_eval(args) -> int:
+    from model.checkpoint import record_metrics
     from model.data import load_dataset
     from model.evaluate import evaluate, write_report
 
@@ -106,6 +107,8 @@ def cmd_eval(args) -> int:
     out_dir = args.out or args.report.parent / (args.report.stem + "-pictures")
     report = evaluate(detector, dataset, out_dir, progress=not args.no_progress)
     write_report(report, args.report)
+    record_metrics(args.model, dataset.name, {
+        k: report[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1", "precision", "recall", "threshold")})
     print(format_metrics(report))
     return 0
 

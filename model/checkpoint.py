@@ -50,6 +50,15 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+def record_metrics(model_dir: Path, dataset: str, metrics: dict[str, Any]) -> None:
+    """Store an evaluation's headline metrics in the manifest under `metrics[dataset]` (atomic)."""
+    manifest = read_manifest(Path(model_dir))
+    manifest.setdefault("metrics", {})[dataset] = metrics
+    tmp = Path(model_dir) / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    tmp.replace(Path(model_dir) / MANIFEST_FILE)
+
+
 def load_checkpoint(model_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(manifest, tensors). The weight file's hash must match the manifest: this catches truncation."""
     model_dir = Path(model_dir)

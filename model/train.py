@@ -98,14 +98,14 @@ def fit(
         else:
             log.warning("ignoring train state from other settings", path=str(state_path))
 
-    generator = torch.Generator().manual_seed(tcfg.seed)
     t0 = time.monotonic()
     bar = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
                disable=not progress, desc="train", unit="step")
     for epoch in range(start_epoch, epochs):
         model.train()
         t_epoch, losses = time.monotonic(), []
-        order = torch.randperm(n, generator=generator)
+        # Each epoch's order depends on (seed, epoch) only, so a resumed run sees the same batches.
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(tcfg.seed * 1_000_003 + epoch))
         for i in range(0, n, tcfg.batch_size):
             idx = order[i : i + tcfg.batch_size]
             loss = loss_fn(model, tuple(t[idx] for t in train_data))

@@ -103,6 +103,8 @@ def test_cli_eval_and_predict(trained_model, tmp_path, small_overrides):
     assert r.returncode == 0, r.stderr
     body = json.loads(report.read_text())
     assert body["image_auroc"] > 0.5 and "image AUROC" in r.stdout
+    recorded = json.loads((trained_model / "manifest.json").read_text())["metrics"]["magnetic-tile"]
+    assert recorded["image_auroc"] == body["image_auroc"]
     folder = MAGNETIC_TILE / "MT_Crack" / "Imgs"
     r = _run("predict", "--model", trained_model, folder, "--out", tmp_path / "pred", "--no-progress")
     assert r.returncode == 0, r.stderr
