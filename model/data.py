@@ -75,13 +75,18 @@ class BadFiles:
 
 def read_image(path: Path) -> np.ndarray:
     """Any gray/colour/alpha, 8- or 16-bit image file → RGB uint8 (H, W, 3). Raises DataError."""
-    data = np.fromfile(path, dtype=np.uint8) if path.is_file() else None
-    if data is None:
+    if not path.is_file():
         raise DataError(f"{path}: image file not found")
+    return decode_image(path.read_bytes(), str(path))
+
+
+def decode_image(raw: bytes, what: str = "image") -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, BMP, TIFF) → RGB uint8 (H, W, 3). Raises DataError."""
+    data = np.frombuffer(raw, dtype=np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
-        raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
-    return to_rgb8(image, str(path))
+        raise DataError(f"{what}: not a readable image (corrupt or unsupported format)")
+    return to_rgb8(image, what)
 
 
 def to_rgb8(image: np.ndarray, what: str = "image") -> np.ndarray:

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from .backbone import Backbone
-from .data import BadFiles, DataError, Sample, read_image, resize_image, to_tensor_batch
+from .data import BadFiles, DataError, Sample, decode_image, resize_image, to_tensor_batch
 
 log = structlog.get_logger(__name__)
 _FORMAT = 1
@@ -96,7 +96,7 @@ class FeatureCache:
                     self.hits += 1
                 elif all(d != digest for d, _ in pending):
                     try:
-                        image = read_image(sample.path)
+                        image = decode_image(raw, str(sample.path))
                     except DataError as exc:
                         bad.record(sample.path, str(exc).split(": ", 1)[-1], policy)
                         continue
