@@ -20,7 +20,7 @@ class BackboneConfig(_Strict):
     # file:PATH (safetensors or a plain state dict), none (random weights; tests only).
     weights: str = "package:efficientnet-lite0"
     # 1-based feature levels; level k has stride 2**k (EfficientNet: 1..5 = strides 2..32).
-    levels: list[int] = Field(default_factory=lambda: [1, 2, 3, 4])
+    levels: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
     image_size: int = Field(256, ge=32, le=2048)
     # Side of the common grid every level is resized to (16 = stride 16 at 256 px).
     feature_size: int = Field(16, ge=2, le=128)

@@ -187,7 +187,7 @@ class Bench:
     def ablations(self) -> None:
         ds = load_dataset(self.args.data, self.base.data)
         variants = {
-            "levels 1-5": ["backbone.levels=[1,2,3,4,5]"],
+            "levels 1-4": ["backbone.levels=[1,2,3,4]"],
             "feature jitter on (20)": ["reconstructor.jitter_scale=20"],
             "neighbour mask off": ["reconstructor.neighbor_mask=0"],
             "2+2 layers": ["reconstructor.num_encoder_layers=2", "reconstructor.num_decoder_layers=2"],
@@ -200,7 +200,7 @@ class Bench:
         main = self.results.get("magnetic_tile", {}).get("adtr")
         if main:
             rows.append({**{k: main[k] for k in ("image_auroc", "pixel_auroc", "aupro", "train_seconds", "epochs")},
-                         "run": "default (levels 1-4, jitter off, neighbour mask 7, blur 4, 1+1, 256 px)"})
+                         "run": "default (levels 1-5, jitter off, neighbour mask 7, blur 4, 1+1, 256 px), 40 epochs"})
             det = load_detector(self.out / "adtr-edge")
             t = self.test_set(det.cfg, ds)
             for blur in (0.0, 8.0):

@@ -46,7 +46,8 @@ def render(r: dict) -> str:
                          f"{_f(by.get('p=2/3'))} | {_f(by.get('p=1/3'))} |")
     abl = r.get("ablations")
     if abl:
-        lines += ["", "Ablations (Magnetic Tile; trained variants get the same time budget):", "",
+        lines += ["", "Ablations (Magnetic Tile; each trained variant gets the same 3-minute budget, so "
+                  "'epochs' shows its cost; blur rows rescore one model):", "",
                   "| variant | image AUROC | pixel AUROC | AUPRO | epochs in budget |", "|---|---|---|---|---|"]
         lines += [f"| {x['run']} | {_f(x['image_auroc'])} | {_f(x['pixel_auroc'])} | {_f(x.get('aupro'))} | "
                   f"{x.get('epochs', '—')} |" for x in abl]
