@@ -38,6 +38,8 @@ def render(r: dict) -> str:
                       for p in a["curve"]]
     elpv = r.get("elpv")
     if elpv:
+        if r.get("elpv_note"):
+            lines += ["", r["elpv_note"]]
         lines += ["", "| ELPV (p=0 vs p=1) | ADTR image AUROC | baseline image AUROC | ADTR p=2/3 | ADTR p=1/3 |",
                   "|---|---|---|---|---|"]
         for cell, e in elpv.items():
@@ -45,6 +47,8 @@ def render(r: dict) -> str:
             lines.append(f"| {cell} | {_f(e['adtr_image_auroc'])} | {_f(e['baseline_image_auroc'])} | "
                          f"{_f(by.get('p=2/3'))} | {_f(by.get('p=1/3'))} |")
     abl = r.get("ablations")
+    if abl and r.get("ablations_note"):
+        lines += ["", r["ablations_note"]]
     if abl:
         lines += ["", "Ablations (Magnetic Tile; each trained variant gets the same 3-minute budget, so "
                   "'epochs' shows its cost; blur rows rescore one model):", "",
