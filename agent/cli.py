@@ -5,7 +5,6 @@ Bad input ends the command with exit code 2 and one clear line on stderr.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path

@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,8 +140,8 @@ def test_cli_train_small(tmp_path, small_overrides):
     (["eval", "--model", "/nonexistent/model", "--data", MAGNETIC_TILE, "--report", "r.json"], "manifest.json is missing"),
     (["predict", "--model", "/nonexistent/model", "img.png", "--out", "o"], "manifest.json is missing"),
 ])
-def test_cli_bad_input_exits_2_with_one_clear_line(args, message, tmp_path):
-    r = _run(*args, cwd=tmp_path) if False else _run(*args)
+def test_cli_bad_input_exits_2_with_one_clear_line(args, message):
+    r = _run(*args)
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert message in last and last.startswith("adtr-edge ")

@@ -1,7 +1,6 @@
 """Feature cache: computed once per image, reused from RAM and disk, damaged entries recomputed."""
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
