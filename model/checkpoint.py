@@ -31,10 +31,15 @@ def save_checkpoint(model_dir: Path, tensors: dict[str, torch.Tensor], manifest:
         "model_version", f"{manifest.get('created_at', 'v')}-{manifest['weights_sha256'][:8]}"
     )
     tmp.replace(weights)
-    tmp_manifest = model_dir / (MANIFEST_FILE + ".tmp")
-    tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    tmp_manifest.replace(model_dir / MANIFEST_FILE)
+    _write_manifest(model_dir, manifest)
     return manifest
+
+
+def _write_manifest(model_dir: Path, manifest: dict[str, Any]) -> None:
+    """Temp file + rename: a reader never sees a half-written manifest."""
+    tmp = model_dir / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    tmp.replace(model_dir / MANIFEST_FILE)
 
 
 def read_manifest(model_dir: Path) -> dict[str, Any]:
@@ -54,9 +59,7 @@ def record_metrics(model_dir: Path, dataset: str, metrics: dict[str, Any]) -> No
     """Store an evaluation's headline metrics in the manifest under `metrics[dataset]` (atomic)."""
     manifest = read_manifest(Path(model_dir))
     manifest.setdefault("metrics", {})[dataset] = metrics
-    tmp = Path(model_dir) / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    tmp.replace(Path(model_dir) / MANIFEST_FILE)
+    _write_manifest(Path(model_dir), manifest)
 
 
 def load_checkpoint(model_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -86,7 +86,7 @@ def evaluate(detector: AnomalyDetector, dataset: Dataset, out_dir: Path | None =
             "image_auroc": auroc(labels[both], scores[both]),
             "pixel_auroc": px_auroc, "aupro": px_aupro,
             "recall": float(predicted[sel].mean()),
-            "mean_normalized_score": float((scores[sel] / threshold).mean()),
+            "mean_normalized_score": float(normalized_score(scores[sel], threshold).mean()),
         }
     prf = precision_recall_f1(labels, predicted)
     report: dict[str, Any] = {

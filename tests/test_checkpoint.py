@@ -56,29 +56,33 @@ def test_missing_model_fails_clearly(tmp_path):
         load_detector(tmp_path)
 
 
-def test_other_backbone_weights_are_refused(trained_model, tmp_path):
-    model = _copy(trained_model, tmp_path)
+def _copy_with_manifest(src, tmp_path, edit):
+    """A copy of the model whose manifest `edit` (a function of the manifest dict) has changed."""
+    model = _copy(src, tmp_path)
     m = json.loads((model / "manifest.json").read_text())
-    m["backbone"]["weights_id"] = "sha256:" + "0" * 64
+    edit(m)
     (model / "manifest.json").write_text(json.dumps(m))
+    return model
+
+
+def test_other_backbone_weights_are_refused(trained_model, tmp_path):
+    model = _copy_with_manifest(trained_model, tmp_path,
+                                lambda m: m["backbone"].update(weights_id="sha256:" + "0" * 64))
     with pytest.raises(CheckpointError, match="trained on backbone weights"):
         load_detector(model)
 
 
 def test_other_channel_count_is_refused(trained_model, tmp_path):
-    model = _copy(trained_model, tmp_path)
-    m = json.loads((model / "manifest.json").read_text())
-    m["settings"]["backbone"]["levels"] = [1, 2, 3]  # 80 channels instead of 192
-    m["backbone"].pop("channels")
-    (model / "manifest.json").write_text(json.dumps(m))
+    def fewer_levels(m):
+        m["settings"]["backbone"]["levels"] = [1, 2, 3]  # 80 channels, not what the weights were trained on
+        m["backbone"].pop("channels")
+
+    model = _copy_with_manifest(trained_model, tmp_path, fewer_levels)
     with pytest.raises(CheckpointError, match="shape"):
         load_detector(model)
 
 
 def test_unknown_format_is_refused(trained_model, tmp_path):
-    model = _copy(trained_model, tmp_path)
-    m = json.loads((model / "manifest.json").read_text())
-    m["format"] = "something-else/9"
-    (model / "manifest.json").write_text(json.dumps(m))
+    model = _copy_with_manifest(trained_model, tmp_path, lambda m: m.update(format="something-else/9"))
     with pytest.raises(CheckpointError, match="unknown checkpoint format"):
         load_detector(model)
