@@ -57,6 +57,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlays", action="store_true")
     p.add_argument("--batch-size", type=int, default=8)
     _common(p, config=False)
+
+    p = sub.add_parser("run", help="run the streaming inspection agent until SIGINT/SIGTERM")
+    p.add_argument("--model", required=True, type=Path, help="trained model folder")
+    p.add_argument("--ingest", required=True, action="append", metavar="ENDPOINT",
+                   help="camera endpoint to bind, e.g. tcp://0.0.0.0:5555 (repeatable)")
+    p.add_argument("--results", required=True, metavar="ENDPOINT", help="decisions PUB endpoint to bind")
+    p.add_argument("--config", type=Path, help="agent YAML settings (see configs/agent.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one agent setting, e.g. --set ingest.mode=latest (repeatable)")
+
+    p = sub.add_parser("publish", help="send frames to an agent (a reference camera)")
+    p.add_argument("--source", required=True, help="image folder, .txt list of images, video file, or cam:N")
+    p.add_argument("--endpoint", required=True, help="the agent's ingest endpoint, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--camera-id", required=True)
+    p.add_argument("--fps", type=float, default=0.0, help="frames per second (0: as fast as the agent takes them)")
+    p.add_argument("--encoding", default="auto", choices=["auto", "jpeg", "png", "raw"],
+                   help="auto: image files as they are, video frames as JPEG")
+    p.add_argument("--socket", default="push", choices=["push", "pub"],
+                   help="push for ingest.mode=every, pub for ingest.mode=latest")
+    p.add_argument("--loop", action="store_true", help="start again at the end of the source")
+    p.add_argument("--count", type=int, default=0, help="stop after this many frames (0: the whole source)")
+    p.add_argument("--sent-log", type=Path, help="write one JSON line per frame: seq and source name")
+    p.add_argument("--curve-server-key", type=Path, help="the agent's public key file (CURVE)")
+    p.add_argument("--curve-key", type=Path, help="this camera's .key_secret file (CURVE)")
+
+    p = sub.add_parser("keys", help="create a CURVE key pair (NAME.key public, NAME.key_secret secret)")
+    p.add_argument("--out", required=True, type=Path, help="folder for the key files")
+    p.add_argument("--name", required=True, help="e.g. agent, or a camera id")
+
+    p = sub.add_parser("watch", help="print live decisions from an agent's results socket")
+    p.add_argument("--results", required=True, metavar="ENDPOINT")
+    p.add_argument("--count", type=int, default=0, help="stop after this many decisions (0: until Ctrl-C)")
+    p.add_argument("--anomalies-only", action="store_true")
+
+    p = sub.add_parser("demo", help="agent + camera replaying a dataset's test split + live summary")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, type=Path, help="folder for the agent's anomaly files and summary")
+    p.add_argument("--fps", type=float, default=0.0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
 
@@ -92,7 +132,7 @@ def _detector_with_overrides(model_dir: Path, overrides: list[str]):
 
     detector = load_detector(model_dir)
     if overrides:
-        detector.cfg = merge(detector.cfg, overrides)
+        detector.reconfigure(merge(detector.cfg, overrides))
     return detector
 
 
@@ -139,7 +179,51 @@ def cmd_predict(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "predict": cmd_predict}
+def cmd_run(args) -> int:
+    from .runner import Agent
+    from .settings import AgentSettings
+    from .supervise import serve_until_signal
+
+    cfg = load_settings(args.config, args.overrides, kind=AgentSettings)
+    agent = Agent(args.model, args.ingest, args.results, cfg)
+    return serve_until_signal(agent)
+
+
+def cmd_publish(args) -> int:
+    from .publisher import publish
+
+    summary = publish(args.source, args.endpoint, args.camera_id, args.fps, args.encoding, args.socket, args.loop,
+                      args.count, args.sent_log, args.curve_server_key, args.curve_key)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_keys(args) -> int:
+    import zmq.auth
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(str(args.out), args.name)
+    Path(secret).chmod(0o600)
+    print(json.dumps({"public": public, "secret": secret}))
+    return 0
+
+
+def cmd_watch(args) -> int:
+    from .watch import watch
+
+    watch(args.results, args.count, args.anomalies_only)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(args.model, args.data, args.out, args.fps, args.overrides)
+    return 0 if summary["frames_decided"] == summary["frames_sent"] else 1
+
+
+COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "predict": cmd_predict,
+            "run": cmd_run, "publish": cmd_publish, "keys": cmd_keys, "watch": cmd_watch, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,9 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     from model.data import DataError
     from model.weights import WeightsError
 
+    from .errors import agent_input_errors
+
     try:
         return COMMANDS[args.command](args)
-    except (SettingsError, DataError, CheckpointError, WeightsError, FileNotFoundError) as exc:
+    except (SettingsError, DataError, CheckpointError, WeightsError, FileNotFoundError, *agent_input_errors()) as exc:
         print(f"adtr-edge {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

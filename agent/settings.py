@@ -6,10 +6,10 @@ Nested keys use `__` in the environment (ADTR_EDGE_TRAIN__EPOCHS=5) and dots on 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
 from model.config import AdtrConfig
@@ -20,6 +20,80 @@ class SettingsError(ValueError):
 
 
 class Settings(AdtrConfig, BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ADTR_EDGE_", env_nested_delimiter="__", extra="forbid")
+
+
+# ------------------------------------------------------------------ the streaming agent (`adtr-edge run`)
+# The model's own settings travel in its checkpoint; these say how the agent runs it.
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CurveConfig(_Section):
+    """ZeroMQ CURVE on the ingest sockets: only cameras whose public key is in `allowed_keys_dir` get in."""
+
+    enabled: bool = False
+    server_secret_key: Path | None = None  # the agent's `<name>.key_secret` from `adtr-edge keys`
+    allowed_keys_dir: Path | None = None  # a folder of camera `<name>.key` public-key files
+
+
+class IngestConfig(_Section):
+    # every: PULL socket, no frame lost, a full agent pushes back on the camera (inspection of every part).
+    # latest: SUB socket, the newest frame wins, the oldest waiting frame is dropped and counted (live view).
+    mode: Literal["every", "latest"] = "every"
+    max_in_flight: int = Field(16, ge=1, le=1024)  # per camera: frames handed to inference, not yet decided
+    queue_depth: int = Field(8, ge=1, le=4096)  # per camera: decoded frames waiting for an in-flight slot
+    rcv_hwm: int = Field(16, ge=1)  # ZeroMQ receive high-water mark (messages)
+    max_payload_bytes: int = Field(32 << 20, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_cameras: int = Field(64, ge=1)  # distinct camera ids tracked per endpoint (bounds metric labels)
+    allowed_cameras: list[str] = []  # empty: any camera id
+    curve: CurveConfig = CurveConfig()
+
+
+class InferenceConfig(_Section):
+    max_batch: int = Field(8, ge=1, le=512)
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    half: bool = True  # fp16 autocast on a GPU (ignored on the CPU)
+    channels_last: bool = True  # on a GPU
+    torch_threads: int = Field(0, ge=0)  # CPU threads for torch; 0 = all cores of the box
+    num_cpus: float = Field(1.0, ge=0)  # Ray scheduling request
+
+
+class OutputConfig(_Section):
+    save_anomalies: bool = True  # frame + heatmap overlay + JSON sidecar per anomalous frame
+    dir: Path = Path("runs/agent/anomalies")
+    max_bytes: int = Field(1 << 30, ge=1 << 20)  # oldest files are deleted beyond this
+    min_region_area_px: int = Field(4, ge=1)  # at the model's image size
+    max_regions: int = Field(20, ge=0)
+
+
+class RayConfig(_Section):
+    address: str | None = None  # None: start an embedded single-node Ray; "auto" or host:port joins a cluster
+    namespace: str = "adtr-edge"
+    num_cpus: int | None = None  # only for the embedded instance
+    include_dashboard: bool = False  # Ray Jobs (retraining) need it
+
+
+class HttpConfig(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9108, ge=0, le=65535)  # 0 = any free port
+
+
+class AgentConfig(_Section):
+    ingest: IngestConfig = IngestConfig()
+    inference: InferenceConfig = InferenceConfig()
+    output: OutputConfig = OutputConfig()
+    ray: RayConfig = RayConfig()
+    http: HttpConfig = HttpConfig()
+    drain_timeout_s: float = Field(30.0, ge=0)
+    actor_max_restarts: int = Field(-1, ge=-1)  # -1: Ray restarts crashed actors forever
+
+
+class AgentSettings(AgentConfig, BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ADTR_EDGE_", env_nested_delimiter="__", extra="forbid")
 
 
@@ -50,8 +124,9 @@ def _format_validation(exc: ValidationError) -> str:
     return f"bad setting {where}: {first['msg']}" + (f" ({exc.error_count()} errors)" if exc.error_count() > 1 else "")
 
 
-def load_settings(config_file: str | Path | None = None, overrides: list[str] | dict | None = None) -> AdtrConfig:
-    """Resolve all setting sources into a validated `AdtrConfig`."""
+def load_settings(config_file: str | Path | None = None, overrides: list[str] | dict | None = None,
+                  kind: type[BaseSettings] = Settings) -> Any:
+    """Resolve all setting sources into a validated `AdtrConfig` (or `AgentConfig` for kind=AgentSettings)."""
     yaml_file = None
     if config_file is not None:
         yaml_file = Path(config_file).expanduser()
@@ -65,7 +140,7 @@ def load_settings(config_file: str | Path | None = None, overrides: list[str] | 
             raise SettingsError(f"{yaml_file} must hold a mapping of settings, not {type(loaded).__name__}")
     init = overrides if isinstance(overrides, dict) else parse_overrides(overrides or [])
 
-    class _Resolved(Settings):
+    class _Resolved(kind):
         @classmethod
         def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
                                        file_secret_settings):
@@ -78,7 +153,8 @@ def load_settings(config_file: str | Path | None = None, overrides: list[str] | 
         resolved = _Resolved(**init)
     except ValidationError as exc:
         raise SettingsError(_format_validation(exc)) from exc
-    return AdtrConfig.model_validate(resolved.model_dump())
+    plain = AgentConfig if issubclass(kind, AgentConfig) else AdtrConfig
+    return plain.model_validate(resolved.model_dump())
 
 
 def merge(cfg: AdtrConfig, overrides: list[str]) -> AdtrConfig:

@@ -118,6 +118,8 @@ def read_mask(path: Path, image_shape: tuple[int, int]) -> np.ndarray:
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    if image.shape[:2] == (size, size):  # the live pipeline resizes once, at ingest
+        return image
     interp = cv2.INTER_AREA if min(image.shape[:2]) > size else cv2.INTER_LINEAR
     return cv2.resize(image, (size, size), interpolation=interp)
 

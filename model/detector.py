@@ -1,6 +1,7 @@
 """A trained ADTR model ready to score images: backbone + reconstructor + scoring settings + threshold.
 
-The one scoring path used by `eval`, `predict` and (later) the live pipeline.
+The one scoring path used by `eval`, `predict` and the live pipeline (which splits it at `coarse_maps`:
+the inference actor runs the networks, the scoring actor runs `ScoreHead.score`).
 """
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import numpy as np
 import torch
 
 from .backbone import Backbone
-from .checkpoint import CheckpointError, load_checkpoint, load_into
+from .checkpoint import CheckpointError, load_checkpoint, load_into, read_manifest
 from .config import AdtrConfig
 from .data import resize_image, to_tensor_batch
 from .reconstructor import Reconstructor
-from .scoring import anomaly_map, image_score, normalized_score, pool_kernel_px
+from .scoring import feature_distance, image_score, normalized_score, pool_kernel_px, upsample_map
 
 
 @dataclass
@@ -27,44 +28,90 @@ class Scores:
     is_anomaly: torch.Tensor  # (B,) bool
 
 
+class ScoreHead:
+    """Coarse feature-distance maps → pixel maps, image scores and decisions.
+
+    Needs only the manifest (scoring settings, sizes, threshold), not the networks: the live
+    scoring actor uses it on maps the inference actor computed, offline scoring uses it in-process.
+    """
+
+    def __init__(self, cfg: AdtrConfig, threshold: float | None = None, model_version: str = "untrained"):
+        self.cfg, self.threshold, self.model_version = cfg, threshold, model_version
+        self.image_size = cfg.backbone.image_size
+        self.pool_kernel = pool_kernel_px(cfg.scoring, self.image_size, cfg.backbone.feature_size)
+
+    @torch.no_grad()
+    def score(self, coarse: torch.Tensor) -> Scores:
+        """(B, S, S) feature distances → Scores at the model's image size."""
+        maps = upsample_map(coarse, self.image_size, self.cfg.scoring.blur_sigma)
+        scores = image_score(maps, self.pool_kernel)
+        threshold = self.threshold if self.threshold else float("inf")
+        return Scores(maps, scores, normalized_score(scores, threshold), scores >= threshold)
+
+
+def load_score_head(model_dir: str | Path) -> ScoreHead:
+    """The scoring half of a checkpoint: settings and threshold from the manifest, no tensors."""
+    manifest = read_manifest(Path(model_dir))
+    return ScoreHead(_manifest_config(model_dir, manifest), manifest.get("threshold"),
+                     str(manifest.get("model_version", "untrained")))
+
+
 class AnomalyDetector:
     def __init__(self, cfg: AdtrConfig, backbone: Backbone, reconstructor: Reconstructor,
                  threshold: float | None = None, manifest: dict[str, Any] | None = None):
         self.cfg, self.backbone, self.reconstructor = cfg, backbone, reconstructor.eval()
-        self.threshold = threshold
         self.manifest = manifest or {}
+        self.head = ScoreHead(cfg, threshold, str(self.manifest.get("model_version", "untrained")))
         self.image_size = cfg.backbone.image_size
-        self.pool_kernel = pool_kernel_px(cfg.scoring, self.image_size, cfg.backbone.feature_size)
+
+    def reconfigure(self, cfg: AdtrConfig) -> None:
+        """New settings (e.g. --set scoring.blur_sigma=8) for the same networks and threshold."""
+        self.cfg = cfg
+        self.head = ScoreHead(cfg, self.head.threshold, self.head.model_version)
+
+    @property
+    def threshold(self) -> float | None:
+        return self.head.threshold
+
+    @threshold.setter
+    def threshold(self, value: float | None) -> None:
+        self.head.threshold = value
 
     @property
     def model_version(self) -> str:
-        return str(self.manifest.get("model_version", "untrained"))
+        return self.head.model_version
 
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
         """RGB uint8 images of any size → (B, 3, S, S) float in [0, 1] at the model's size."""
         return to_tensor_batch([resize_image(img, self.image_size) for img in images])
 
     @torch.no_grad()
-    def score_features(self, features: torch.Tensor) -> Scores:
+    def coarse_maps(self, features: torch.Tensor) -> torch.Tensor:
+        """Backbone features → (B, S, S) feature distances (what the inference actor returns)."""
         target, recon = self.reconstructor(features)
-        maps = anomaly_map(target, recon, self.image_size, self.cfg.scoring.blur_sigma)
-        scores = image_score(maps, self.pool_kernel)
-        threshold = self.threshold if self.threshold else float("inf")
-        return Scores(maps, scores, normalized_score(scores, threshold), scores >= threshold)
+        return feature_distance(target, recon)
+
+    @torch.no_grad()
+    def score_features(self, features: torch.Tensor) -> Scores:
+        return self.head.score(self.coarse_maps(features))
 
     @torch.no_grad()
     def score_images(self, images: list[np.ndarray]) -> Scores:
         return self.score_features(self.backbone(self.preprocess(images)))
 
 
+def _manifest_config(model_dir: str | Path, manifest: dict[str, Any]) -> AdtrConfig:
+    try:
+        return AdtrConfig.model_validate(manifest["settings"])
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{model_dir}: manifest settings are invalid: {exc}") from exc
+
+
 def load_detector(model_dir: str | Path) -> AnomalyDetector:
     """Rebuild backbone and reconstructor from a checkpoint; refuses mismatches with a clear error."""
     model_dir = Path(model_dir)
     manifest, tensors = load_checkpoint(model_dir)
-    try:
-        cfg = AdtrConfig.model_validate(manifest["settings"])
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{model_dir}: manifest settings are invalid: {exc}") from exc
+    cfg = _manifest_config(model_dir, manifest)
     backbone = Backbone(cfg.backbone)
     expected = manifest.get("backbone", {})
     if expected.get("weights_id") and expected["weights_id"] != backbone.weights_id:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,16 @@ def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
 
 def anomaly_map(target: Tensor, reconstruction: Tensor, out_size: int, blur_sigma: float = 0.0) -> Tensor:
     """s(u) = ||f(:,u) − f̂(:,u)||₂ → bilinear upsample to out_size → optional blur. (B, H, W)."""
-    coarse = (target - reconstruction).pow(2).sum(dim=1).sqrt()  # (B, S, S)
-    return upsample_map(coarse, out_size, blur_sigma)
+    return upsample_map(feature_distance(target, reconstruction), out_size, blur_sigma)
+
+
+def feature_distance(target: Tensor, reconstruction: Tensor) -> Tensor:
+    """The per-cell L2 distance ||f(:,u) − f̂(:,u)||₂ on the feature grid: (B, C, S, S) → (B, S, S).
+
+    The live pipeline ships this small map from the inference actor to the scoring actor, which
+    finishes it with `upsample_map`; `anomaly_map` is exactly that composition.
+    """
+    return (target - reconstruction).pow(2).sum(dim=1).sqrt()
 
 
 def upsample_map(coarse: Tensor, out_size: int, blur_sigma: float = 0.0) -> Tensor:
@@ -77,3 +86,33 @@ def threshold_f1_optimal(scores: np.ndarray, labels: np.ndarray) -> float:
     precision, recall, thresholds = precision_recall_curve(labels, scores)
     f1 = 2 * precision[:-1] * recall[:-1] / np.clip(precision[:-1] + recall[:-1], 1e-12, None)
     return float(thresholds[int(np.argmax(f1))])
+
+
+def defect_regions(amap: np.ndarray, threshold: float, frame_size: tuple[int, int] | None = None,
+                   min_area_px: int = 1, max_regions: int = 20) -> list[dict]:
+    """Connected components (8-neighbour, OpenCV) of `amap >= threshold` on one (H, W) anomaly map.
+
+    Each region: `box` [x, y, w, h] and `area` in frame pixels (scaled from the map when
+    `frame_size` = (width, height) is given), `peak` score and `peak_normalized` (peak / threshold).
+    The largest peaks first; at most `max_regions`.
+    """
+    if not math.isfinite(threshold):
+        return []
+    mask = (amap >= threshold).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    height, width = amap.shape
+    sx, sy = (frame_size[0] / width, frame_size[1] / height) if frame_size else (1.0, 1.0)
+    regions = []
+    for label in range(1, count):
+        x, y, w, h, area = (int(v) for v in stats[label])
+        if area < min_area_px:
+            continue
+        peak = float(amap[labels == label].max())
+        regions.append({
+            "box": [round(x * sx), round(y * sy), max(1, round(w * sx)), max(1, round(h * sy))],
+            "area": round(area * sx * sy),
+            "peak": peak,
+            "peak_normalized": peak / threshold,
+        })
+    regions.sort(key=lambda r: r["peak"], reverse=True)
+    return regions[:max_regions]

@@ -1,0 +1,251 @@
+"""IngestActor: one ZeroMQ endpoint in, validated frames out to inference and scoring, every frame counted.
+
+Two threads: the receiver (socket → validate → decode → resize → object store → per-camera queue)
+and the dispatcher (queue → inference → scoring, at most `max_in_flight` frames per camera). Ray
+calls (stats, drain) run on the actor's own thread pool, so they answer while frames flow.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import structlog
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from agent.settings import IngestConfig
+from model.data import resize_image
+
+from .protocol import UNKNOWN_CAMERA, Frame, FrameError, FrameLimits, parse_frame
+from .stats import CameraStats
+
+log = structlog.get_logger(__name__)
+OVERFLOW_CAMERA = "_overflow"  # cameras beyond max_cameras share this label
+
+
+@dataclass
+class _Pending:
+    header: dict[str, Any]
+    frame_ref: ray.ObjectRef
+    payload_ref: ray.ObjectRef
+    received_at: float
+
+
+def _curve_server(socket: zmq.Socket, context: zmq.Context, cfg: IngestConfig) -> ThreadAuthenticator:
+    """CURVE server with an allowlist of camera public keys (ZAP handler on its own thread)."""
+    curve = cfg.curve
+    if not curve.server_secret_key or not curve.allowed_keys_dir:
+        raise ValueError("ingest.curve.enabled needs ingest.curve.server_secret_key and ingest.curve.allowed_keys_dir")
+    if not curve.allowed_keys_dir.is_dir():
+        raise ValueError(f"ingest.curve.allowed_keys_dir {curve.allowed_keys_dir} is not a folder")
+    public, secret = zmq.auth.load_certificate(str(curve.server_secret_key))
+    if secret is None:
+        raise ValueError(f"{curve.server_secret_key} holds no secret key (use the .key_secret file)")
+    auth = ThreadAuthenticator(context)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(curve.allowed_keys_dir))
+    socket.curve_secretkey, socket.curve_publickey, socket.curve_server = secret, public, True
+    return auth
+
+
+class IngestActor:
+    def __init__(self, endpoint: str, cfg: IngestConfig, image_size: int, inference: str, scoring: str):
+        self.endpoint, self.cfg, self.image_size = endpoint, cfg, image_size
+        # By name, not by handle: a restarted ingest finds the live actors again.
+        namespace = ray.get_runtime_context().namespace
+        self.inference = ray.get_actor(inference, namespace=namespace)
+        self.scoring = ray.get_actor(scoring, namespace=namespace)
+        self.limits = FrameLimits(cfg.max_payload_bytes, cfg.max_pixels)
+        self.log = log.bind(endpoint=endpoint)
+        self.cameras: dict[str, CameraStats] = {}
+        self.queues: OrderedDict[str, deque[_Pending]] = OrderedDict()
+        self.in_flight: dict[str, int] = {}
+        self.lock = threading.Condition()
+        self.stopping = threading.Event()
+        self.receiving = True
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.PULL if cfg.mode == "every" else zmq.SUB)
+        self.socket.rcvhwm = cfg.rcv_hwm
+        self.socket.linger = 0
+        self.auth = _curve_server(self.socket, self.context, cfg) if cfg.curve.enabled else None
+        if cfg.mode == "latest":
+            self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self.socket.bind(endpoint)
+        self.bound = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.receiver = threading.Thread(target=self._receive_loop, name="ingest-receive", daemon=True)
+        self.dispatcher = threading.Thread(target=self._dispatch_loop, name="ingest-dispatch", daemon=True)
+        self.receiver.start()
+        self.dispatcher.start()
+        self.log.info("ingest listening", mode=cfg.mode, curve=cfg.curve.enabled, bound=self.bound)
+
+    # ------------------------------------------------------------------ Ray-callable
+    def ready(self) -> str:
+        return self.bound
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            return {"endpoint": self.endpoint, "mode": self.cfg.mode,
+                    "cameras": {cam: {"received": s.received, "processed": s.processed, "anomalies": s.anomalies,
+                                      "dropped": dict(s.dropped), "invalid": dict(s.invalid),
+                                      "in_flight": self.in_flight.get(cam, 0),
+                                      "queued": len(self.queues.get(cam, ())),
+                                      "latency": s.latency.cumulative(), "latency_sum": s.latency.total,
+                                      "latency_count": s.latency.n}
+                                for cam, s in self.cameras.items()}}
+
+    def drain(self, timeout_s: float) -> dict[str, Any]:
+        """Stop receiving, finish what is queued and in flight (up to timeout_s), count the rest as dropped."""
+        self.receiving = False
+        self.receiver.join(timeout=5)
+        deadline = time.monotonic() + timeout_s
+        with self.lock:
+            while any(self.queues.values()) or any(self.in_flight.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.lock.wait(min(left, 0.1))
+            for cam, queue in self.queues.items():
+                if queue:
+                    self._stats(cam).dropped["shutdown"] += len(queue)
+                    queue.clear()
+            self.stopping.set()
+            self.lock.notify_all()
+        self.socket.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
+        stats = self.stats()
+        self.log.info("ingest drained", cameras=list(stats["cameras"]))
+        return stats
+
+    # ------------------------------------------------------------------ receiver thread
+    def _stats(self, camera: str) -> CameraStats:
+        """Under self.lock. Unknown cameras beyond max_cameras share one label so metrics stay bounded."""
+        if camera not in self.cameras:
+            if len(self.cameras) >= self.cfg.max_cameras + 2:  # + _unknown and _overflow
+                camera = OVERFLOW_CAMERA
+            self.cameras.setdefault(camera, CameraStats())
+        return self.cameras[camera]
+
+    def _receive_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        while self.receiving:
+            if not poller.poll(100):
+                continue
+            try:
+                parts = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            except zmq.ZMQError as exc:
+                self.log.error("receive failed", error=str(exc))
+                continue
+            try:
+                self._accept(parse_frame(parts, self.limits))
+            except FrameError as exc:
+                self._refuse(exc)
+            except Exception as exc:  # noqa: BLE001 - one bad frame must never stop the camera
+                self._refuse(FrameError("decode", f"unexpected {type(exc).__name__}: {exc}"))
+
+    def _refuse(self, exc: FrameError) -> None:
+        with self.lock:
+            stats = self._stats(exc.camera_id)
+            stats.received += 1
+            stats.invalid[exc.reason] += 1
+            if exc.seq is not None and exc.camera_id != UNKNOWN_CAMERA:
+                self._note_seq(exc.camera_id, stats, exc.seq)
+        self.log.warning("invalid frame", camera_id=exc.camera_id, seq=exc.seq, reason=exc.reason, detail=exc.detail)
+
+    def _note_seq(self, camera: str, stats: CameraStats, seq: int) -> None:
+        """Under self.lock. A gap in a camera's sequence = frames lost before they reached us."""
+        if stats.last_seq is not None:
+            gap = seq - stats.last_seq - 1
+            if gap > 0:
+                stats.dropped["upstream_gap"] += gap
+                self.log.warning("sequence gap", camera_id=camera, seq=seq, lost=gap)
+            elif gap < 0:
+                self.log.warning("sequence restarted", camera_id=camera, seq=seq, previous=stats.last_seq)
+        stats.last_seq = seq
+
+    def _accept(self, frame: Frame) -> None:
+        header = frame.header
+        camera = header.camera_id
+        if self.cfg.allowed_cameras and camera not in self.cfg.allowed_cameras:
+            raise FrameError("unknown_camera", f"camera {camera!r} is not in ingest.allowed_cameras", camera, header.seq)
+        small = resize_image(frame.image, self.image_size)
+        item = _Pending(header.model_dump(), ray.put(small), ray.put(frame.payload), frame.received_at)
+        with self.lock:
+            stats = self._stats(camera)
+            camera = camera if camera in self.cameras else OVERFLOW_CAMERA
+            stats.received += 1
+            self._note_seq(camera, stats, header.seq)
+            queue = self.queues.setdefault(camera, deque())
+            if self.cfg.mode == "every":
+                while len(queue) >= self.cfg.queue_depth and self.receiving:
+                    self.lock.wait(0.1)  # back-pressure: stop reading, ZeroMQ then blocks the camera
+                if not self.receiving:
+                    stats.dropped["shutdown"] += 1
+                    return
+            elif len(queue) >= self.cfg.queue_depth:
+                queue.popleft()
+                stats.dropped["stale"] += 1
+            queue.append(item)
+            self.lock.notify_all()
+
+    # ------------------------------------------------------------------ dispatcher thread
+    def _next_ready(self) -> tuple[str, _Pending] | None:
+        """Under self.lock: the oldest frame of the first camera (round robin) with a free in-flight slot."""
+        for camera in list(self.queues):
+            queue = self.queues[camera]
+            if queue and self.in_flight.get(camera, 0) < self.cfg.max_in_flight:
+                self.queues.move_to_end(camera)  # round robin between cameras
+                return camera, queue.popleft()
+        return None
+
+    def _dispatch_loop(self) -> None:
+        while not self.stopping.is_set():
+            with self.lock:
+                job = self._next_ready()
+                if job is None:
+                    self.lock.wait(0.05)
+                    continue
+                camera, item = job
+                self.in_flight[camera] = self.in_flight.get(camera, 0) + 1
+                self.lock.notify_all()
+            result_ref = self.inference.infer.remote(item.frame_ref)
+            decision_ref = self.scoring.score.remote(item.header, result_ref, [item.frame_ref], [item.payload_ref],
+                                                     item.received_at)
+            decision_ref.future().add_done_callback(
+                lambda fut, cam=camera, it=item, res=result_ref: self._decided(cam, it, res, fut))
+
+    def _decided(self, camera: str, item: _Pending, result_ref, fut) -> None:
+        """On Ray's callback thread: count the frame's outcome and free its slot."""
+        try:
+            decision = fut.result()
+            reason = None
+        except Exception as exc:  # noqa: BLE001 - every failure is counted by its stage
+            decision, reason = None, self._failed_stage(result_ref)
+            self.log.warning("frame lost", camera_id=camera, seq=item.header["seq"], reason=reason,
+                             error=f"{type(exc).__name__}: {str(exc)[:200]}")
+        with self.lock:
+            stats = self._stats(camera)
+            if decision is None:
+                stats.dropped[reason] += 1
+            else:
+                stats.processed += 1
+                stats.anomalies += int(decision["is_anomaly"])
+                stats.latency.observe(decision["latency_ms"] / 1000.0)
+            self.in_flight[camera] -= 1
+            self.lock.notify_all()
+
+    @staticmethod
+    def _failed_stage(result_ref) -> str:
+        try:
+            ray.get(result_ref, timeout=0)
+            return "scoring_failed"
+        except Exception:  # noqa: BLE001
+            return "inference_failed"

@@ -1,0 +1,16 @@
+"""Errors of the streaming commands that mean "bad input": the CLI prints one line and exits 2."""
+from __future__ import annotations
+
+
+class AgentError(RuntimeError):
+    """The agent cannot start: the message says what to fix."""
+
+
+class PublishError(ValueError):
+    """A source or endpoint the publisher cannot use."""
+
+
+def agent_input_errors() -> tuple[type[Exception], ...]:
+    import zmq
+
+    return AgentError, PublishError, zmq.ZMQError

@@ -1,0 +1,157 @@
+"""The agent: Ray bootstrap, the named actors of one pipeline, supervision and a clean drain on stop."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import structlog
+
+from actors.inference import InferenceActor
+from actors.ingest import IngestActor
+from actors.scoring import ScoringActor
+from model.detector import load_score_head
+
+from .errors import AgentError
+from .settings import AgentConfig
+
+log = structlog.get_logger(__name__)
+
+
+def connect_ray(cfg: AgentConfig) -> bool:
+    """Join the configured Ray cluster, or start an embedded one. Returns True when we started it."""
+    if ray.is_initialized():
+        return False
+    options: dict[str, Any] = {"namespace": cfg.ray.namespace, "include_dashboard": cfg.ray.include_dashboard,
+                               "log_to_driver": True}
+    if cfg.ray.address is None:
+        if cfg.ray.num_cpus is not None:
+            options["num_cpus"] = cfg.ray.num_cpus
+    else:
+        options = {"address": cfg.ray.address, "namespace": cfg.ray.namespace}
+    try:
+        ray.init(**options)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise AgentError(f"cannot connect to Ray at {cfg.ray.address or '(embedded)'}: {exc}") from exc
+    return cfg.ray.address is None
+
+
+class Agent:
+    """One inspection pipeline: N ingest actors → one inference actor → one scoring actor."""
+
+    def __init__(self, model_dir: str | Path, ingest: list[str], results: str, cfg: AgentConfig):
+        if not ingest:
+            raise AgentError("at least one --ingest endpoint is needed")
+        self.model_dir, self.ingest_endpoints, self.results_endpoint = str(Path(model_dir)), ingest, results
+        self.cfg = cfg
+        self.head = load_score_head(model_dir)  # a bad checkpoint fails here, clearly, before Ray starts
+        if self.head.threshold is None:
+            raise AgentError(f"{model_dir}: the model has no threshold; train or finetune it first")
+        self.owns_ray = False
+        self.inference = self.scoring = None
+        self.ingests: list = []
+        self.started_at = 0.0
+        self.stopped = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, timeout_s: float = 180.0) -> Agent:
+        self.owns_ray = connect_ray(self.cfg)
+        namespace = ray.get_runtime_context().namespace
+        restarts = self.cfg.actor_max_restarts
+        gpus = ray.cluster_resources().get("GPU", 0)
+        use_gpu = self.cfg.inference.device == "cuda" or (self.cfg.inference.device == "auto" and gpus >= 1)
+        if self.cfg.inference.device == "cuda" and gpus < 1:
+            raise AgentError("inference.device=cuda, but the Ray cluster has no GPU")
+        try:
+            self.inference = ray.remote(InferenceActor).options(
+                name="inference", namespace=namespace, max_restarts=restarts, max_task_retries=0,
+                num_cpus=self.cfg.inference.num_cpus, num_gpus=1 if use_gpu else 0, max_concurrency=1000,
+            ).remote(self.model_dir, self.cfg.inference)
+            self.scoring = ray.remote(ScoringActor).options(
+                name="scoring", namespace=namespace, max_restarts=restarts, max_task_retries=0, num_cpus=0,
+            ).remote(self.model_dir, self.results_endpoint, self.cfg.output)
+            self.ingests = [
+                ray.remote(IngestActor).options(
+                    name=f"ingest-{i}", namespace=namespace, max_restarts=restarts, max_task_retries=0,
+                    num_cpus=0, max_concurrency=4,
+                ).remote(endpoint, self.cfg.ingest, self.head.image_size, "inference", "scoring")
+                for i, endpoint in enumerate(self.ingest_endpoints)
+            ]
+        except ValueError as exc:  # a name already taken in this namespace
+            raise AgentError(f"cannot create the agent's actors in namespace {namespace!r}: {exc}") from exc
+        try:
+            ray.get([self.inference.ping.remote(), self.scoring.ping.remote(),
+                     *[actor.ready.remote() for actor in self.ingests]], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError as exc:
+            self.stop(drain=False)
+            raise AgentError(f"the agent's actors were not ready within {timeout_s:.0f} s") from exc
+        except ray.exceptions.RayError as exc:
+            self.stop(drain=False)
+            cause = str(exc).strip().splitlines()[-1][:300]
+            raise AgentError(f"an actor failed to start: {cause}") from exc
+        self.started_at = time.time()
+        log.info("agent running", model=self.model_dir, model_version=self.head.model_version,
+                 ingest=self.ingest_endpoints, results=self.results_endpoint, gpu=use_gpu, namespace=namespace)
+        return self
+
+    def stop(self, drain: bool = True) -> dict[str, Any]:
+        """Drain frames in flight (up to drain_timeout_s), flush the results socket, release the actors."""
+        if self.stopped:
+            return {}
+        self.stopped = True
+        final: dict[str, Any] = {}
+        if drain and self.ingests:
+            refs = [actor.drain.remote(self.cfg.drain_timeout_s) for actor in self.ingests]
+            try:
+                final["ingest"] = ray.get(refs, timeout=self.cfg.drain_timeout_s + 30)
+            except ray.exceptions.RayError as exc:
+                log.error("drain failed", error=str(exc)[:300])
+        if self.scoring is not None and drain:
+            try:
+                final["scoring"] = ray.get(self.scoring.stats.remote(), timeout=10)
+                ray.get(self.scoring.close.remote(), timeout=10)
+            except ray.exceptions.RayError:
+                pass
+        for actor in [*self.ingests, self.scoring, self.inference]:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+        if self.owns_ray:
+            ray.shutdown()
+        log.info("agent stopped", totals=totals(final.get("ingest", [])))
+        return final
+
+    # ------------------------------------------------------------------ observation
+    def snapshot(self, timeout_s: float = 2.0) -> dict[str, Any]:
+        """Stats from every actor; an actor that does not answer in time is reported as down."""
+        actors = {"inference": self.inference, "scoring": self.scoring,
+                  **{f"ingest-{i}": a for i, a in enumerate(self.ingests)}}
+        refs = {name: actor.stats.remote() for name, actor in actors.items()}
+        out: dict[str, Any] = {"up": {}, "model_version": self.head.model_version}
+        deadline = time.monotonic() + timeout_s
+        for name, ref in refs.items():
+            try:
+                out[name] = ray.get(ref, timeout=max(0.01, deadline - time.monotonic()))
+                out["up"][name] = True
+            except (ray.exceptions.RayError, TimeoutError):
+                out["up"][name] = False
+        return out
+
+    def ready(self) -> tuple[bool, dict[str, bool]]:
+        up = self.snapshot(timeout_s=1.0)["up"]
+        return (not self.stopped and all(up.values())), up
+
+
+def totals(ingest_stats: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per camera across endpoints: received, processed, anomalies, dropped and invalid by reason."""
+    out: dict[str, dict[str, Any]] = {}
+    for endpoint in ingest_stats:
+        for camera, s in endpoint["cameras"].items():
+            t = out.setdefault(camera, {"received": 0, "processed": 0, "anomalies": 0, "in_flight": 0, "queued": 0,
+                                        "dropped": {}, "invalid": {}})
+            for key in ("received", "processed", "anomalies", "in_flight", "queued"):
+                t[key] += s[key]
+            for key in ("dropped", "invalid"):
+                for reason, n in s[key].items():
+                    t[key][reason] = t[key].get(reason, 0) + n
+    return out
