@@ -6,6 +6,7 @@ calls (stats, drain) run on the actor's own thread pool, so they answer while fr
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -67,6 +68,8 @@ class IngestActor:
         self.in_flight: dict[str, int] = {}
         self.lock = threading.Condition()
         self.stopping = threading.Event()
+        self.inference_up = threading.Event()  # cleared when a frame fails in inference, set again by a ping
+        self.inference_up.set()
         self.receiving = True
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.PULL if cfg.mode == "every" else zmq.SUB)
@@ -89,7 +92,7 @@ class IngestActor:
 
     def stats(self) -> dict[str, Any]:
         with self.lock:
-            return {"endpoint": self.endpoint, "mode": self.cfg.mode,
+            return {"endpoint": self.endpoint, "mode": self.cfg.mode, "pid": os.getpid(),
                     "cameras": {cam: {"received": s.received, "processed": s.processed, "anomalies": s.anomalies,
                                       "dropped": dict(s.dropped), "invalid": dict(s.invalid),
                                       "in_flight": self.in_flight.get(cam, 0),
@@ -158,7 +161,10 @@ class IngestActor:
             stats.invalid[exc.reason] += 1
             if exc.seq is not None and exc.camera_id != UNKNOWN_CAMERA:
                 self._note_seq(exc.camera_id, stats, exc.seq)
-        self.log.warning("invalid frame", camera_id=exc.camera_id, seq=exc.seq, reason=exc.reason, detail=exc.detail)
+            count = stats.invalid[exc.reason]
+        if count <= 10 or count % 1000 == 0:  # a flood of bad frames is counted in full, logged in samples
+            self.log.warning("invalid frame", camera_id=exc.camera_id, seq=exc.seq, reason=exc.reason,
+                             detail=exc.detail, count=count, note="logs the first 10, then every 1000th")
 
     def _note_seq(self, camera: str, stats: CameraStats, seq: int) -> None:
         """Under self.lock. A gap in a camera's sequence = frames lost before they reached us."""
@@ -166,7 +172,9 @@ class IngestActor:
             gap = seq - stats.last_seq - 1
             if gap > 0:
                 stats.dropped["upstream_gap"] += gap
-                self.log.warning("sequence gap", camera_id=camera, seq=seq, lost=gap)
+                stats.gaps += 1
+                if stats.gaps <= 10 or stats.gaps % 1000 == 0:
+                    self.log.warning("sequence gap", camera_id=camera, seq=seq, lost=gap, gaps=stats.gaps)
             elif gap < 0:
                 self.log.warning("sequence restarted", camera_id=camera, seq=seq, previous=stats.last_seq)
         stats.last_seq = seq
@@ -206,8 +214,20 @@ class IngestActor:
                 return camera, queue.popleft()
         return None
 
+    def _wait_for_inference(self) -> None:
+        """After an inference failure, hold new frames until the (restarted) actor answers: frames sent to
+        an actor that is still restarting would be lost too, and only those in flight at the crash may be."""
+        while not self.stopping.is_set() and not self.inference_up.is_set():
+            try:
+                ray.get(self.inference.ping.remote(), timeout=2.0)
+                self.inference_up.set()
+                self.log.info("inference answering again; dispatch resumes")
+            except Exception:  # noqa: BLE001 - restarting, unavailable or timed out: keep waiting
+                time.sleep(0.2)
+
     def _dispatch_loop(self) -> None:
         while not self.stopping.is_set():
+            self._wait_for_inference()
             with self.lock:
                 job = self._next_ready()
                 if job is None:
@@ -235,6 +255,8 @@ class IngestActor:
             stats = self._stats(camera)
             if decision is None:
                 stats.dropped[reason] += 1
+                if reason == "inference_failed":
+                    self.inference_up.clear()
             else:
                 stats.processed += 1
                 stats.anomalies += int(decision["is_anomaly"])

@@ -45,6 +45,7 @@ class CameraStats:
     invalid: Counter = field(default_factory=Counter)
     latency: Histogram = field(default_factory=Histogram)
     last_seq: int | None = None
+    gaps: int = 0
 
     def accounted(self) -> int:
         return self.processed + sum(self.dropped.values()) + sum(self.invalid.values())

@@ -51,6 +51,8 @@ class Agent:
         self.owns_ray = False
         self.inference = self.scoring = None
         self.ingests: list = []
+        self.bound_ingest: list[str] = []
+        self.bound_results = ""
         self.started_at = 0.0
         self.stopped = False
 
@@ -81,8 +83,8 @@ class Agent:
         except ValueError as exc:  # a name already taken in this namespace
             raise AgentError(f"cannot create the agent's actors in namespace {namespace!r}: {exc}") from exc
         try:
-            ray.get([self.inference.ping.remote(), self.scoring.ping.remote(),
-                     *[actor.ready.remote() for actor in self.ingests]], timeout=timeout_s)
+            ready = ray.get([self.scoring.stats.remote(), *[actor.ready.remote() for actor in self.ingests],
+                             self.inference.ping.remote()], timeout=timeout_s)
         except ray.exceptions.GetTimeoutError as exc:
             self.stop(drain=False)
             raise AgentError(f"the agent's actors were not ready within {timeout_s:.0f} s") from exc
@@ -90,6 +92,8 @@ class Agent:
             self.stop(drain=False)
             cause = str(exc).strip().splitlines()[-1][:300]
             raise AgentError(f"an actor failed to start: {cause}") from exc
+        # What was really bound (a `tcp://host:*` endpoint gets a free port).
+        self.bound_results, self.bound_ingest = ready[0]["results"], ready[1:-1]
         self.started_at = time.time()
         log.info("agent running", model=self.model_dir, model_version=self.head.model_version,
                  ingest=self.ingest_endpoints, results=self.results_endpoint, gpu=use_gpu, namespace=namespace)

@@ -66,3 +66,13 @@ def write_png(path: Path, array: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     assert cv2.imwrite(str(path), array)
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real Ray instance for the whole test session (starting one takes seconds)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="adtr-edge-tests")
+    yield ray
+    ray.shutdown()

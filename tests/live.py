@@ -1,0 +1,92 @@
+"""Helpers for tests of the running agent: an agent on loopback, a decision subscriber, accounting."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import zmq
+
+from agent.runner import Agent, totals
+from agent.settings import AgentSettings, load_settings
+
+ANY_PORT = "tcp://127.0.0.1:*"
+
+
+def agent_config(tmp_path: Path, overrides: dict | None = None):
+    base = {"http": {"enabled": False}, "output": {"dir": str(tmp_path / "anomalies")}, "drain_timeout_s": 20}
+    for key, value in (overrides or {}).items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return load_settings(overrides=base, kind=AgentSettings)
+
+
+@contextmanager
+def live_agent(model_dir: Path, tmp_path: Path, endpoints: int = 1, **overrides):
+    """A real agent (actors in the session's Ray) bound to free loopback ports."""
+    agent = Agent(model_dir, [ANY_PORT] * endpoints, ANY_PORT, agent_config(tmp_path, overrides)).start()
+    try:
+        yield agent
+    finally:
+        agent.stop(drain=False)
+
+
+class Decisions:
+    """Subscribes to the results socket on a thread; decisions keyed by (camera_id, seq)."""
+
+    def __init__(self, endpoint: str):
+        self.by_key: dict[tuple[str, int], dict] = {}
+        self.received_at: dict[tuple[str, int], float] = {}
+        self.duplicates = 0
+        self._stop = threading.Event()
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.SUB)
+        self._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self._socket.rcvhwm = 0
+        self._socket.connect(endpoint)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        time.sleep(0.5)  # let the subscription reach the PUB socket (slow joiner)
+
+    def _run(self):
+        while not self._stop.is_set():
+            if self._socket.poll(100):
+                parts = self._socket.recv_multipart()
+                decision = json.loads(parts[1])
+                key = (decision["camera_id"], decision["seq"])
+                self.duplicates += key in self.by_key
+                self.by_key[key] = decision
+                self.received_at[key] = time.time()
+
+    def wait_for(self, count: int, timeout_s: float = 120.0) -> bool:
+        return wait_until(lambda: len(self.by_key) >= count, timeout_s)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._socket.close(linger=0)
+        self._context.term()
+
+
+def wait_until(predicate, timeout_s: float, poll_s: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll_s)
+    return predicate()
+
+
+def settled_totals(agent: Agent, timeout_s: float = 60.0) -> dict[str, dict]:
+    """Per-camera totals once nothing is queued or in flight any more."""
+    def current():
+        snap = agent.snapshot(timeout_s=5)
+        return totals([snap[k] for k in snap if k.startswith("ingest-") and snap[k]])
+
+    wait_until(lambda: all(t["in_flight"] == 0 and t["queued"] == 0 for t in current().values()), timeout_s, 0.2)
+    return current()
+
+
+def accounted(t: dict) -> int:
+    return t["processed"] + sum(t["dropped"].values()) + sum(t["invalid"].values())

@@ -1,0 +1,278 @@
+"""The running agent, end to end: real ZeroMQ sockets on loopback, real Ray actors, a real trained model.
+
+Each test reads as a promise the product makes: live equals offline, every frame is accounted for,
+bad input never hurts, a crashed inference actor comes back, CURVE keeps strangers out.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+import urllib.request
+
+import cv2
+import numpy as np
+import pytest
+import zmq
+import zmq.auth
+
+from agent.publisher import FramePublisher, SourceFrame, frames_from
+from live import Decisions, accounted, live_agent, settled_totals, wait_until
+from model.detector import load_detector
+from model.predict import predict_path
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture(scope="module")
+def test_images(small_dataset):
+    """24 real Magnetic Tile test images, normals and every defect type."""
+    rng = random.Random(0)
+    samples = list(small_dataset.test)
+    rng.shuffle(samples)
+    return [s.path for s in samples[:24]]
+
+
+def _send_all(endpoint: str, camera: str, paths, **kwargs) -> FramePublisher:
+    publisher = FramePublisher(endpoint, camera, **kwargs)
+    for path in paths:
+        publisher.send(next(frames_from(str(path))))
+    return publisher
+
+
+def test_live_scores_equal_offline_predict_for_every_frame(trained_model, tmp_path, test_images):
+    with live_agent(trained_model, tmp_path) as agent:
+        decisions = Decisions(agent.bound_results)
+        _send_all(agent.bound_ingest[0], "line-1", test_images).close()
+        assert decisions.wait_for(len(test_images))
+        totals = settled_totals(agent)
+        decisions.close()
+    detector = load_detector(trained_model)
+    predict_dir = tmp_path / "predict"
+    rows = {}
+    for path in test_images:  # adtr-edge predict's own code path, image by image
+        predict_path(detector, path, predict_dir, overlays=False)
+        rows[str(path)] = json.loads((predict_dir / "results.json").read_text())[0]
+    for seq, path in enumerate(test_images):
+        live = decisions.by_key[("line-1", seq)]
+        expected = rows[str(path)]
+        assert live["score"] == pytest.approx(expected["score"], rel=1e-4), path
+        assert live["is_anomaly"] == expected["is_anomaly"]
+        assert live["threshold"] == pytest.approx(expected["threshold"])
+        assert live["model_version"] == detector.model_version
+    assert totals["line-1"]["processed"] == len(test_images) == accounted(totals["line-1"])
+
+
+def test_decisions_carry_regions_and_anomalies_are_saved_with_overlay_and_sidecar(trained_model, tmp_path,
+                                                                                  test_images):
+    with live_agent(trained_model, tmp_path) as agent:
+        decisions = Decisions(agent.bound_results)
+        _send_all(agent.bound_ingest[0], "line-2", test_images).close()
+        assert decisions.wait_for(len(test_images))
+        decisions.close()
+    anomalies = [d for d in decisions.by_key.values() if d["is_anomaly"]]
+    assert anomalies, "the model flags none of 24 real test images; the test needs at least one"
+    for d in anomalies:
+        assert d["regions"], "an anomalous frame names where"
+        for region in d["regions"]:
+            x, y, w, h = region["box"]
+            assert 0 <= x < d["width"] and 0 <= y < d["height"] and w >= 1 and h >= 1
+            assert region["peak"] >= d["threshold"]
+        files = d["files"]
+        sidecar = json.loads(open(files[".json"]).read())
+        assert sidecar["seq"] == d["seq"] and sidecar["score"] == d["score"]
+        assert cv2.imread(files["_overlay.png"]) is not None
+        original = test_images[d["seq"]].read_bytes()
+        assert open(files[".jpg"], "rb").read() == original  # the camera's own bytes, not a re-encode
+    for d in decisions.by_key.values():
+        assert not d["is_anomaly"] or d["normalized_score"] >= 1.0
+        assert d["latency_ms"] > 0 and "files" not in d or d["is_anomaly"]
+
+
+def _malformed(rng: random.Random, jpeg: bytes, w: int, h: int) -> tuple[list[bytes], str]:
+    """One bad message and the reason the agent must count it under."""
+    good = {"v": 1, "camera_id": "fuzz", "seq": 0, "ts": time.time(), "encoding": "jpeg", "width": w, "height": h}
+    kind = rng.randrange(11)
+    if kind == 0:
+        return [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))), jpeg], "header_json"
+    if kind == 1:
+        field = rng.choice(["seq", "width", "ts", "v", "encoding"])
+        return [json.dumps(dict(good, **{field: [1, "x"]})).encode(), jpeg], "header_schema"
+    if kind == 2:
+        return [json.dumps(good).encode()], "parts"
+    if kind == 3:
+        cut = rng.randrange(100, len(jpeg) // 2)
+        return [json.dumps(good).encode(), jpeg[:cut] + bytes(rng.randrange(256) for _ in range(50))], "decode"
+    if kind == 4:
+        raw = dict(good, encoding="raw", channels=3, dtype="uint8")
+        return [json.dumps(raw).encode(), b"\0" * rng.randrange(1, 1000)], "payload_size"
+    if kind == 5:
+        return [json.dumps(dict(good, width=60000, height=60000)).encode(), jpeg], "too_large"
+    if kind == 6:
+        raw = dict(good, encoding="raw", channels=3, dtype=rng.choice(["float32", "int8", "object"]))
+        return [json.dumps(raw).encode(), b"\0" * (w * h * 3)], "header_schema"
+    if kind == 7:
+        return [json.dumps(good).encode(), jpeg, b"extra"], "parts"
+    if kind == 8:
+        return [json.dumps(dict(good, width=w + 3)).encode(), jpeg], "dimension_mismatch"
+    if kind == 9:
+        return [json.dumps(dict(good, encoding="png")).encode(), jpeg], "encoding_mismatch"
+    return [b"[]", jpeg], "header_json"
+
+
+def test_fuzz_thousands_of_malformed_messages_are_counted_and_every_valid_frame_is_decided(
+        trained_model, tmp_path, test_images):
+    rng = random.Random(1)
+    jpeg = test_images[0].read_bytes()
+    h, w = cv2.imread(str(test_images[0])).shape[:2]
+    expected: dict[str, int] = {}
+    valid = 0
+    with live_agent(trained_model, tmp_path, output={"save_anomalies": False}) as agent:
+        pid_before = agent.snapshot()["ingest-0"]["pid"]
+        decisions = Decisions(agent.bound_results)
+        camera = FramePublisher(agent.bound_ingest[0], "good-cam", sndhwm=0)
+        for i in range(3000):
+            if i % 100 == 0:
+                camera.send(SourceFrame(str(test_images[valid % len(test_images)]),
+                                        encoded=test_images[valid % len(test_images)].read_bytes(), encoding="jpeg"))
+                valid += 1
+            parts, reason = _malformed(rng, jpeg, w, h)
+            camera.send_parts(parts)
+            expected[reason] = expected.get(reason, 0) + 1
+        assert decisions.wait_for(valid, timeout_s=180)
+        totals = settled_totals(agent)
+        assert agent.snapshot()["ingest-0"]["pid"] == pid_before, "the ingest actor crashed"
+        decisions.close()
+        camera.close()
+    invalid: dict[str, int] = {}
+    for t in totals.values():
+        for reason, n in t["invalid"].items():
+            invalid[reason] = invalid.get(reason, 0) + n
+    assert invalid == expected
+    assert totals["good-cam"]["processed"] == valid
+    assert sum(accounted(t) for t in totals.values()) == 3000 + valid
+    assert all(not t["dropped"] for t in totals.values())
+
+
+def test_a_killed_inference_actor_is_serving_again_within_10_s_and_only_in_flight_frames_are_lost(
+        trained_model, tmp_path, test_images):
+    max_in_flight = 8
+    with live_agent(trained_model, tmp_path, ingest={"max_in_flight": max_in_flight},
+                    output={"save_anomalies": False}) as agent:
+        decisions = Decisions(agent.bound_results)
+        publisher = FramePublisher(agent.bound_ingest[0], "line-3")
+        frames = [SourceFrame(str(p), encoded=p.read_bytes(), encoding="jpeg") for p in test_images]
+        sent = 0
+        for _ in range(40):
+            publisher.send(frames[sent % len(frames)])
+            sent += 1
+        assert decisions.wait_for(20)
+        pid = agent.snapshot()["inference"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.time()
+        for _ in range(60):
+            publisher.send(frames[sent % len(frames)])
+            sent += 1
+        assert wait_until(lambda: any(t > killed_at and d["seq"] >= 40 for (_, _), d, t in
+                                      [(k, decisions.by_key[k], decisions.received_at[k])
+                                       for k in list(decisions.by_key)]), timeout_s=30)
+        back_after = min(t for k, t in decisions.received_at.items() if t > killed_at and k[1] >= 40) - killed_at
+        totals = settled_totals(agent)
+        assert agent.snapshot()["inference"]["pid"] != pid
+        publisher.close()
+        decisions.close()
+    t = totals["line-3"]
+    lost = t["dropped"].get("inference_failed", 0)
+    assert back_after < 10.0, f"serving again only after {back_after:.1f} s"
+    assert 0 < lost <= max_in_flight, t
+    assert set(t["dropped"]) == {"inference_failed"}
+    assert accounted(t) == sent and t["processed"] == sent - lost
+
+
+def test_curve_lets_an_allowed_camera_in_and_keeps_an_unknown_key_out(trained_model, tmp_path, test_images):
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    allowed.mkdir()
+    keys.mkdir()
+    _, agent_secret = zmq.auth.create_certificates(str(keys), "agent")
+    camera_public, camera_secret = zmq.auth.create_certificates(str(keys), "camera")
+    _, stranger_secret = zmq.auth.create_certificates(str(keys), "stranger")
+    (allowed / "camera.key").write_bytes(open(camera_public, "rb").read())
+    curve = {"enabled": True, "server_secret_key": agent_secret, "allowed_keys_dir": str(allowed)}
+    with live_agent(trained_model, tmp_path, ingest={"curve": curve}, output={"save_anomalies": False}) as agent:
+        decisions = Decisions(agent.bound_results)
+        server_key = keys / "agent.key"
+        stranger = FramePublisher(agent.bound_ingest[0], "stranger", curve_server_key=server_key,
+                                  curve_key=stranger_secret, connect_timeout_s=2)
+        assert not stranger.connected
+        for path in test_images[:5]:
+            stranger.send(SourceFrame(str(path), encoded=path.read_bytes(), encoding="jpeg"), timeout_ms=200)
+        plain = FramePublisher(agent.bound_ingest[0], "plaintext", connect_timeout_s=2)
+        assert not plain.connected
+        _send_all(agent.bound_ingest[0], "camera", test_images[:5], curve_server_key=server_key,
+                  curve_key=camera_secret).close()
+        assert decisions.wait_for(5)
+        time.sleep(1.0)
+        totals = settled_totals(agent)
+        stranger.close()
+        plain.close()
+        decisions.close()
+    assert set(totals) == {"camera"} and totals["camera"]["processed"] == 5
+    assert {k[0] for k in decisions.by_key} == {"camera"}
+
+
+def test_metrics_health_and_readiness_over_http(trained_model, tmp_path, test_images):
+    from agent.supervise import start_http
+
+    with live_agent(trained_model, tmp_path, http={"enabled": True, "port": 0},
+                    output={"save_anomalies": False}) as agent:
+        server = start_http(agent)
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        decisions = Decisions(agent.bound_results)
+        _send_all(agent.bound_ingest[0], "line-4", test_images[:6]).close()
+        publisher = FramePublisher(agent.bound_ingest[0], "line-4b")
+        publisher.send_parts([b"not json", b""])
+        publisher.close()
+        assert decisions.wait_for(6)
+        settled_totals(agent)
+        metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
+        ready = json.loads(urllib.request.urlopen(f"{base}/readyz").read())
+        health = urllib.request.urlopen(f"{base}/healthz").status
+        server.shutdown()
+        decisions.close()
+    assert 'adtr_frames_processed_total{camera="line-4"} 6.0' in metrics
+    assert 'adtr_frames_received_total{camera="line-4"} 6.0' in metrics
+    assert 'adtr_frames_invalid_total{camera="_unknown",reason="header_json"} 1.0' in metrics
+    assert 'adtr_end_to_end_seconds_count{camera="line-4"} 6.0' in metrics
+    assert "adtr_batch_size_bucket" in metrics and "adtr_inference_seconds_sum" in metrics
+    assert 'adtr_actor_up{actor="inference"} 1.0' in metrics
+    assert ready["ready"] is True and health == 200
+
+
+def test_raw_and_png_frames_score_like_their_jpeg(trained_model, tmp_path, test_images):
+    path = test_images[0]
+    pixels = cv2.imread(str(path))
+    with live_agent(trained_model, tmp_path, output={"save_anomalies": False}) as agent:
+        decisions = Decisions(agent.bound_results)
+        publisher = FramePublisher(agent.bound_ingest[0], "formats")
+        publisher.send(SourceFrame("jpeg", encoded=path.read_bytes(), encoding="jpeg"))
+        publisher.send(SourceFrame("raw", pixels=pixels), encoding="raw")
+        publisher.send(SourceFrame("png", pixels=pixels), encoding="png")
+        publisher.close()
+        assert decisions.wait_for(3)
+        decisions.close()
+    scores = [decisions.by_key[("formats", seq)]["score"] for seq in range(3)]
+    assert scores[1] == pytest.approx(scores[0], rel=1e-4) and scores[2] == pytest.approx(scores[0], rel=1e-4)
+
+
+def test_a_video_file_is_a_frame_source(tmp_path, test_images):
+    video = tmp_path / "clip.avi"
+    first = cv2.resize(cv2.imread(str(test_images[0])), (160, 160))
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (160, 160))
+    for _ in range(5):
+        writer.write(first)
+    writer.release()
+    frames = list(frames_from(str(video)))
+    assert len(frames) == 5 and frames[0].pixels.shape == (160, 160, 3)
+    assert frames[0].pixels.dtype == np.uint8
