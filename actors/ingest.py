@@ -10,7 +10,6 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -22,19 +21,12 @@ from zmq.auth.thread import ThreadAuthenticator
 from agent.settings import IngestConfig
 from model.data import resize_image
 
-from .protocol import UNKNOWN_CAMERA, Frame, FrameError, FrameLimits, parse_frame
+from .protocol import UNKNOWN_CAMERA, FrameError, FrameLimits, Message, check_message
 from .stats import CameraStats
 
 log = structlog.get_logger(__name__)
 OVERFLOW_CAMERA = "_overflow"  # cameras beyond max_cameras share this label
 
-
-@dataclass
-class _Pending:
-    header: dict[str, Any]
-    frame_ref: ray.ObjectRef
-    payload_ref: ray.ObjectRef
-    received_at: float
 
 
 def _curve_server(socket: zmq.Socket, context: zmq.Context, cfg: IngestConfig) -> ThreadAuthenticator:
@@ -64,7 +56,7 @@ class IngestActor:
         self.limits = FrameLimits(cfg.max_payload_bytes, cfg.max_pixels)
         self.log = log.bind(endpoint=endpoint)
         self.cameras: dict[str, CameraStats] = {}
-        self.queues: OrderedDict[str, deque[_Pending]] = OrderedDict()
+        self.queues: OrderedDict[str, deque[Message]] = OrderedDict()
         self.in_flight: dict[str, int] = {}
         self.lock = threading.Condition()
         self.stopping = threading.Event()
@@ -148,19 +140,21 @@ class IngestActor:
                 self.log.error("receive failed", error=str(exc))
                 continue
             try:
-                self._accept(parse_frame(parts, self.limits))
+                self._accept(check_message(parts, self.limits))
             except FrameError as exc:
                 self._refuse(exc)
             except Exception as exc:  # noqa: BLE001 - one bad frame must never stop the camera
                 self._refuse(FrameError("decode", f"unexpected {type(exc).__name__}: {exc}"))
 
-    def _refuse(self, exc: FrameError) -> None:
+    def _refuse(self, exc: FrameError, received: bool = True) -> None:
+        """Count a bad frame; `received=False` when it was already counted in (refused at decode time)."""
         with self.lock:
             stats = self._stats(exc.camera_id)
-            stats.received += 1
             stats.invalid[exc.reason] += 1
-            if exc.seq is not None and exc.camera_id != UNKNOWN_CAMERA:
-                self._note_seq(exc.camera_id, stats, exc.seq)
+            if received:
+                stats.received += 1
+                if exc.seq is not None and exc.camera_id != UNKNOWN_CAMERA:
+                    self._note_seq(exc.camera_id, stats, exc.seq)
             count = stats.invalid[exc.reason]
         if count <= 10 or count % 1000 == 0:  # a flood of bad frames is counted in full, logged in samples
             self.log.warning("invalid frame", camera_id=exc.camera_id, seq=exc.seq, reason=exc.reason,
@@ -179,13 +173,11 @@ class IngestActor:
                 self.log.warning("sequence restarted", camera_id=camera, seq=seq, previous=stats.last_seq)
         stats.last_seq = seq
 
-    def _accept(self, frame: Frame) -> None:
-        header = frame.header
+    def _accept(self, item: Message) -> None:
+        header = item.header
         camera = header.camera_id
         if self.cfg.allowed_cameras and camera not in self.cfg.allowed_cameras:
             raise FrameError("unknown_camera", f"camera {camera!r} is not in ingest.allowed_cameras", camera, header.seq)
-        small = resize_image(frame.image, self.image_size)
-        item = _Pending(header.model_dump(), ray.put(small), ray.put(frame.payload), frame.received_at)
         with self.lock:
             stats = self._stats(camera)
             camera = camera if camera in self.cameras else OVERFLOW_CAMERA
@@ -205,7 +197,7 @@ class IngestActor:
             self.lock.notify_all()
 
     # ------------------------------------------------------------------ dispatcher thread
-    def _next_ready(self) -> tuple[str, _Pending] | None:
+    def _next_ready(self) -> tuple[str, Message] | None:
         """Under self.lock: the oldest frame of the first camera (round robin) with a free in-flight slot."""
         for camera in list(self.queues):
             queue = self.queues[camera]
@@ -234,22 +226,33 @@ class IngestActor:
                     self.lock.wait(0.05)
                     continue
                 camera, item = job
+                self.lock.notify_all()  # a queue slot is free: a blocked receiver may read again
+            try:  # decoded only now: frames dropped while queued never cost a decode
+                small = resize_image(item.decode().image, self.image_size)
+            except FrameError as exc:
+                self._refuse(exc, received=False)
+                continue
+            except Exception as exc:  # noqa: BLE001 - one bad frame must never stop the dispatcher
+                self._refuse(FrameError("decode", f"unexpected {type(exc).__name__}: {exc}", camera,
+                                        item.header.seq), received=False)
+                continue
+            with self.lock:
                 self.in_flight[camera] = self.in_flight.get(camera, 0) + 1
-                self.lock.notify_all()
-            result_ref = self.inference.infer.remote(item.frame_ref)
-            decision_ref = self.scoring.score.remote(item.header, result_ref, [item.frame_ref], [item.payload_ref],
+            frame_ref, payload_ref = ray.put(small), ray.put(item.payload)
+            result_ref = self.inference.infer.remote(frame_ref)
+            decision_ref = self.scoring.score.remote(item.header.model_dump(), result_ref, [frame_ref], [payload_ref],
                                                      item.received_at)
             decision_ref.future().add_done_callback(
                 lambda fut, cam=camera, it=item, res=result_ref: self._decided(cam, it, res, fut))
 
-    def _decided(self, camera: str, item: _Pending, result_ref, fut) -> None:
+    def _decided(self, camera: str, item: Message, result_ref, fut) -> None:
         """On Ray's callback thread: count the frame's outcome and free its slot."""
         try:
             decision = fut.result()
             reason = None
         except Exception as exc:  # noqa: BLE001 - every failure is counted by its stage
             decision, reason = None, self._failed_stage(result_ref)
-            self.log.warning("frame lost", camera_id=camera, seq=item.header["seq"], reason=reason,
+            self.log.warning("frame lost", camera_id=camera, seq=item.header.seq, reason=reason,
                              error=f"{type(exc).__name__}: {str(exc)[:200]}")
         with self.lock:
             stats = self._stats(camera)

@@ -156,8 +156,25 @@ def decode_payload(header: FrameHeader, payload: bytes) -> np.ndarray:
     return image
 
 
+@dataclass
+class Message:
+    """A received message whose header and sizes are checked, payload not decoded yet."""
+
+    header: FrameHeader
+    payload: bytes
+    received_at: float
+
+    def decode(self) -> Frame:
+        return Frame(self.header, decode_payload(self.header, self.payload), self.payload, self.received_at)
+
+
 def parse_frame(parts: list[bytes], limits: FrameLimits) -> Frame:
     """A received multipart message → a decoded, validated Frame, or FrameError with a reason."""
+    return check_message(parts, limits).decode()
+
+
+def check_message(parts: list[bytes], limits: FrameLimits) -> Message:
+    """Everything but decoding the pixels (cheap): a frame that will be dropped is never decoded."""
     received_at = time.time()
     if len(parts) != 2:
         camera, seq = UNKNOWN_CAMERA, None
@@ -169,7 +186,7 @@ def parse_frame(parts: list[bytes], limits: FrameLimits) -> Frame:
         raise FrameError("parts", f"expected 2 message parts (header, payload), got {len(parts)}", camera, seq)
     header = parse_header(parts[0])
     check_payload(header, parts[1], limits)
-    return Frame(header, decode_payload(header, parts[1]), parts[1], received_at)
+    return Message(header, parts[1], received_at)
 
 
 def frame_message(camera_id: str, seq: int, payload: bytes, encoding: str, width: int, height: int,
