@@ -17,6 +17,7 @@ import numpy as np
 import structlog
 import torch
 
+from agent.logs import configure_logging
 from agent.settings import InferenceConfig
 from model.detector import AnomalyDetector, load_detector
 from model.scoring import feature_distance
@@ -60,6 +61,7 @@ class BatchedModel:
 
 class InferenceActor:
     def __init__(self, model_dir: str, cfg: InferenceConfig):
+        configure_logging("info", json_output=True)  # worker stderr reaches the driver
         self.model_dir, self.cfg = model_dir, cfg
         started = time.monotonic()
         self.model = BatchedModel(load_detector(model_dir), cfg)

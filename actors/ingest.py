@@ -18,6 +18,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from agent.logs import configure_logging
 from agent.settings import IngestConfig
 from model.data import resize_image
 
@@ -48,6 +49,7 @@ def _curve_server(socket: zmq.Socket, context: zmq.Context, cfg: IngestConfig) -
 
 class IngestActor:
     def __init__(self, endpoint: str, cfg: IngestConfig, image_size: int, inference: str, scoring: str):
+        configure_logging("info", json_output=True)  # worker stderr reaches the driver
         self.endpoint, self.cfg, self.image_size = endpoint, cfg, image_size
         # By name, not by handle: a restarted ingest finds the live actors again.
         namespace = ray.get_runtime_context().namespace

@@ -18,6 +18,7 @@ import structlog
 import torch
 import zmq
 
+from agent.logs import configure_logging
 from agent.settings import OutputConfig
 from model.detector import ScoreHead, load_score_head
 from model.scoring import defect_regions
@@ -65,6 +66,7 @@ class AnomalyStore:
 
 class ScoringActor:
     def __init__(self, model_dir: str, results_endpoint: str, cfg: OutputConfig):
+        configure_logging("info", json_output=True)  # worker stderr reaches the driver
         self.model_dir, self.cfg = model_dir, cfg
         self.head: ScoreHead = load_score_head(model_dir)
         self.context = zmq.Context()

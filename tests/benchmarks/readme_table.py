@@ -69,12 +69,18 @@ def render(r: dict) -> str:
 
 
 def update_readme(readme: Path, results: dict) -> None:
+    update_section(readme, "bench", render(results))
+
+
+def update_section(readme: Path, name: str, body: str) -> None:
+    """Replace the text between `<!-- NAME:start -->` and `<!-- NAME:end -->`."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{readme} has no {START} … {END} section")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{render(results)}\n{END}{tail}")
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} has no {start} … {end} section")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{body}\n{end}{tail}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,152 @@
+"""`adtr-edge demo`: a real agent, a camera replaying a dataset's test split, and a live subscriber.
+
+The agent and the camera run as their own processes (`adtr-edge run`, `adtr-edge publish`), exactly as
+a user would start them; this process subscribes to the decisions, prints them, and ends with a summary.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from model.checkpoint import read_manifest
+from model.config import AdtrConfig
+from model.data import load_dataset
+from model.metrics import auroc
+
+from .errors import AgentError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "agent.cli", *args]
+
+
+def _event(path: Path, name: str) -> dict | None:
+    """The agent prints one JSON line per lifecycle event on stdout (its logs go to stderr)."""
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{") and f'"{name}"' in line:
+            return json.loads(line)
+    return None
+
+
+def _wait_ready(agent: subprocess.Popen, stdout: Path, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        event = _event(stdout, "agent ready")
+        if event:
+            return event
+        if agent.poll() is not None:
+            raise AgentError(f"the agent exited with code {agent.returncode} before it was ready "
+                             f"(see {stdout.parent / 'agent.log'})")
+        time.sleep(0.2)
+    raise AgentError(f"the agent was not ready within {timeout_s:.0f} s")
+
+
+def run_demo(model_dir: Path, data: str, out: Path, fps: float = 0.0, overrides: list[str] | None = None) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = AdtrConfig.model_validate(read_manifest(model_dir)["settings"])
+    test = load_dataset(data, cfg.data).test
+    (out / "frames.txt").write_text("".join(f"{s.path}\n" for s in test))
+    labels = [s.label for s in test]
+    ingest, results, http = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", free_port()
+    agent_log, agent_out = open(out / "agent.log", "w"), open(out / "agent.out", "w")
+    agent = subprocess.Popen(
+        _cli("--log-json", "run", "--model", str(model_dir), "--ingest", ingest, "--results", results,
+             "--set", f"output.dir={out / 'anomalies'}", "--set", f"http.port={http}", *sum((["--set", o] for o in
+                                                                                               overrides or []), [])),
+        stdout=agent_out, stderr=agent_log, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        print(f"starting the agent (Ray, model {model_dir}) …", flush=True)
+        _wait_ready(agent, out / "agent.out", 300)
+        print(f"agent ready: cameras → {ingest}, decisions → {results}, metrics → http://127.0.0.1:{http}/metrics",
+              flush=True)
+        summary = _stream(test, labels, ingest, results, out, fps)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+        agent_log.close()
+        agent_out.close()
+    stopped = _event(out / "agent.out", "agent stopped")
+    summary["agent_accounting"] = stopped["cameras"] if stopped else None
+    summary["anomaly_folder"] = str(out / "anomalies")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _print_summary(summary)
+    return summary
+
+
+def _stream(test, labels, ingest: str, results: str, out: Path, fps: float) -> dict:
+    context = zmq.Context()
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.rcvhwm = 0
+    sub.connect(results)
+    time.sleep(0.5)  # the subscription must reach the agent before the first decision (slow joiner)
+    camera = subprocess.Popen(_cli("--log-json", "publish", "--source", str(out / "frames.txt"), "--endpoint", ingest,
+                                   "--camera-id", "demo-cam", "--fps", str(fps), "--sent-log", str(out / "sent.jsonl")),
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    decisions: dict[int, dict] = {}
+    first = last = None
+    idle_deadline = time.monotonic() + 120
+    while len(decisions) < len(test) and time.monotonic() < idle_deadline:
+        if not sub.poll(1000):
+            continue
+        d = json.loads(sub.recv_multipart()[1])
+        now = time.time()
+        first, last = first or now, now
+        decisions[d["seq"]] = dict(d, received_ms=(now - d["ts"]) * 1000.0)
+        idle_deadline = time.monotonic() + 60
+        sample = test[d["seq"]]
+        verdict = "ANOMALY" if d["is_anomaly"] else "ok     "
+        truth = sample.defect_type if sample.label else "normal"
+        print(f"#{d['seq']:4d} {verdict} {d['normalized_score']:5.2f}x thr  {d['latency_ms']:6.0f} ms  "
+              f"{len(d['regions'])} region(s)  [{truth}] {sample.path.name}", flush=True)
+    sent_summary = camera.communicate(timeout=60)[0].strip().splitlines()
+    sub.close(linger=0)
+    context.term()
+    seqs = sorted(decisions)
+    scores = np.array([decisions[s]["score"] for s in seqs])
+    y = np.array([labels[s] for s in seqs])
+    flagged = np.array([decisions[s]["is_anomaly"] for s in seqs])
+    latency = np.array([decisions[s]["received_ms"] for s in seqs])
+    return {
+        "frames_sent": json.loads(sent_summary[-1])["sent"] if sent_summary else None,
+        "frames_decided": len(decisions),
+        "anomalies": int(flagged.sum()),
+        "live_image_auroc": float(auroc(y, scores)) if 0 < y.sum() < len(y) else None,
+        "recall": float(flagged[y == 1].mean()) if y.sum() else None,
+        "false_alarm_rate": float(flagged[y == 0].mean()) if (y == 0).any() else None,
+        "frames_per_second": (len(seqs) - 1) / (last - first) if last and last > first else None,
+        "latency_ms_p50": float(np.percentile(latency, 50)) if len(latency) else None,
+        "latency_ms_p99": float(np.percentile(latency, 99)) if len(latency) else None,
+    }
+
+
+def _print_summary(s: dict) -> None:
+    def f(v, spec=".3f"):
+        return "n/a" if v is None else format(v, spec)
+
+    print("\n── live demo summary " + "─" * 40)
+    print(f"frames sent {s['frames_sent']}, decided {s['frames_decided']}, anomalies {s['anomalies']}")
+    print(f"live image AUROC {f(s['live_image_auroc'])}  recall {f(s['recall'])}  "
+          f"false alarms {f(s['false_alarm_rate'])}")
+    print(f"throughput {f(s['frames_per_second'], '.1f')} frames/s, latency p50 {f(s['latency_ms_p50'], '.0f')} ms, "
+          f"p99 {f(s['latency_ms_p99'], '.0f')} ms (capture → decision received)")
+    print(f"agent accounting: {json.dumps(s['agent_accounting'])}")
+    print(f"anomalous frames, heatmap overlays and JSON sidecars: {s['anomaly_folder']}")
