@@ -184,7 +184,8 @@ class IngestActor:
             stats = self._stats(camera)
             camera = camera if camera in self.cameras else OVERFLOW_CAMERA
             stats.received += 1
-            self._note_seq(camera, stats, header.seq)
+            if camera != OVERFLOW_CAMERA:  # many cameras share that label: their seqs say nothing
+                self._note_seq(camera, stats, header.seq)
             queue = self.queues.setdefault(camera, deque())
             if self.cfg.mode == "every":
                 while len(queue) >= self.cfg.queue_depth and self.receiving:

@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True, metavar="ENDPOINT")
     p.add_argument("--count", type=int, default=0, help="stop after this many decisions (0: until Ctrl-C)")
     p.add_argument("--anomalies-only", action="store_true")
+    p.add_argument("--json", action="store_true", help="print each decision's JSON as it arrived")
 
     p = sub.add_parser("demo", help="agent + camera replaying a dataset's test split + live summary")
     p.add_argument("--model", required=True, type=Path)
@@ -211,7 +212,7 @@ def cmd_keys(args) -> int:
 def cmd_watch(args) -> int:
     from .watch import watch
 
-    watch(args.results, args.count, args.anomalies_only)
+    watch(args.results, args.count, args.anomalies_only, args.json)
     return 0
 
 

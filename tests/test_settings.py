@@ -76,3 +76,21 @@ def test_merge_overrides_an_existing_config():
     assert cfg.data.limit_per_class == 5 and cfg.train == AdtrConfig().train
     with pytest.raises(SettingsError):
         merge(cfg, ["data.limit_per_class=-1"])
+
+
+def test_agent_yaml_is_exactly_the_agent_defaults():
+    from agent.settings import AgentConfig, AgentSettings
+
+    assert load_settings(CONFIGS / "agent.yaml", kind=AgentSettings) == AgentConfig()
+
+
+def test_agent_settings_come_from_env_and_overrides_and_reject_unknown_keys(monkeypatch):
+    from agent.settings import AgentSettings
+
+    monkeypatch.setenv("ADTR_EDGE_INGEST__MODE", "latest")
+    cfg = load_settings(overrides=["inference.max_batch=4"], kind=AgentSettings)
+    assert cfg.ingest.mode == "latest" and cfg.inference.max_batch == 4
+    with pytest.raises(SettingsError, match="ingest.bogus"):
+        load_settings(overrides=["ingest.bogus=1"], kind=AgentSettings)
+    with pytest.raises(SettingsError, match="backbone"):
+        load_settings(overrides=["backbone.image_size=128"], kind=AgentSettings)  # model settings live in the model

@@ -1,0 +1,38 @@
+"""`adtr-edge watch`: print live decisions from an agent's results socket, one line each."""
+from __future__ import annotations
+
+import json
+
+import zmq
+
+
+def format_decision(d: dict) -> str:
+    verdict = "ANOMALY" if d["is_anomaly"] else "ok     "
+    regions = "; ".join(f"box {r['box']} peak {r['peak_normalized']:.2f}x" for r in d["regions"][:3])
+    return (f"{d['camera_id']} #{d['seq']:<6d} {verdict} {d['normalized_score']:5.2f}x thr  "
+            f"{d['latency_ms']:6.0f} ms  {regions}")
+
+
+def watch(endpoint: str, count: int = 0, anomalies_only: bool = False, as_json: bool = False) -> int:
+    """Subscribe to `endpoint` and print decisions until `count` were printed (0: until interrupted)."""
+    context = zmq.Context()
+    socket = context.socket(zmq.SUB)
+    socket.setsockopt(zmq.SUBSCRIBE, b"")
+    socket.connect(endpoint)
+    printed = 0
+    try:
+        while not count or printed < count:
+            parts = socket.recv_multipart()
+            if len(parts) != 2:
+                continue
+            decision = json.loads(parts[1])
+            if anomalies_only and not decision["is_anomaly"]:
+                continue
+            print(json.dumps(decision) if as_json else format_decision(decision), flush=True)
+            printed += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        socket.close(linger=0)
+        context.term()
+    return printed
