@@ -126,9 +126,6 @@ def check_payload(header: FrameHeader, payload: bytes, limits: FrameLimits) -> N
         if len(payload) != expected:
             raise FrameError("payload_size", f"raw payload is {len(payload)} bytes, header implies {expected}", **who)
         return
-    if header.encoding == "jpeg" and b"\xff\xd9" not in payload[-1024:]:
-        # libjpeg decodes a cut-off JPEG with a grey fill and only a warning: refuse it instead.
-        raise FrameError("decode", "JPEG is truncated: no end-of-image marker", **who)
     try:  # Pillow reads only the image's own header here: no pixels are decoded
         with Image.open(io.BytesIO(payload)) as probe:
             fmt, size = probe.format, probe.size
@@ -139,6 +136,9 @@ def check_payload(header: FrameHeader, payload: bytes, limits: FrameLimits) -> N
     if size != (header.width, header.height):
         raise FrameError("dimension_mismatch",
                          f"header says {header.width}x{header.height}, image is {size[0]}x{size[1]}", **who)
+    if header.encoding == "jpeg" and b"\xff\xd9" not in payload[-1024:]:
+        # libjpeg decodes a cut-off JPEG with a grey fill and only a warning: refuse it instead.
+        raise FrameError("decode", "JPEG is truncated: no end-of-image marker", **who)
 
 
 def decode_payload(header: FrameHeader, payload: bytes) -> np.ndarray:

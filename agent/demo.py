@@ -74,7 +74,7 @@ def run_demo(model_dir: Path, data: str, out: Path, fps: float = 0.0, overrides:
         _wait_ready(agent, out / "agent.out", 300)
         print(f"agent ready: cameras → {ingest}, decisions → {results}, metrics → http://127.0.0.1:{http}/metrics",
               flush=True)
-        summary = _stream(test, labels, ingest, results, out, fps)
+        summary = dict(_stream(test, labels, ingest, results, out, fps), fps=fps)
     finally:
         agent.send_signal(signal.SIGTERM)
         try:
@@ -147,6 +147,8 @@ def _print_summary(s: dict) -> None:
     print(f"live image AUROC {f(s['live_image_auroc'])}  recall {f(s['recall'])}  "
           f"false alarms {f(s['false_alarm_rate'])}")
     print(f"throughput {f(s['frames_per_second'], '.1f')} frames/s, latency p50 {f(s['latency_ms_p50'], '.0f')} ms, "
-          f"p99 {f(s['latency_ms_p99'], '.0f')} ms (capture → decision received)")
+          f"p99 {f(s['latency_ms_p99'], '.0f')} ms (capture → decision received"
+          + ("; the camera sent as fast as the agent took frames, so latency includes queueing)" if not s.get("fps")
+             else f"; camera at {s['fps']:g} fps)"))
     print(f"agent accounting: {json.dumps(s['agent_accounting'])}")
     print(f"anomalous frames, heatmap overlays and JSON sidecars: {s['anomaly_folder']}")

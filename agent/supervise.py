@@ -129,9 +129,10 @@ def start_http(agent: Agent) -> ThreadingHTTPServer:
 def serve_until_signal(agent: Agent) -> int:
     """Start, serve until SIGINT/SIGTERM, then drain and flush. Returns the process exit code."""
     stop = threading.Event()
+    agent.start()
+    # After ray.init: Ray installs its own SIGTERM handler there, which would end us without a drain.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: stop.set())
-    agent.start()
     server = start_http(agent) if agent.cfg.http.enabled else None
     print(json.dumps({"event": "agent ready", "ingest": agent.ingest_endpoints, "results": agent.results_endpoint,
                       "model_version": agent.head.model_version,

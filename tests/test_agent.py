@@ -18,6 +18,7 @@ import pytest
 import zmq
 import zmq.auth
 
+from actors.protocol import frame_message
 from agent.publisher import FramePublisher, SourceFrame, frames_from
 from live import Decisions, accounted, live_agent, settled_totals, wait_until
 from model.detector import load_detector
@@ -233,8 +234,12 @@ def test_metrics_health_and_readiness_over_http(trained_model, tmp_path, test_im
         _send_all(agent.bound_ingest[0], "line-4", test_images[:6]).close()
         publisher = FramePublisher(agent.bound_ingest[0], "line-4b")
         publisher.send_parts([b"not json", b""])
+        jpeg = test_images[0].read_bytes()
+        width, height = cv2.imread(str(test_images[0])).shape[1::-1]
+        for seq in (0, 1, 5):  # seqs 2, 3 and 4 never arrive: three upstream drops
+            publisher.send_parts(frame_message("gappy", seq, jpeg, "jpeg", width, height))
         publisher.close()
-        assert decisions.wait_for(6)
+        assert decisions.wait_for(9)
         settled_totals(agent)
         metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
         ready = json.loads(urllib.request.urlopen(f"{base}/readyz").read())
@@ -247,6 +252,8 @@ def test_metrics_health_and_readiness_over_http(trained_model, tmp_path, test_im
     assert 'adtr_end_to_end_seconds_count{camera="line-4"} 6.0' in metrics
     assert "adtr_batch_size_bucket" in metrics and "adtr_inference_seconds_sum" in metrics
     assert 'adtr_actor_up{actor="inference"} 1.0' in metrics
+    assert 'adtr_frames_dropped_total{camera="gappy",reason="upstream_gap"} 3.0' in metrics
+    assert 'adtr_frames_processed_total{camera="gappy"} 3.0' in metrics
     assert ready["ready"] is True and health == 200
 
 
