@@ -243,7 +243,7 @@ class IngestActor:
                 self.in_flight[camera] = self.in_flight.get(camera, 0) + 1
             frame_ref, payload_ref = ray.put(small), ray.put(item.payload)
             result_ref = self.inference.infer.remote(frame_ref)
-            decision_ref = self.scoring.score.remote(item.header.model_dump(), result_ref, [frame_ref], [payload_ref],
+            decision_ref = self.scoring.score.remote(item.header.model_dump(), result_ref, [payload_ref],
                                                      item.received_at)
             decision_ref.future().add_done_callback(
                 lambda fut, cam=camera, it=item, res=result_ref: self._decided(cam, it, res, fut))

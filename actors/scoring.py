@@ -24,7 +24,7 @@ from model.detector import ScoreHead, load_score_head
 from model.scoring import defect_regions
 from model.visualize import heatmap_overlay
 
-from .protocol import decision_message
+from .protocol import FrameHeader, decision_message, decode_payload
 
 log = structlog.get_logger(__name__)
 PAYLOAD_SUFFIX = {"jpeg": ".jpg", "png": ".png", "raw": ".png"}
@@ -90,9 +90,9 @@ class ScoringActor:
             self.log = log.bind(model_version=version)
         return self.head
 
-    async def score(self, header: dict[str, Any], result: dict[str, Any], frame_ref: list, payload_ref: list,
+    async def score(self, header: dict[str, Any], result: dict[str, Any], payload_ref: list,
                     received_at: float) -> dict[str, Any]:
-        """Decide one frame, publish the decision, save anomalies; returns the decision."""
+        """`payload_ref` is [ref]: nested, so Ray fetches the camera's bytes only for anomalies."""
         head = self._head_for(result["model_version"])
         out = head.score(torch.from_numpy(np.array(result["coarse"], dtype=np.float32))[None])
         amap = out.maps[0].numpy()
@@ -110,19 +110,23 @@ class ScoringActor:
             "width": header["width"], "height": header["height"],
         }
         if is_anomaly and self.store is not None:
-            decision["files"] = await self._save(header, decision, amap, frame_ref, payload_ref)
+            decision["files"] = await self._save(header, decision, amap, payload_ref)
         self.socket.send_multipart(decision_message(decision))
         self.decisions += 1
         self.anomalies += int(is_anomaly)
         return {"is_anomaly": is_anomaly, "latency_ms": decision["latency_ms"]}
 
-    async def _save(self, header, decision, amap, frame_ref, payload_ref) -> dict[str, str]:
+    async def _save(self, header, decision, amap, payload_ref) -> dict[str, str]:
         try:
-            frame, payload = await frame_ref[0], await payload_ref[0]
+            payload = await payload_ref[0]
+            # The overlay at the camera's own resolution: decode the original payload (anomalies only).
+            frame = decode_payload(FrameHeader.model_validate(header), payload)
+            height, width = frame.shape[:2]
+            big = cv2.resize(amap, (width, height), interpolation=cv2.INTER_LINEAR)
             if header["encoding"] == "raw":  # raw pixels are stored as a lossless PNG
                 payload = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))[1].tobytes()
             caption = f"ANOMALY {decision['normalized_score']:.2f}x thr  {header['camera_id']} #{header['seq']}"
-            overlay = heatmap_overlay(frame, amap, 2 * decision["threshold"], amap >= decision["threshold"], caption)
+            overlay = heatmap_overlay(frame, big, 2 * decision["threshold"], big >= decision["threshold"], caption)
             stem = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(header['ts']))}_{header['seq']:010d}"
             sidecar = dict(decision, source_encoding=header["encoding"])
             return self.store.write(header["camera_id"], stem, {
