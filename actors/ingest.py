@@ -68,6 +68,8 @@ class IngestActor:
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.PULL if cfg.mode == "every" else zmq.SUB)
         self.socket.rcvhwm = cfg.rcv_hwm
+        if cfg.socket_buffer_bytes:
+            self.socket.rcvbuf = cfg.socket_buffer_bytes
         self.socket.linger = 0
         self.auth = _curve_server(self.socket, self.context, cfg) if cfg.curve.enabled else None
         if cfg.mode == "latest":

@@ -45,6 +45,9 @@ class IngestConfig(_Section):
     max_in_flight: int = Field(16, ge=1, le=1024)  # per camera: frames handed to inference, not yet decided
     queue_depth: int = Field(8, ge=1, le=4096)  # per camera: decoded frames waiting for an in-flight slot
     rcv_hwm: int = Field(16, ge=1)  # ZeroMQ receive high-water mark (messages)
+    # Kernel receive buffer of the socket; bounds what waits unseen in TCP (0 = the OS's autotuning,
+    # which lets several MB of frames, seconds of latency at saturation, queue there).
+    socket_buffer_bytes: int = Field(1 << 20, ge=0)
     max_payload_bytes: int = Field(32 << 20, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1)
     max_cameras: int = Field(64, ge=1)  # distinct camera ids tracked per endpoint (bounds metric labels)
