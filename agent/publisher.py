@@ -153,9 +153,18 @@ class FramePublisher:
         """Send one frame; returns its seq, or None when the agent did not take it within timeout_ms."""
         payload, enc, width, height, channels, dtype = encode(frame, encoding)
         message = frame_message(self.camera_id, self.seq, payload, enc, width, height, channels, dtype, ts)
-        if timeout_ms is not None and not self.socket.poll(timeout_ms, zmq.POLLOUT):
-            return None
-        self.socket.send_multipart(message, copy=False)
+        if timeout_ms is None:
+            self.socket.send_multipart(message, copy=False)
+        else:  # POLLOUT can be true while a peer is (re)connecting and gone by the send: never block
+            deadline = time.monotonic() + timeout_ms / 1000.0
+            while True:
+                try:
+                    self.socket.send_multipart(message, flags=zmq.NOBLOCK, copy=False)
+                    break
+                except zmq.Again:
+                    if time.monotonic() >= deadline:
+                        return None
+                    self.socket.poll(10, zmq.POLLOUT)
         self.seq += 1
         return self.seq - 1
 

@@ -356,3 +356,25 @@ def test_overload_at_3x_capacity_for_a_minute_keeps_memory_flat_latency_bounded_
     # Stats calls answer while a batch runs (the forward pass is on a worker thread).
     assert any(busy for _, busy in stats_calls), "no stats call landed during a batch"
     assert max(seconds for seconds, _ in stats_calls) < 1.0
+
+
+def test_several_endpoints_and_cameras_per_endpoint_are_each_decided_and_accounted(trained_model, tmp_path,
+                                                                                   test_images):
+    with live_agent(trained_model, tmp_path, endpoints=2, output={"save_anomalies": False}) as agent:
+        decisions = Decisions(agent.bound_results)
+        first, second = agent.bound_ingest
+        cams = [FramePublisher(first, "left"), FramePublisher(first, "right"), FramePublisher(second, "top")]
+        for i in range(8):
+            for cam in cams:
+                path = test_images[i]
+                cam.send(SourceFrame(str(path), encoded=path.read_bytes(), encoding="jpeg"))
+        assert decisions.wait_for(24)
+        totals = settled_totals(agent)
+        for cam in cams:
+            cam.close()
+        decisions.close()
+    assert {k[0] for k in decisions.by_key} == {"left", "right", "top"}
+    for camera in ("left", "right", "top"):
+        assert totals[camera]["processed"] == 8 == accounted(totals[camera])
+    same_image = [decisions.by_key[(c, 3)]["score"] for c in ("left", "right", "top")]
+    assert same_image[0] == pytest.approx(same_image[1], rel=1e-4) == pytest.approx(same_image[2], rel=1e-4)
