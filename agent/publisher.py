@@ -126,7 +126,7 @@ class FramePublisher:
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.PUSH if socket == "push" else zmq.PUB)
         self.socket.sndhwm = sndhwm
-        self.socket.sndbuf = 1 << 20  # with sndhwm: a bounded backlog, not several MB in TCP buffers
+        self.socket.sndbuf = 256 << 10  # with sndhwm: a bounded backlog, not several MB in TCP buffers
         self.socket.linger = 2000
         if curve_server_key or curve_key:
             if not (curve_server_key and curve_key):

@@ -47,7 +47,7 @@ class IngestConfig(_Section):
     rcv_hwm: int = Field(16, ge=1)  # ZeroMQ receive high-water mark (messages)
     # Kernel receive buffer of the socket; bounds what waits unseen in TCP (0 = the OS's autotuning,
     # which lets several MB of frames, seconds of latency at saturation, queue there).
-    socket_buffer_bytes: int = Field(1 << 20, ge=0)
+    socket_buffer_bytes: int = Field(256 << 10, ge=0)
     max_payload_bytes: int = Field(32 << 20, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1)
     max_cameras: int = Field(64, ge=1)  # distinct camera ids tracked per endpoint (bounds metric labels)
