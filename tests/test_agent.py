@@ -186,6 +186,7 @@ def test_a_killed_inference_actor_is_serving_again_within_10_s_and_only_in_fligh
         decisions.close()
     t = totals["line-3"]
     lost = t["dropped"].get("inference_failed", 0)
+    print(f"serving again {back_after:.1f} s after the kill; lost in flight: {lost}; accounting {t}")
     assert back_after < 10.0, f"serving again only after {back_after:.1f} s"
     assert 0 < lost <= max_in_flight, t
     assert set(t["dropped"]) == {"inference_failed"}
