@@ -77,15 +77,17 @@ class InferenceActor:
         self.log = log.bind(model_version=self.model_version, device=str(self.model.device))
         self.log.info("inference ready", load_s=round(time.monotonic() - started, 2))
 
-    async def infer(self, frame: np.ndarray) -> dict[str, Any]:
-        """One frame in (RGB uint8 at the model's size), its coarse map out, once its batch has run."""
+    async def infer_batch(self, frames: list[np.ndarray]) -> list[dict[str, Any]]:
+        """Frames in (RGB uint8 at the model's size), one coarse map each out, once their batches ran.
+        Calls from all cameras share the batches: a call is a unit of transport, not a batch."""
+        loop = asyncio.get_running_loop()
         if self.batcher is None:
             self.arrived = asyncio.Event()
-            self.batcher = asyncio.get_running_loop().create_task(self._batch_loop())
-        future = asyncio.get_running_loop().create_future()
-        self.queue.append((frame, future))
+            self.batcher = loop.create_task(self._batch_loop())
+        futures = [loop.create_future() for _ in frames]
+        self.queue.extend(zip(frames, futures))
         self.arrived.set()
-        return await future
+        return list(await asyncio.gather(*futures))
 
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()

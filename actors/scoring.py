@@ -90,35 +90,45 @@ class ScoringActor:
             self.log = log.bind(model_version=version)
         return self.head
 
-    async def score(self, header: dict[str, Any], result: dict[str, Any], payload_ref: list,
-                    received_at: float) -> dict[str, Any]:
-        """`payload_ref` is [ref]: nested, so Ray fetches the camera's bytes only for anomalies."""
-        head = self._head_for(result["model_version"])
-        out = head.score(torch.from_numpy(np.array(result["coarse"], dtype=np.float32))[None])
-        amap = out.maps[0].numpy()
-        score, threshold = float(out.scores[0]), float(head.threshold or float("inf"))
-        is_anomaly = bool(out.is_anomaly[0])
+    async def score_batch(self, headers: list[dict[str, Any]], results: list[dict[str, Any]],
+                          payloads: list[bytes], received_at: list[float]) -> list[dict[str, Any]]:
+        """Decide frames from their coarse maps, publish each decision, save anomalies (payloads are
+        the camera's bytes). Returns what the ingest counts: is_anomaly and latency per frame."""
+        out = []
+        # One ScoreHead call per model version (there is one, except across a model swap).
+        for version in dict.fromkeys(r["model_version"] for r in results):
+            idx = [i for i, r in enumerate(results) if r["model_version"] == version]
+            head = self._head_for(version)
+            coarse = torch.from_numpy(np.stack([np.asarray(results[i]["coarse"], np.float32) for i in idx]))
+            scored = head.score(coarse)
+            for j, i in enumerate(idx):
+                out.append((i, self._decide(head, headers[i], results[i], payloads[i], received_at[i], scored, j)))
+        return [summary for _, summary in sorted(out, key=lambda pair: pair[0])]
+
+    def _decide(self, head: ScoreHead, header, result, payload: bytes, received_at: float, scored, j: int) -> dict:
+        amap = scored.maps[j].numpy()
+        score, threshold = float(scored.scores[j]), float(head.threshold or float("inf"))
+        is_anomaly = bool(scored.is_anomaly[j])
         regions = defect_regions(amap, threshold, (header["width"], header["height"]),
                                  self.cfg.min_region_area_px, self.cfg.max_regions) if is_anomaly else []
         now = time.time()
         decision = {
             "camera_id": header["camera_id"], "seq": header["seq"], "ts": header["ts"],
-            "score": score, "normalized_score": float(out.normalized[0]), "threshold": threshold,
+            "score": score, "normalized_score": float(scored.normalized[j]), "threshold": threshold,
             "is_anomaly": is_anomaly, "regions": regions, "model_version": head.model_version,
             "latency_ms": (now - header["ts"]) * 1000.0, "agent_ms": (now - received_at) * 1000.0,
             "inference_ms": result["inference_ms"], "batch_size": result["batch_size"],
             "width": header["width"], "height": header["height"],
         }
         if is_anomaly and self.store is not None:
-            decision["files"] = await self._save(header, decision, amap, payload_ref)
+            decision["files"] = self._save(header, decision, amap, payload)
         self.socket.send_multipart(decision_message(decision))
         self.decisions += 1
         self.anomalies += int(is_anomaly)
         return {"is_anomaly": is_anomaly, "latency_ms": decision["latency_ms"]}
 
-    async def _save(self, header, decision, amap, payload_ref) -> dict[str, str]:
+    def _save(self, header, decision, amap, payload: bytes) -> dict[str, str]:
         try:
-            payload = await payload_ref[0]
             # The overlay at the camera's own resolution: decode the original payload (anomalies only).
             frame = decode_payload(FrameHeader.model_validate(header), payload)
             height, width = frame.shape[:2]
@@ -134,7 +144,7 @@ class ScoringActor:
                 "_overlay.png": cv2.imencode(".png", overlay)[1].tobytes(),
                 ".json": json.dumps(sidecar, indent=1).encode(),
             })
-        except OSError as exc:  # a full disk must not stop decisions
+        except Exception as exc:  # noqa: BLE001 - a full disk (or any save failure) must not stop decisions
             self.write_errors += 1
             self.log.error("cannot save anomaly", camera_id=header["camera_id"], seq=header["seq"], error=str(exc))
             return {}

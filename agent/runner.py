@@ -77,7 +77,8 @@ class Agent:
                 ray.remote(IngestActor).options(
                     name=f"ingest-{i}", namespace=namespace, max_restarts=restarts, max_task_retries=0,
                     num_cpus=0, max_concurrency=4,
-                ).remote(endpoint, self.cfg.ingest, self.head.image_size, "inference", "scoring")
+                ).remote(endpoint, self.cfg.ingest, self.head.image_size, "inference", "scoring",
+                          self.cfg.inference.max_batch)
                 for i, endpoint in enumerate(self.ingest_endpoints)
             ]
         except ValueError as exc:  # a name already taken in this namespace
