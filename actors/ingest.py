@@ -212,7 +212,10 @@ class IngestActor:
             free = self.cfg.max_in_flight - self.in_flight.get(camera, 0)
             if queue and free > 0:
                 self.queues.move_to_end(camera)  # round robin between cameras
-                return camera, [queue.popleft() for _ in range(min(free, len(queue), self.chunk))]
+                chunk = [queue.popleft() for _ in range(min(free, len(queue), self.chunk))]
+                # In flight from now on (also while decoding), so a drain never misses them.
+                self.in_flight[camera] = self.in_flight.get(camera, 0) + len(chunk)
+                return camera, chunk
         return None
 
     def _wait_for_inference(self) -> None:
@@ -246,15 +249,26 @@ class IngestActor:
                 except Exception as exc:  # noqa: BLE001 - one bad frame must never stop the dispatcher
                     self._refuse(FrameError("decode", f"unexpected {type(exc).__name__}: {exc}", camera,
                                             item.header.seq), received=False)
-            if items:
+            if len(items) < len(chunk):
+                with self.lock:
+                    self.in_flight[camera] -= len(chunk) - len(items)
+                    self.lock.notify_all()
+            if not items:
+                continue
+            try:
                 self._submit(camera, frames, items)
+            except Exception as exc:  # noqa: BLE001 - e.g. an actor gone for good: count, keep the thread
+                self.log.error("cannot submit frames", camera_id=camera, error=f"{type(exc).__name__}: {exc}")
+                with self.lock:
+                    self._stats(camera).dropped["inference_failed"] += len(items)
+                    self.in_flight[camera] -= len(items)
+                    self.inference_up.clear()
+                    self.lock.notify_all()
 
     def _submit(self, camera: str, frames: list, items: list[Message]) -> None:
         """One inference call and one scoring call for a chunk of one camera's frames. Frames and payloads
         go as plain arguments: Ray inlines small ones and moves large ones (> 100 KB) through the
         shared-memory object store itself (an explicit ray.put per frame cost a third of this actor's CPU)."""
-        with self.lock:
-            self.in_flight[camera] = self.in_flight.get(camera, 0) + len(items)
         result_ref = self.inference.infer_batch.remote(frames)
         decisions_ref = self.scoring.score_batch.remote(
             [item.header.model_dump() for item in items], result_ref, [item.payload for item in items],
