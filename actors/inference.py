@@ -63,6 +63,7 @@ class InferenceActor:
     def __init__(self, model_dir: str, cfg: InferenceConfig):
         configure_logging("info", json_output=True)  # worker stderr reaches the driver
         self.model_dir, self.cfg = model_dir, cfg
+        self.started_at = time.time()
         started = time.monotonic()
         self.model = BatchedModel(load_detector(model_dir), cfg)
         self.model_version = self.model.detector.model_version
@@ -75,6 +76,7 @@ class InferenceActor:
         self.frames = 0
         self.busy = False
         self.log = log.bind(model_version=self.model_version, device=str(self.model.device))
+        self.ready_at = time.time()
         self.log.info("inference ready", load_s=round(time.monotonic() - started, 2))
 
     async def infer_batch(self, frames: list[np.ndarray]) -> list[dict[str, Any]]:
@@ -123,6 +125,7 @@ class InferenceActor:
 
     async def stats(self) -> dict[str, Any]:
         return {"model_version": self.model_version, "device": str(self.model.device), "pid": os.getpid(),
+                "started_at": self.started_at, "ready_at": self.ready_at,
                 "frames": self.frames, "queued": len(self.queue), "busy": self.busy,
                 "batch_size": self.batch_sizes.cumulative(), "batch_size_sum": self.batch_sizes.total,
                 "batch_count": self.batch_sizes.n, "forward": self.forward_seconds.cumulative(),

@@ -181,12 +181,15 @@ def test_a_killed_inference_actor_is_serving_again_within_10_s_and_only_in_fligh
                                        for k in list(decisions.by_key)]), timeout_s=30)
         back_after = min(t for k, t in decisions.received_at.items() if t > killed_at and k[1] >= 40) - killed_at
         totals = settled_totals(agent)
-        assert agent.snapshot()["inference"]["pid"] != pid
+        restarted = agent.snapshot()["inference"]
+        assert restarted["pid"] != pid
         publisher.close()
         decisions.close()
     t = totals["line-3"]
     lost = t["dropped"].get("inference_failed", 0)
-    print(f"serving again {back_after:.1f} s after the kill; lost in flight: {lost}; accounting {t}")
+    print(f"serving again {back_after:.1f} s after the kill (new actor's __init__ began at "
+          f"{restarted['started_at'] - killed_at:.1f} s, model loaded at {restarted['ready_at'] - killed_at:.1f} s); "
+          f"lost in flight: {lost}; accounting {t}")
     assert back_after < 10.0, f"serving again only after {back_after:.1f} s"
     assert 0 < lost <= max_in_flight, t
     assert set(t["dropped"]) == {"inference_failed"}
