@@ -1,8 +1,8 @@
 """IngestActor: one ZeroMQ endpoint in, validated frames out to inference and scoring, every frame counted.
 
-Two threads: the receiver (socket → validate → decode → resize → object store → per-camera queue)
-and the dispatcher (queue → inference → scoring, at most `max_in_flight` frames per camera). Ray
-calls (stats, drain) run on the actor's own thread pool, so they answer while frames flow.
+Two threads: the receiver (socket → header and size checks → per-camera queue) and the dispatcher
+(queue → decode → resize → inference → scoring, in chunks, at most `max_in_flight` frames per
+camera). Ray calls (stats, drain) run on the actor's own thread pool, so they answer while frames flow.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from .stats import CameraStats
 
 log = structlog.get_logger(__name__)
 OVERFLOW_CAMERA = "_overflow"  # cameras beyond max_cameras share this label
-
 
 
 def _curve_server(socket: zmq.Socket, context: zmq.Context, cfg: IngestConfig) -> ThreadAuthenticator:
@@ -124,13 +123,16 @@ class IngestActor:
         return stats
 
     # ------------------------------------------------------------------ receiver thread
-    def _stats(self, camera: str) -> CameraStats:
-        """Under self.lock. Unknown cameras beyond max_cameras share one label so metrics stay bounded."""
-        if camera not in self.cameras:
-            if len(self.cameras) >= self.cfg.max_cameras + 2:  # + _unknown and _overflow
-                camera = OVERFLOW_CAMERA
-            self.cameras.setdefault(camera, CameraStats())
-        return self.cameras[camera]
+    def _label(self, camera: str) -> str:
+        """Under self.lock: the metric label of a camera. Cameras beyond max_cameras share one label
+        so metrics stay bounded."""
+        if camera not in self.cameras and len(self.cameras) >= self.cfg.max_cameras + 2:  # + _unknown, _overflow
+            return OVERFLOW_CAMERA
+        return camera
+
+    def _stats(self, label: str) -> CameraStats:
+        """Under self.lock: the counters of a label from `_label`."""
+        return self.cameras.setdefault(label, CameraStats())
 
     def _receive_loop(self) -> None:
         poller = zmq.Poller()
@@ -155,19 +157,23 @@ class IngestActor:
     def _refuse(self, exc: FrameError, received: bool = True) -> None:
         """Count a bad frame; `received=False` when it was already counted in (refused at decode time)."""
         with self.lock:
-            stats = self._stats(exc.camera_id)
+            label = self._label(exc.camera_id)
+            stats = self._stats(label)
             stats.invalid[exc.reason] += 1
             if received:
                 stats.received += 1
-                if exc.seq is not None and exc.camera_id != UNKNOWN_CAMERA:
-                    self._note_seq(exc.camera_id, stats, exc.seq)
+                if exc.seq is not None:
+                    self._note_seq(label, stats, exc.seq)
             count = stats.invalid[exc.reason]
         if count <= 10 or count % 1000 == 0:  # a flood of bad frames is counted in full, logged in samples
             self.log.warning("invalid frame", camera_id=exc.camera_id, seq=exc.seq, reason=exc.reason,
                              detail=exc.detail, count=count, note="logs the first 10, then every 1000th")
 
     def _note_seq(self, camera: str, stats: CameraStats, seq: int) -> None:
-        """Under self.lock. A gap in a camera's sequence = frames lost before they reached us."""
+        """Under self.lock. A gap in a camera's sequence = frames lost before they reached us. The shared
+        labels (_unknown, _overflow) mix many cameras' seqs, which say nothing there."""
+        if camera in (UNKNOWN_CAMERA, OVERFLOW_CAMERA):
+            return
         if stats.last_seq is not None:
             gap = seq - stats.last_seq - 1
             if gap > 0:
@@ -185,11 +191,10 @@ class IngestActor:
         if self.cfg.allowed_cameras and camera not in self.cfg.allowed_cameras:
             raise FrameError("unknown_camera", f"camera {camera!r} is not in ingest.allowed_cameras", camera, header.seq)
         with self.lock:
+            camera = self._label(camera)
             stats = self._stats(camera)
-            camera = camera if camera in self.cameras else OVERFLOW_CAMERA
             stats.received += 1
-            if camera != OVERFLOW_CAMERA:  # many cameras share that label: their seqs say nothing
-                self._note_seq(camera, stats, header.seq)
+            self._note_seq(camera, stats, header.seq)
             queue = self.queues.setdefault(camera, deque())
             if self.cfg.mode == "every":
                 while len(queue) >= self.cfg.queue_depth and self.receiving:

@@ -94,7 +94,7 @@ class ScoringActor:
                           payloads: list[bytes], received_at: list[float]) -> list[dict[str, Any]]:
         """Decide frames from their coarse maps, publish each decision, save anomalies (payloads are
         the camera's bytes). Returns what the ingest counts: is_anomaly and latency per frame."""
-        out = []
+        out: list[dict[str, Any]] = [{}] * len(results)
         # One ScoreHead call per model version (there is one, except across a model swap).
         for version in dict.fromkeys(r["model_version"] for r in results):
             idx = [i for i, r in enumerate(results) if r["model_version"] == version]
@@ -102,12 +102,12 @@ class ScoringActor:
             coarse = torch.from_numpy(np.stack([np.asarray(results[i]["coarse"], np.float32) for i in idx]))
             scored = head.score(coarse)
             for j, i in enumerate(idx):
-                out.append((i, self._decide(head, headers[i], results[i], payloads[i], received_at[i], scored, j)))
-        return [summary for _, summary in sorted(out, key=lambda pair: pair[0])]
+                out[i] = self._decide(head, headers[i], results[i], payloads[i], received_at[i], scored, j)
+        return out
 
     def _decide(self, head: ScoreHead, header, result, payload: bytes, received_at: float, scored, j: int) -> dict:
         amap = scored.maps[j].numpy()
-        score, threshold = float(scored.scores[j]), float(head.threshold or float("inf"))
+        score, threshold = float(scored.scores[j]), head.decision_threshold
         is_anomaly = bool(scored.is_anomaly[j])
         regions = defect_regions(amap, threshold, (header["width"], header["height"]),
                                  self.cfg.min_region_area_px, self.cfg.max_regions) if is_anomaly else []

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from actors.protocol import parse_decision
 from model.checkpoint import read_manifest
 from model.config import AdtrConfig
 from model.data import load_dataset
@@ -107,7 +108,7 @@ def _stream(test, labels, ingest: str, results: str, out: Path, fps: float) -> d
     while len(decisions) < len(test) and time.monotonic() < idle_deadline:
         if not sub.poll(1000):
             continue
-        d = json.loads(sub.recv_multipart()[1])
+        d = parse_decision(sub.recv_multipart())
         now = time.time()
         first, last = first or now, now
         decisions[d["seq"]] = dict(d, received_ms=(now - d["ts"]) * 1000.0)

@@ -40,7 +40,8 @@ class SourceFrame:
     pixels: np.ndarray | None = None
 
 
-def _from_file(path: Path) -> SourceFrame:
+def frame_from_file(path: Path) -> SourceFrame:
+    """One image file as a frame: its own bytes when JPEG/PNG (sent bit-exact), else decoded pixels."""
     data = path.read_bytes()
     encoding = FILE_ENCODING.get(path.suffix.lower())
     if encoding:
@@ -72,7 +73,7 @@ def frames_from(source: str) -> Iterator[SourceFrame]:
         raise PublishError(f"--source {source}: no images found")
     for file in files:
         try:
-            yield _from_file(file)
+            yield frame_from_file(file)
         except (OSError, DataError) as exc:
             log.warning("skipping unreadable source image", path=str(file), error=str(exc))
 

@@ -5,6 +5,8 @@ import json
 
 import zmq
 
+from actors.protocol import parse_decision
+
 
 def format_decision(d: dict) -> str:
     verdict = "ANOMALY" if d["is_anomaly"] else "ok     "
@@ -25,7 +27,7 @@ def watch(endpoint: str, count: int = 0, anomalies_only: bool = False, as_json: 
             parts = socket.recv_multipart()
             if len(parts) != 2:
                 continue
-            decision = json.loads(parts[1])
+            decision = parse_decision(parts)
             if anomalies_only and not decision["is_anomaly"]:
                 continue
             print(json.dumps(decision) if as_json else format_decision(decision), flush=True)

@@ -40,12 +40,17 @@ class ScoreHead:
         self.image_size = cfg.backbone.image_size
         self.pool_kernel = pool_kernel_px(cfg.scoring, self.image_size, cfg.backbone.feature_size)
 
+    @property
+    def decision_threshold(self) -> float:
+        """The threshold decisions use: without a calibrated one, nothing is anomalous."""
+        return float(self.threshold) if self.threshold else float("inf")
+
     @torch.no_grad()
     def score(self, coarse: torch.Tensor) -> Scores:
         """(B, S, S) feature distances → Scores at the model's image size."""
         maps = upsample_map(coarse, self.image_size, self.cfg.scoring.blur_sigma)
         scores = image_score(maps, self.pool_kernel)
-        threshold = self.threshold if self.threshold else float("inf")
+        threshold = self.decision_threshold
         return Scores(maps, scores, normalized_score(scores, threshold), scores >= threshold)
 
 

@@ -1,7 +1,6 @@
 """Helpers for tests of the running agent: an agent on loopback, a decision subscriber, accounting."""
 from __future__ import annotations
 
-import json
 import threading
 import time
 from contextlib import contextmanager
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import zmq
 
+from actors.protocol import parse_decision
 from agent.runner import Agent, totals
 from agent.settings import AgentSettings, load_settings
 
@@ -53,7 +53,7 @@ class Decisions:
         while not self._stop.is_set():
             if self._socket.poll(100):
                 parts = self._socket.recv_multipart()
-                decision = json.loads(parts[1])
+                decision = parse_decision(parts)
                 key = (decision["camera_id"], decision["seq"])
                 self.duplicates += key in self.by_key
                 self.by_key[key] = decision

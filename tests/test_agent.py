@@ -19,7 +19,7 @@ import zmq
 import zmq.auth
 
 from actors.protocol import frame_message
-from agent.publisher import FramePublisher, SourceFrame, frames_from
+from agent.publisher import FramePublisher, SourceFrame, frame_from_file, frames_from
 from live import Decisions, accounted, live_agent, settled_totals, wait_until
 from model.detector import load_detector
 from model.predict import predict_path
@@ -39,7 +39,7 @@ def test_images(small_dataset):
 def _send_all(endpoint: str, camera: str, paths, **kwargs) -> FramePublisher:
     publisher = FramePublisher(endpoint, camera, **kwargs)
     for path in paths:
-        publisher.send(next(frames_from(str(path))))
+        publisher.send(frame_from_file(path))
     return publisher
 
 
@@ -136,8 +136,7 @@ def test_fuzz_thousands_of_malformed_messages_are_counted_and_every_valid_frame_
         camera = FramePublisher(agent.bound_ingest[0], "good-cam", sndhwm=0)
         for i in range(3000):
             if i % 100 == 0:
-                camera.send(SourceFrame(str(test_images[valid % len(test_images)]),
-                                        encoded=test_images[valid % len(test_images)].read_bytes(), encoding="jpeg"))
+                camera.send(frame_from_file(test_images[valid % len(test_images)]))
                 valid += 1
             parts, reason = _malformed(rng, jpeg, w, h)
             camera.send_parts(parts)
@@ -164,7 +163,7 @@ def test_a_killed_inference_actor_is_serving_again_within_10_s_and_only_in_fligh
                     output={"save_anomalies": False}) as agent:
         decisions = Decisions(agent.bound_results)
         publisher = FramePublisher(agent.bound_ingest[0], "line-3")
-        frames = [SourceFrame(str(p), encoded=p.read_bytes(), encoding="jpeg") for p in test_images]
+        frames = [frame_from_file(p) for p in test_images]
         sent = 0
         for _ in range(40):
             publisher.send(frames[sent % len(frames)])
@@ -212,7 +211,7 @@ def test_curve_lets_an_allowed_camera_in_and_keeps_an_unknown_key_out(trained_mo
                                   curve_key=stranger_secret, connect_timeout_s=2)
         assert not stranger.connected
         for path in test_images[:5]:
-            stranger.send(SourceFrame(str(path), encoded=path.read_bytes(), encoding="jpeg"), timeout_ms=200)
+            stranger.send(frame_from_file(path), timeout_ms=200)
         plain = FramePublisher(agent.bound_ingest[0], "plaintext", connect_timeout_s=2)
         assert not plain.connected
         _send_all(agent.bound_ingest[0], "camera", test_images[:5], curve_server_key=server_key,
@@ -295,7 +294,7 @@ def test_overload_at_3x_capacity_for_a_minute_keeps_memory_flat_latency_bounded_
     import psutil
 
     queue_depth, max_in_flight = 4, 8
-    frames = [SourceFrame(str(p), encoded=p.read_bytes(), encoding="jpeg") for p in test_images]
+    frames = [frame_from_file(p) for p in test_images]
     with live_agent(trained_model, tmp_path, ingest={"mode": "latest", "queue_depth": queue_depth,
                                                      "max_in_flight": max_in_flight},
                     output={"save_anomalies": False}) as agent:
@@ -371,7 +370,7 @@ def test_several_endpoints_and_cameras_per_endpoint_are_each_decided_and_account
         for i in range(8):
             for cam in cams:
                 path = test_images[i]
-                cam.send(SourceFrame(str(path), encoded=path.read_bytes(), encoding="jpeg"))
+                cam.send(frame_from_file(path))
         assert decisions.wait_for(24)
         totals = settled_totals(agent)
         for cam in cams:

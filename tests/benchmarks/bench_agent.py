@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from agent.publisher import FramePublisher, SourceFrame  # noqa: E402
+from agent.publisher import FramePublisher, SourceFrame, frame_from_file  # noqa: E402
 from agent.runner import Agent, totals  # noqa: E402
 from agent.settings import AgentSettings, load_settings  # noqa: E402
-from live import Decisions, wait_until  # noqa: E402
+from live import Decisions  # noqa: E402
 from model.data import load_dataset, read_image  # noqa: E402
 from model.detector import load_detector  # noqa: E402
 from readme_table import update_section  # noqa: E402
@@ -101,15 +101,14 @@ def main() -> None:
     args = p.parse_args()
     model_dir = Path(args.model)
     if not (model_dir / "manifest.json").is_file():
-        from agent.settings import load_settings as model_settings
         from model.train import train_model
 
-        cfg = model_settings()
-        train_model(cfg, load_dataset(args.data, cfg.data), model_dir, progress=False)
+        model_cfg = load_settings()
+        train_model(model_cfg, load_dataset(args.data, model_cfg.data), model_dir, progress=False)
     cfg = load_settings(overrides=[*args.set, "http.enabled=false", "output.save_anomalies=false"], kind=AgentSettings)
     threads = cfg.inference.torch_threads or torch.get_num_threads()
     paths = frames_of(args.data, model_dir, 200)
-    frames = [SourceFrame(str(q), encoded=q.read_bytes(), encoding="jpeg") for q in paths]
+    frames = [frame_from_file(q) for q in paths]
     results: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "machine": {"cpus": threads, "platform": platform.platform(), "torch": torch.__version__,
                                  "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
@@ -126,7 +125,7 @@ def main() -> None:
             n = max(20, int(capacity * share * args.latency_seconds))
             latency[f"{int(share * 100)}%"] = dict(agent_run(agent, f"load-{int(share * 100)}", frames, n,
                                                              fps=capacity * share), offered_fps=capacity * share)
-        wait_until(lambda: False, 0.5)
+        time.sleep(0.5)  # the last decisions reach the ingest's counters
         snap = agent.snapshot()
         accounting = totals([snap[k] for k in snap if k.startswith("ingest-")])
     finally:
