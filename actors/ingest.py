@@ -31,9 +31,7 @@ OVERFLOW_CAMERA = "_overflow"  # cameras beyond max_cameras share this label
 
 def _curve_server(socket: zmq.Socket, context: zmq.Context, cfg: IngestConfig) -> ThreadAuthenticator:
     """CURVE server with an allowlist of camera public keys (ZAP handler on its own thread)."""
-    curve = cfg.curve
-    if not curve.server_secret_key or not curve.allowed_keys_dir:
-        raise ValueError("ingest.curve.enabled needs ingest.curve.server_secret_key and ingest.curve.allowed_keys_dir")
+    curve = cfg.curve  # the settings guarantee both paths are set when CURVE is on
     if not curve.allowed_keys_dir.is_dir():
         raise ValueError(f"ingest.curve.allowed_keys_dir {curve.allowed_keys_dir} is not a folder")
     public, secret = zmq.auth.load_certificate(str(curve.server_secret_key))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
 from model.config import AdtrConfig
@@ -36,6 +36,13 @@ class CurveConfig(_Section):
     enabled: bool = False
     server_secret_key: Path | None = None  # the agent's `<name>.key_secret` from `adtr-edge keys`
     allowed_keys_dir: Path | None = None  # a folder of camera `<name>.key` public-key files
+
+    @model_validator(mode="after")
+    def _keys_when_enabled(self) -> CurveConfig:
+        if self.enabled and not (self.server_secret_key and self.allowed_keys_dir):
+            raise ValueError("ingest.curve.enabled needs ingest.curve.server_secret_key and "
+                             "ingest.curve.allowed_keys_dir")
+        return self
 
 
 class IngestConfig(_Section):

@@ -94,3 +94,10 @@ def test_agent_settings_come_from_env_and_overrides_and_reject_unknown_keys(monk
         load_settings(overrides=["ingest.bogus=1"], kind=AgentSettings)
     with pytest.raises(SettingsError, match="backbone"):
         load_settings(overrides=["backbone.image_size=128"], kind=AgentSettings)  # model settings live in the model
+
+
+def test_curve_without_its_keys_is_a_settings_error_before_anything_starts():
+    from agent.settings import AgentSettings
+
+    with pytest.raises(SettingsError, match="ingest.curve.server_secret_key"):
+        load_settings(overrides=["ingest.curve.enabled=true"], kind=AgentSettings)
