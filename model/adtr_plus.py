@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .checkpoint import save_checkpoint
 from .config import AdtrConfig
-from .data import BadFiles, DataError, Dataset, read_image, resize_image, to_tensor_batch
+from .data import BadFiles, DataError, Dataset, read_image, resize_image
 from .detector import AnomalyDetector, load_detector
 from .evaluate import load_masks
 from .features import FeatureCache
@@ -80,7 +80,7 @@ def _synthetic(detector: AnomalyDetector, dataset: Dataset, fraction: float, see
             images.append(noised)
             batch_masks.append(mask)
         if images:
-            feats.append(detector.backbone(to_tensor_batch(images)))
+            feats.append(detector.embed(images).float().cpu())
             masks += batch_masks
     if not feats:
         return torch.empty(0), np.zeros((0, size, size), bool)
@@ -106,6 +106,7 @@ def finetune_adtr_plus(model_dir: Path, dataset: Dataset, out_dir: Path, progres
         detector.cfg = detector.cfg.model_copy(update={
             k: getattr(cfg, k) for k in ("adtr_plus", "train", "data", "threshold")})
     cfg, plus = detector.cfg, detector.cfg.adtr_plus
+    detector.to(cfg.train.device)
     if plus.confetti_fraction == 0 and not (plus.use_labelled and dataset.train_anomalous):
         raise DataError("ADTR+ needs anomalies: set adtr_plus.confetti_fraction > 0 or data.labelled_fraction > 0")
     seed_everything(cfg.train.seed)
