@@ -1,0 +1,80 @@
+"""Score drift: is a camera's recent image-score distribution still the one the model was calibrated on?
+
+The reference is the validation normals' score quantiles stored in the model's manifest; the live side
+is a rolling window of one camera's scores. The measure is the population stability index over the
+bins those quantiles cut,
+
+    PSI = Σ_b (a_b − e_b) · ln(a_b / e_b),   e_b = the reference share of bin b, a_b = the live share.
+
+Why PSI and not a KS test: the manifest keeps a few quantiles, not the validation scores, and PSI needs
+only those; it is O(bins) per frame with a running histogram; it weighs shifts in the tails (where
+the threshold sits) more than KS's largest CDF gap; and its conventional reading is stable across
+window sizes (< 0.1 no shift, 0.1–0.25 moderate, > 0.25 significant), whereas a KS p-value on a
+256-frame window flags trivial shifts on a line that runs for months.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+_SMOOTH = 0.5  # additive smoothing of live bin counts: an empty bin must not make the PSI infinite
+
+
+def reference_bins(validation_scores: dict[str, Any]) -> tuple[list[float], np.ndarray] | None:
+    """(bin edges, expected share per bin) from a manifest's `validation_scores`; None without quantiles."""
+    pairs = validation_scores.get("quantiles")
+    if not pairs:  # older manifests keep only these
+        pairs = [[p, validation_scores[k]] for p, k in ((0.5, "p50"), (0.9, "p90"), (0.95, "p95"), (0.99, "p99"))
+                 if k in validation_scores]
+    edges, probs = [], []
+    for p, value in sorted(pairs):
+        value = float(value)
+        if not math.isfinite(value) or (edges and value <= edges[-1]):
+            continue  # ties (a tiny validation set) merge into one bin
+        edges.append(value)
+        probs.append(float(p))
+    if not edges:
+        return None
+    expected = np.diff(np.r_[0.0, probs, 1.0])
+    return edges, expected
+
+
+def psi(expected: np.ndarray, counts: np.ndarray) -> float:
+    actual = (counts + _SMOOTH) / (counts.sum() + _SMOOTH * len(counts))
+    return float(np.sum((actual - expected) * np.log(actual / expected)))
+
+
+class ScoreDrift:
+    """Rolling PSI of one camera's last `window` scores against a reference from `reference_bins`."""
+
+    def __init__(self, edges: list[float], expected: np.ndarray, window: int, min_samples: int, alarm_psi: float):
+        self.edges, self.expected = edges, expected
+        self.window, self.min_samples, self.alarm_psi = window, min(min_samples, window), alarm_psi
+        self.recent: deque[int] = deque(maxlen=window)
+        self.counts = np.zeros(len(expected), np.int64)
+        self.median_ref = float(np.interp(0.5, np.cumsum(expected)[:-1], edges)) if len(edges) > 1 else edges[0]
+        self.scores: deque[float] = deque(maxlen=window)
+
+    def observe(self, score: float) -> None:
+        if not math.isfinite(score):
+            score = math.inf
+        if len(self.recent) == self.window:
+            self.counts[self.recent[0]] -= 1
+        b = bisect.bisect_right(self.edges, score)
+        self.recent.append(b)
+        self.scores.append(score)
+        self.counts[b] += 1
+
+    def psi(self) -> float | None:
+        return psi(self.expected, self.counts) if len(self.recent) >= self.min_samples else None
+
+    def state(self) -> dict[str, Any]:
+        value = self.psi()
+        median = float(np.median(self.scores)) if self.scores else None
+        return {"n": len(self.recent), "psi": value, "alarm": value is not None and value > self.alarm_psi,
+                "median": median, "median_ratio": median / self.median_ref if median is not None and self.median_ref
+                else None}
