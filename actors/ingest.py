@@ -3,13 +3,22 @@
 Two threads: the receiver (socket → header and size checks → per-camera queue) and the dispatcher
 (queue → decode → resize → inference → scoring, in chunks, at most `max_in_flight` frames per
 camera). Ray calls (stats, drain) run on the actor's own thread pool, so they answer while frames flow.
+
+The books survive a crash of this actor: a third thread writes the per-camera counters to `state_file`
+twice a second, and a restarted actor (same `run_id`) reloads them and binds the same endpoint again.
+What was queued or in flight at the last save, and the sequence numbers between the last one saved
+and the first one the new actor sees, are counted as `dropped{ingest_restart}`: sent = processed +
+dropped + invalid still holds across the restart (a frame decided in the instant before the crash
+may be counted as lost; none is counted twice or missed).
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
 from collections import OrderedDict, deque
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -18,10 +27,10 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from agent.logs import configure_logging
-from agent.settings import IngestConfig
 from model.data import resize_image
 
+from .config import IngestConfig
+from .logs import configure_logging
 from .protocol import UNKNOWN_CAMERA, FrameError, FrameLimits, Message, check_message
 from .stats import CameraStats
 
@@ -46,9 +55,10 @@ def _curve_server(socket: zmq.Socket, context: zmq.Context, cfg: IngestConfig) -
 
 class IngestActor:
     def __init__(self, endpoint: str, cfg: IngestConfig, image_size: int, inference: str, scoring: str,
-                 chunk: int = 8):
+                 chunk: int = 8, state_file: str | None = None, run_id: str = ""):
         configure_logging("info", json_output=True)  # worker stderr reaches the driver
         self.endpoint, self.cfg, self.image_size = endpoint, cfg, image_size
+        self.state_file, self.run_id = (Path(state_file) if state_file else None), run_id
         self.chunk = chunk  # frames per inference call at most (= the inference batch size)
         # By name, not by handle: a restarted ingest finds the live actors again.
         namespace = ray.get_runtime_context().namespace
@@ -64,6 +74,9 @@ class IngestActor:
         self.inference_up = threading.Event()  # cleared when a frame fails in inference, set again by a ping
         self.inference_up.set()
         self.receiving = True
+        self.restored: set[str] = set()  # cameras whose next seq closes the gap a restart left
+        self.changes = 0
+        bind_to = self._restore() or endpoint
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.PULL if cfg.mode == "every" else zmq.SUB)
         self.socket.rcvhwm = cfg.rcv_hwm
@@ -73,12 +86,15 @@ class IngestActor:
         self.auth = _curve_server(self.socket, self.context, cfg) if cfg.curve.enabled else None
         if cfg.mode == "latest":
             self.socket.setsockopt(zmq.SUBSCRIBE, b"")
-        self.socket.bind(endpoint)
+        self.socket.bind(bind_to)
         self.bound = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.receiver = threading.Thread(target=self._receive_loop, name="ingest-receive", daemon=True)
         self.dispatcher = threading.Thread(target=self._dispatch_loop, name="ingest-dispatch", daemon=True)
         self.receiver.start()
         self.dispatcher.start()
+        if self.state_file is not None:
+            self._save_state()
+            threading.Thread(target=self._save_loop, name="ingest-books", daemon=True).start()
         self.log.info("ingest listening", mode=cfg.mode, curve=cfg.curve.enabled, bound=self.bound)
 
     # ------------------------------------------------------------------ Ray-callable
@@ -87,7 +103,8 @@ class IngestActor:
 
     def stats(self) -> dict[str, Any]:
         with self.lock:
-            return {"endpoint": self.endpoint, "mode": self.cfg.mode, "pid": os.getpid(),
+            return {"endpoint": self.endpoint, "bound": self.bound, "mode": self.cfg.mode, "pid": os.getpid(),
+                    "restarted": self.restarted,
                     "cameras": {cam: {"received": s.received, "processed": s.processed, "anomalies": s.anomalies,
                                       "dropped": dict(s.dropped), "invalid": dict(s.invalid),
                                       "in_flight": self.in_flight.get(cam, 0),
@@ -116,9 +133,58 @@ class IngestActor:
         self.socket.close(linger=0)
         if self.auth is not None:
             self.auth.stop()
+        if self.state_file is not None:
+            self._save_state()
         stats = self.stats()
         self.log.info("ingest drained", cameras=list(stats["cameras"]))
         return stats
+
+    # ------------------------------------------------------------------ the books across a restart
+    def _restore(self) -> str | None:
+        """Counters and endpoint of this actor's previous incarnation in the same agent run, if any."""
+        self.restarted = False
+        if self.state_file is None or not self.state_file.is_file():
+            return None
+        try:
+            saved = json.loads(self.state_file.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            self.log.error("ingest books unreadable; starting from zero", path=str(self.state_file), error=str(exc))
+            return None
+        if saved.get("run_id") != self.run_id:
+            return None  # a file from an earlier agent run: counters start at zero
+        for camera, data in saved["cameras"].items():
+            stats = CameraStats.from_json(data)
+            pending = data.get("queued", 0) + data.get("in_flight", 0)
+            if pending:
+                stats.dropped["ingest_restart"] += pending
+            self.cameras[camera] = stats
+            if camera not in (UNKNOWN_CAMERA, OVERFLOW_CAMERA):
+                self.restored.add(camera)
+        self.restarted = True
+        self.log.warning("ingest restarted: counters restored", cameras=len(self.cameras),
+                         lost_in_flight={c: d.get("queued", 0) + d.get("in_flight", 0)
+                                         for c, d in saved["cameras"].items()})
+        return saved.get("bound")
+
+    def _save_state(self) -> None:
+        with self.lock:
+            books = {"run_id": self.run_id, "bound": self.bound, "saved_at": time.time(),
+                     "cameras": {cam: dict(s.to_json(), queued=len(self.queues.get(cam, ())),
+                                           in_flight=self.in_flight.get(cam, 0))
+                                 for cam, s in self.cameras.items()}}
+        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+        tmp.write_text(json.dumps(books))
+        tmp.replace(self.state_file)
+
+    def _save_loop(self) -> None:
+        saved = -1
+        while not self.stopping.wait(0.5):
+            if self.changes != saved:
+                saved = self.changes
+                try:
+                    self._save_state()
+                except OSError as exc:
+                    self.log.error("cannot save ingest books", path=str(self.state_file), error=str(exc))
 
     # ------------------------------------------------------------------ receiver thread
     def _label(self, camera: str) -> str:
@@ -158,6 +224,7 @@ class IngestActor:
             label = self._label(exc.camera_id)
             stats = self._stats(label)
             stats.invalid[exc.reason] += 1
+            self.changes += 1
             if received:
                 stats.received += 1
                 if exc.seq is not None:
@@ -172,15 +239,19 @@ class IngestActor:
         labels (_unknown, _overflow) mix many cameras' seqs, which say nothing there."""
         if camera in (UNKNOWN_CAMERA, OVERFLOW_CAMERA):
             return
+        self.changes += 1
         if stats.last_seq is not None:
             gap = seq - stats.last_seq - 1
-            if gap > 0:
+            if gap > 0 and camera in self.restored:  # lost with the previous incarnation of this actor
+                stats.dropped["ingest_restart"] += gap
+            elif gap > 0:
                 stats.dropped["upstream_gap"] += gap
                 stats.gaps += 1
                 if stats.gaps <= 10 or stats.gaps % 1000 == 0:
                     self.log.warning("sequence gap", camera_id=camera, seq=seq, lost=gap, gaps=stats.gaps)
             elif gap < 0:
                 self.log.warning("sequence restarted", camera_id=camera, seq=seq, previous=stats.last_seq)
+        self.restored.discard(camera)
         stats.last_seq = seq
 
     def _accept(self, item: Message) -> None:
@@ -300,6 +371,7 @@ class IngestActor:
                     stats.anomalies += int(decision["is_anomaly"])
                     stats.latency.observe(decision["latency_ms"] / 1000.0)
             self.in_flight[camera] -= len(items)
+            self.changes += 1
             self.lock.notify_all()
 
     @staticmethod

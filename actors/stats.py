@@ -49,3 +49,17 @@ class CameraStats:
 
     def accounted(self) -> int:
         return self.processed + sum(self.dropped.values()) + sum(self.invalid.values())
+
+    def to_json(self) -> dict:
+        return {"received": self.received, "processed": self.processed, "anomalies": self.anomalies,
+                "dropped": dict(self.dropped), "invalid": dict(self.invalid), "last_seq": self.last_seq,
+                "gaps": self.gaps, "latency": {"counts": self.latency.counts, "total": self.latency.total,
+                                               "n": self.latency.n}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> CameraStats:
+        latency = data.get("latency", {})
+        return cls(data["received"], data["processed"], data["anomalies"], Counter(data["dropped"]),
+                   Counter(data["invalid"]),
+                   Histogram(counts=list(latency.get("counts", [])), total=latency.get("total", 0.0),
+                             n=latency.get("n", 0)), data.get("last_seq"), data.get("gaps", 0))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import structlog
 
-from .logs import configure_logging
+from actors.logs import configure_logging
 from .settings import SettingsError, load_settings, merge
 
 log = structlog.get_logger("adtr_edge")
@@ -24,6 +24,11 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the networks run (auto: the GPU when there is one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--report", required=True, type=Path, help="JSON report to write")
     p.add_argument("--out", type=Path, help="folder for overlays and the ROC curve (default: beside the report)")
+    _device(p)
     _common(p, config=False)
 
     p = sub.add_parser("predict", help="score an image or a folder of images")
@@ -56,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder for results.csv/json and overlays")
     p.add_argument("--no-overlays", action="store_true")
     p.add_argument("--batch-size", type=int, default=8)
+    _device(p)
     _common(p, config=False)
 
     p = sub.add_parser("run", help="run the streaming inspection agent until SIGINT/SIGTERM")
@@ -128,10 +135,10 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-def _detector_with_overrides(model_dir: Path, overrides: list[str]):
+def _detector_with_overrides(model_dir: Path, overrides: list[str], device: str = "auto"):
     from model.detector import load_detector
 
-    detector = load_detector(model_dir)
+    detector = load_detector(model_dir).to(device)
     if overrides:
         detector.reconfigure(merge(detector.cfg, overrides))
     return detector
@@ -142,7 +149,7 @@ def cmd_eval(args) -> int:
     from model.data import load_dataset
     from model.evaluate import evaluate, write_report
 
-    detector = _detector_with_overrides(args.model, args.overrides)
+    detector = _detector_with_overrides(args.model, args.overrides, args.device)
     dataset = load_dataset(args.data, detector.cfg.data)
     out_dir = args.out or args.report.parent / (args.report.stem + "-pictures")
     report = evaluate(detector, dataset, out_dir, progress=not args.no_progress)
@@ -173,7 +180,7 @@ def format_metrics(report: dict) -> str:
 def cmd_predict(args) -> int:
     from model.predict import predict_path
 
-    detector = _detector_with_overrides(args.model, args.overrides)
+    detector = _detector_with_overrides(args.model, args.overrides, args.device)
     summary = predict_path(detector, args.path, args.out, batch_size=args.batch_size,
                            overlays=not args.no_overlays, progress=not args.no_progress)
     print(json.dumps(summary))

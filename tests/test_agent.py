@@ -227,12 +227,12 @@ def test_curve_lets_an_allowed_camera_in_and_keeps_an_unknown_key_out(trained_mo
 
 
 def test_metrics_health_and_readiness_over_http(trained_model, tmp_path, test_images):
-    from agent.supervise import start_http
+    from agent.http import start_http
 
     with live_agent(trained_model, tmp_path, http={"enabled": True, "port": 0},
                     output={"save_anomalies": False}) as agent:
         server = start_http(agent)
-        base = f"http://127.0.0.1:{server.server_address[1]}"
+        base = server.url
         decisions = Decisions(agent.bound_results)
         _send_all(agent.bound_ingest[0], "line-4", test_images[:6]).close()
         publisher = FramePublisher(agent.bound_ingest[0], "line-4b")
@@ -244,6 +244,9 @@ def test_metrics_health_and_readiness_over_http(trained_model, tmp_path, test_im
         publisher.close()
         assert decisions.wait_for(9)
         settled_totals(agent)
+        # /metrics answers from a stats snapshot at most http.snapshot_s old: wait for the settled one.
+        expected = 'adtr_frames_processed_total{camera="gappy"} 3.0'
+        assert wait_until(lambda: expected in urllib.request.urlopen(f"{base}/metrics").read().decode(), 30)
         metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
         ready = json.loads(urllib.request.urlopen(f"{base}/readyz").read())
         health = urllib.request.urlopen(f"{base}/healthz").status
