@@ -26,7 +26,7 @@ import structlog
 from model.registry import Registry
 from model.samples import SampleStore
 
-from .config import LearningConfig
+from .config import LearningConfig, RetrainConfig
 from .jobs import job_info, submit_retrain
 from .logs import configure_logging
 from .retrain import RetrainBusy
@@ -198,9 +198,13 @@ class ModelManager:
     async def submit_retrain(self, by: str, overrides: list[str] | None = None) -> dict[str, Any]:
         if not self.jobs_address:
             raise RetrainBusy("this agent has no Ray Jobs address (its Ray has no dashboard)")
+        # The job runs with this agent's retrain settings, then any the caller adds.
+        defaults = RetrainConfig().model_dump()
+        own = [f"learning.retrain.{key}={json.dumps(value)}" for key, value in self.cfg.retrain.model_dump().items()
+               if value != defaults[key]]
         loop = asyncio.get_running_loop()
         job = await loop.run_in_executor(None, lambda: submit_retrain(
-            self.jobs_address, self.registry.root, self.namespace, by, overrides or []))
+            self.jobs_address, self.registry.root, self.namespace, by, [*own, *(overrides or [])]))
         self.last_job = job
         self.schedule_state.write_text(json.dumps({"last_submitted_at": time.time(), "job": job}))
         self.log.info("retrain submitted", by=by, submission_id=job["submission_id"])

@@ -131,10 +131,11 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     train = torch.from_numpy(np.load(config["train_features"]))
     val = torch.from_numpy(np.load(config["val_features"])) if config["val_features"] else None
     model = Reconstructor(train.shape[1], cfg.backbone.feature_size, cfg.reconstructor)
-    if config["warm_start"]:
+    if config["warm_start"]:  # fine-tune: the serving weights and their feature normalization, unchanged
         _, tensors = load_checkpoint(Path(config["warm_start"]))
         model.load_state_dict(tensors)
-    model.fit_normalization(train)  # on the whole training set, the same on every worker
+    else:
+        model.fit_normalization(train)  # on the whole training set, the same on every worker
     device = torch.device("cuda" if config["use_gpu"] and torch.cuda.is_available() else "cpu")
     model.to(device)
     if world > 1:
@@ -265,7 +266,7 @@ def retrain(registry_path: str | Path, cfg: RetrainConfig, run_name: str | None 
         reconstructor = Reconstructor(serving.backbone.out_channels, model_cfg.backbone.feature_size,
                                       model_cfg.reconstructor)
         reconstructor.load_state_dict(state["model"])
-        candidate = AnomalyDetector(model_cfg, serving.backbone, reconstructor)
+        candidate = AnomalyDetector(model_cfg, serving.backbone, reconstructor, manifest={"model_version": "candidate"})
         val_labels = np.zeros(len(val), int)
         if len(val) == 0:
             raise RetrainError("the store has no validation normals to calibrate a threshold on")
@@ -342,18 +343,24 @@ def _act(registry: Registry, cfg: RetrainConfig, version: str, result, by: str, 
         log.info("gate checked normals only (no labelled defects in the store): shadow + manual promotion",
                  version=version)
         policy = "shadow"
-    manager = _manager(namespace)
     if policy == "register":
         registry.set_candidate(version, by, "gate passed; waiting for promotion", event="candidate")
         return "registered"
-    if policy == "shadow":
-        if manager is not None:
-            ray.get(manager.shadow.remote(version, by), timeout=300)
-        else:
-            registry.set_candidate(version, by, "gate passed; no agent running to shadow it", event="shadow")
-        return "shadow"
+    manager = _manager(namespace)
     if manager is not None:
-        ray.get(manager.promote.remote(version, by, f"gate passed ({result.mode})"), timeout=300)
-    else:
-        registry.promote(version, by, f"gate passed ({result.mode}); no agent running")
+        try:  # through the running agent: it loads, checks and switches the actors live
+            if policy == "shadow":
+                ray.get(manager.shadow.remote(version, by), timeout=300)
+            else:
+                ray.get(manager.promote.remote(version, by, f"gate passed ({result.mode})"), timeout=300)
+            return "shadow" if policy == "shadow" else "promoted"
+        except ray.exceptions.RayTaskError as exc:  # the agent refused (e.g. the version failed to load there)
+            registry.reject(version, by, f"the agent refused it: {str(exc).strip().splitlines()[-1][:300]}")
+            return "rejected"
+        except ray.exceptions.RayError as exc:  # the agent died meanwhile: act on the registry alone
+            log.warning("agent gone; acting on the registry only", error=str(exc)[:200])
+    if policy == "shadow":
+        registry.set_candidate(version, by, "gate passed; no agent running to shadow it", event="shadow")
+        return "shadow"
+    registry.promote(version, by, f"gate passed ({result.mode}); no agent running")
     return "promoted"

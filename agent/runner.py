@@ -20,6 +20,7 @@ from model.detector import load_score_head
 from model.registry import resolve_model
 
 from .errors import AgentError
+from .rayhead import LocalHead
 from .settings import AgentConfig
 
 log = structlog.get_logger(__name__)
@@ -33,14 +34,19 @@ def tighten_ray_token() -> None:
             os.chmod(path, 0o600)
 
 
-def connect_ray(cfg: AgentConfig, jobs: bool) -> tuple[bool, str | None]:
-    """Join the configured Ray cluster, or start an embedded one. Returns (we started it, Jobs address)."""
+def connect_ray(cfg: AgentConfig, jobs: bool) -> tuple[bool, str | None, LocalHead | None]:
+    """Join the configured Ray cluster, or start one: in-process, or (when retraining needs Ray Jobs) a
+    local head node of its own (see agent.rayhead). Returns (we started it, Jobs address, head)."""
     if ray.is_initialized():
-        return False, None
+        return False, _dashboard_of_current(), None
     options: dict[str, Any] = {"namespace": cfg.ray.namespace, "log_to_driver": True}
-    if cfg.ray.address is None:
-        options["include_dashboard"] = cfg.ray.include_dashboard or jobs
-        if options["include_dashboard"]:
+    head = None
+    if cfg.ray.address is None and jobs:
+        head = LocalHead(num_cpus=cfg.ray.num_cpus)
+        options["address"] = head.address
+    elif cfg.ray.address is None:
+        options["include_dashboard"] = cfg.ray.include_dashboard
+        if cfg.ray.include_dashboard:
             options["dashboard_host"] = "127.0.0.1"
         if cfg.ray.num_cpus is not None:
             options["num_cpus"] = cfg.ray.num_cpus
@@ -49,10 +55,23 @@ def connect_ray(cfg: AgentConfig, jobs: bool) -> tuple[bool, str | None]:
     try:
         context = ray.init(**options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
+        if head is not None:
+            head.stop()
         raise AgentError(f"cannot connect to Ray at {cfg.ray.address or '(embedded)'}: {exc}") from exc
     tighten_ray_token()
-    dashboard = getattr(context, "dashboard_url", None)
-    return cfg.ray.address is None, (f"http://{dashboard}" if dashboard else None)
+    dashboard = head.dashboard if head else getattr(context, "dashboard_url", None)
+    if dashboard and not dashboard.startswith("http"):
+        dashboard = f"http://{dashboard}"
+    return cfg.ray.address is None, dashboard or None, head
+
+
+def _dashboard_of_current() -> str | None:
+    """The Jobs address of the cluster this process is already connected to (tests, notebooks)."""
+    try:
+        url = ray._private.worker.get_dashboard_url()
+    except Exception:  # noqa: BLE001 - no dashboard: no Jobs
+        return None
+    return f"http://{url}" if url and not url.startswith("http") else (url or None)
 
 
 class Agent:
@@ -69,6 +88,7 @@ class Agent:
         if self.head.threshold is None:
             raise AgentError(f"{model_dir}: the model has no threshold; train or finetune it first")
         self.owns_ray = False
+        self.ray_head: LocalHead | None = None
         self.jobs_address: str | None = None
         self.inference = self.scoring = self.manager = None
         self.ingests: list = []
@@ -84,7 +104,7 @@ class Agent:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout_s: float = 180.0) -> Agent:
-        self.owns_ray, self.jobs_address = connect_ray(self.cfg, jobs=self.registry is not None)
+        self.owns_ray, self.jobs_address, self.ray_head = connect_ray(self.cfg, jobs=self.registry is not None)
         namespace = ray.get_runtime_context().namespace
         restarts = self.cfg.actor_max_restarts
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -173,6 +193,8 @@ class Agent:
             (self.registry.root / AGENT_FILE).unlink(missing_ok=True)
         if self.owns_ray:
             ray.shutdown()
+        if self.ray_head is not None:
+            self.ray_head.stop()
         log.info("agent stopped", totals=totals(final.get("ingest", [])))
         return final
 

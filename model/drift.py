@@ -24,12 +24,23 @@ import numpy as np
 _SMOOTH = 0.5  # additive smoothing of live bin counts: an empty bin must not make the PSI infinite
 
 
+MIN_TAIL = 2.0  # a quantile is an edge only if ≥ this many validation scores lie beyond it on its thin side
+
+
 def reference_bins(validation_scores: dict[str, Any]) -> tuple[list[float], np.ndarray] | None:
-    """(bin edges, expected share per bin) from a manifest's `validation_scores`; None without quantiles."""
+    """(bin edges, expected share per bin) from a manifest's `validation_scores`; None without quantiles.
+
+    A quantile the validation set cannot estimate (its 0.99 quantile from 70 scores, its quartiles from
+    5) would make a bin whose expected share is a guess, and the PSI of a camera that is exactly like
+    the validation set large: only quantiles with at least MIN_TAIL scores beyond them are used.
+    """
     pairs = validation_scores.get("quantiles")
     if not pairs:  # older manifests keep only these
         pairs = [[p, validation_scores[k]] for p, k in ((0.5, "p50"), (0.9, "p90"), (0.95, "p95"), (0.99, "p99"))
                  if k in validation_scores]
+    n = validation_scores.get("n")
+    if n:
+        pairs = [(p, v) for p, v in pairs if n * min(p, 1 - p) >= MIN_TAIL]
     edges, probs = [], []
     for p, value in sorted(pairs):
         value = float(value)

@@ -3,9 +3,9 @@
 Both models score the same holdout normals (and labelled defects, when the store has any), each
 deciding at its own threshold, as each would live. The candidate passes when it is not worse on any
 measure the data allows:
-- false-alarm rate on holdout normals ≤ serving's + `max_far_increase`;
+- false-alarm rate on holdout normals ≤ serving's + `max_far_increase` (at least one frame's worth);
 - with labelled defects: image AUROC ≥ serving's − `max_auroc_drop` and recall at threshold ≥
-  serving's − `max_recall_drop`.
+  serving's − `max_recall_drop` (at least one defect's worth).
 Without labelled defects only normals can be checked (`mode: normals_only`): a model that learned
 to call everything normal would pass, so such a pass must not promote by itself.
 """
@@ -85,15 +85,19 @@ def gate(candidate: ModelEvaluation, serving: ModelEvaluation | None, tol: GateT
         reasons.append("candidate scores or threshold are not finite")
     if candidate.normals < tol.min_holdout_normals:
         reasons.append(f"only {candidate.normals} holdout normals (need {tol.min_holdout_normals}) to judge it")
+    # "Not worse" within what the holdout can resolve: one more false alarm (or one more miss) than the
+    # serving model is noise on a small set, never more than that.
     if serving is not None and candidate.false_alarm_rate is not None and serving.false_alarm_rate is not None:
-        if candidate.false_alarm_rate > serving.false_alarm_rate + tol.max_far_increase:
+        allowed = max(tol.max_far_increase, 1.0 / candidate.normals)
+        if candidate.false_alarm_rate > serving.false_alarm_rate + allowed + 1e-12:
             reasons.append(f"false-alarm rate {candidate.false_alarm_rate:.3f} > serving {serving.false_alarm_rate:.3f}"
-                           f" + {tol.max_far_increase}")
+                           f" + {allowed:.3f}")
     if serving is not None and mode == "full":
         if candidate.auroc is not None and serving.auroc is not None and \
                 candidate.auroc < serving.auroc - tol.max_auroc_drop:
             reasons.append(f"AUROC {candidate.auroc:.3f} < serving {serving.auroc:.3f} - {tol.max_auroc_drop}")
+        allowed = max(tol.max_recall_drop, 1.0 / candidate.defects)
         if candidate.recall is not None and serving.recall is not None and \
-                candidate.recall < serving.recall - tol.max_recall_drop:
-            reasons.append(f"recall {candidate.recall:.3f} < serving {serving.recall:.3f} - {tol.max_recall_drop}")
+                candidate.recall < serving.recall - allowed - 1e-12:
+            reasons.append(f"recall {candidate.recall:.3f} < serving {serving.recall:.3f} - {allowed:.3f}")
     return GateResult(not reasons, mode, reasons, candidate, serving)
