@@ -124,7 +124,7 @@ class Streamer:
         return self.sent
 
 
-def registry_with_base(model_dir: Path, root: Path, data) -> "Registry":
+def registry_with_base(model_dir: Path, root: Path, data):
     """A model registry serving `model_dir`, its training normals in the store as origin base."""
     from agent.operate import import_base
     from model.registry import Registry

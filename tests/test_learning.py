@@ -336,7 +336,7 @@ def test_a_restarted_ingest_actor_keeps_the_books_closed(trained_model, tmp_path
 
 def test_the_schedule_submits_a_retrain_after_enough_new_samples(registry, tmp_path, extra_normals, ray_cluster):
     schedule = {"enabled": True, "min_new_samples": 5, "min_interval_s": 0, "check_every_s": 1.0}
-    with live_agent(registry.root, tmp_path, learning={"schedule": schedule, "retrain": {"epochs": 2}}) as agent:
+    with live_agent(registry.root, tmp_path, learning={"schedule": schedule, "retrain": {"epochs": 2}}):
         _accept(SampleStore(registry.store_dir), extra_normals[:6], "operator")
         assert wait_until(lambda: (registry.root / "schedule.json").is_file(), 60)
         job = json.loads((registry.root / "schedule.json").read_text())["job"]
