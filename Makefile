@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 DATA   ?= ../shared/data/magnetic-tile
 DEMO   ?= runs/demo
 
-.PHONY: demo test bench install install-test clean
+.PHONY: demo demo-loop test bench install install-test clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,16 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test
+install-# Learning on the line: the same model in a registry, the lighting drifts, false alarms are accepted, a
+# retrain runs as a Ray job, the candidate is shadowed and promoted, false alarms fall.
+demo-loop: $(VENV)/.installed
+	@if [ ! -f $(DEMO)/model/manifest.json ]; then \
+		$(VENV)/bin/adtr-edge train --data $(DATA) --out $(DEMO)/model; \
+	fi
+	rm -rf $(DEMO)/loop
+	$(VENV)/bin/adtr-edge demo --loop --model $(DEMO)/model --data $(DATA) --out $(DEMO)/loop
+
+test: $(VENV)/.installed-test
 
 # The live agent on the Magnetic Tile test split; the default model is trained (and evaluated
 # offline) first when $(DEMO)/model holds none.
@@ -31,6 +40,15 @@ demo: $(VENV)/.installed
 		$(VENV)/bin/adtr-edge eval --model $(DEMO)/model --data $(DATA) --report $(DEMO)/report.json --out $(DEMO); \
 	fi
 	$(VENV)/bin/adtr-edge demo --model $(DEMO)/model --data $(DATA) --out $(DEMO)/live
+
+# Learning on the line: the same model in a registry, the lighting drifts, false alarms are accepted, a
+# retrain runs as a Ray job, the candidate is shadowed and promoted, false alarms fall.
+demo-loop: $(VENV)/.installed
+	@if [ ! -f $(DEMO)/model/manifest.json ]; then \
+		$(VENV)/bin/adtr-edge train --data $(DATA) --out $(DEMO)/model; \
+	fi
+	rm -rf $(DEMO)/loop
+	$(VENV)/bin/adtr-edge demo --loop --model $(DEMO)/model --data $(DATA) --out $(DEMO)/loop
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest tests

@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, type=Path, help="folder for the agent's anomaly files and summary")
     p.add_argument("--fps", type=float, default=0.0)
+    p.add_argument("--loop", action="store_true",
+                   help="the learning loop: lighting drifts, false alarms are accepted, a retrain job runs, "
+                        "the candidate is shadowed and promoted (--model may be a model or a registry)")
+    p.add_argument("--normals-per-phase", type=int, default=48, help="with --loop")
+    p.add_argument("--epochs", type=int, default=12, help="with --loop: retrain epochs (warm-started)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
@@ -271,6 +276,13 @@ def cmd_watch(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
+
+    if args.loop:
+        from .demo_loop import run_loop_demo
+
+        summary = run_loop_demo(args.model, args.data, args.out, args.overrides, args.normals_per_phase,
+                                epochs=args.epochs)
+        return 0 if summary["versions"]["after"] != summary["versions"]["before"] else 1
 
     summary = run_demo(args.model, args.data, args.out, args.fps, args.overrides)
     return 0 if summary["frames_decided"] == summary["frames_sent"] else 1

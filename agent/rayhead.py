@@ -119,3 +119,25 @@ class LocalHead:
                 except ProcessLookupError:
                     pass
         self.log.close()
+
+
+class LocalWorker:
+    """A worker node joining a head on this machine (`ray start --address … --block`): how the tests
+    build a two-node cluster on one box, and a recipe for adding a node by hand."""
+
+    def __init__(self, head_address: str, num_cpus: int, labels: dict[str, str] | None = None):
+        ensure_token()
+        self.temp_dir = tempfile.mkdtemp(prefix="adtr-ray-w-")
+        self.log_path = Path(self.temp_dir) / "worker.log"
+        ray_cli = str(Path(sys.executable).with_name("ray"))
+        args = [ray_cli if Path(ray_cli).exists() else "ray", "start", f"--address={head_address}", "--block",
+                f"--num-cpus={num_cpus}", f"--temp-dir={self.temp_dir}", "--dashboard-agent-listen-port=0",
+                "--disable-usage-stats"]
+        if labels:
+            args.append("--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                                        env=dict(os.environ, RAY_AUTH_MODE="token"))
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        LocalHead.stop(self, timeout_s)  # the same: its process group, never `ray stop`

@@ -11,6 +11,7 @@ import zmq
 from actors.protocol import parse_decision
 from agent.runner import Agent, totals
 from agent.settings import AgentSettings, load_settings
+from agent.watch import subscribe
 
 ANY_PORT = "tcp://127.0.0.1:*"
 
@@ -43,13 +44,9 @@ class Decisions:
         self.duplicates = 0
         self._stop = threading.Event()
         self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.SUB)
-        self._socket.setsockopt(zmq.SUBSCRIBE, b"")
-        self._socket.rcvhwm = 0
-        self._socket.connect(endpoint)
+        self._socket = subscribe(self._context, endpoint)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
-        time.sleep(0.5)  # let the subscription reach the PUB socket (slow joiner)
 
     def _run(self):
         while not self._stop.is_set():

@@ -422,3 +422,52 @@ def test_ray_token_auth_stays_on_and_its_token_file_is_private(ray_cluster, ray_
         timeout=120)
     assert probe.returncode != 0 and ("401" in probe.stderr or "Unauthorized" in probe.stderr or
                                       "auth" in probe.stderr.lower()), probe.stderr[-1500:]
+
+
+def test_on_a_two_node_cluster_training_runs_on_the_worker_node(registry, tmp_path, extra_normals):
+    """`ray start --head` + a worker node labelled trainer (each with its own temp dir, token mode on both);
+    the agent joins with ray.address; the retrain job's Ray Train worker lands on the labelled node."""
+    from agent.rayhead import LocalHead, LocalWorker
+
+    _accept(SampleStore(registry.store_dir), extra_normals[:30], "operator")
+    head = LocalHead(num_cpus=1)
+    worker = LocalWorker(head.address, num_cpus=2, labels={"adtr-role": "trainer"})
+    out = tmp_path / "agent.out"
+    agent = None
+    try:
+        nodes_script = ("import json, ray; ray.init(address=%r, log_to_driver=False); "
+                        "print(json.dumps([{'id': n['NodeID'], 'labels': n.get('Labels', {}), 'alive': n['Alive']} "
+                        "for n in ray.nodes()]))" % head.address)
+
+        def nodes() -> list[dict]:
+            probe = subprocess.run([sys.executable, "-c", nodes_script], capture_output=True, text=True, timeout=120)
+            return json.loads(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 else []
+
+        assert wait_until(lambda: sum(n["alive"] for n in nodes()) == 2, 180, 2.0), worker.log_path.read_text()[-2000:]
+        trainer_node = next(n["id"] for n in nodes() if n["labels"].get("adtr-role") == "trainer")
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "--log-json", "run", "--model", str(registry.root),
+             "--ingest", "tcp://127.0.0.1:*", "--results", "tcp://127.0.0.1:*", "--set", f"ray.address={head.address}",
+             "--set", "http.port=0", "--set", f"output.dir={tmp_path / 'anomalies'}",
+             "--set", f"state_dir={tmp_path / 'state'}"],
+            stdout=open(out, "w"), stderr=open(tmp_path / "agent.log", "w"), cwd=ROOT)
+        assert wait_until(lambda: '"agent ready"' in out.read_text(), 240), (tmp_path / "agent.log").read_text()[-3000:]
+        ready = json.loads(next(line for line in out.read_text().splitlines() if '"agent ready"' in line))
+        assert ready["jobs"], ready
+        result = _cli("retrain", "--registry", str(registry.root), "--submit", "--wait",
+                      "--set", 'retrain.label_selector={"adtr-role": "trainer"}', "--set", "retrain.epochs=2",
+                      "--set", "retrain.policy=register", timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        outcome = json.loads(next((registry.root / "runs").glob("*/outcome.json")).read_text())
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.send_signal(signal.SIGTERM)
+            try:
+                agent.wait(60)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+        worker.stop()
+        head.stop()
+    print(f"two nodes: training on {outcome['node_id'][:12]} (the trainer node {trainer_node[:12]}), "
+          f"timings {outcome['timings']}")
+    assert outcome["node_id"] == trainer_node
