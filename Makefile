@@ -21,16 +21,7 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
-install-# Learning on the line: the same model in a registry, the lighting drifts, false alarms are accepted, a
-# retrain runs as a Ray job, the candidate is shadowed and promoted, false alarms fall.
-demo-loop: $(VENV)/.installed
-	@if [ ! -f $(DEMO)/model/manifest.json ]; then \
-		$(VENV)/bin/adtr-edge train --data $(DATA) --out $(DEMO)/model; \
-	fi
-	rm -rf $(DEMO)/loop
-	$(VENV)/bin/adtr-edge demo --loop --model $(DEMO)/model --data $(DATA) --out $(DEMO)/loop
-
-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test
 
 # The live agent on the Magnetic Tile test split; the default model is trained (and evaluated
 # offline) first when $(DEMO)/model holds none.

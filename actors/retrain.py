@@ -162,7 +162,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     result = fit(model, (shard,), (val,) if val is not None and len(val) else None, tcfg, state_path=local,
                  state_tag=config["run_name"], progress=False, on_epoch=report)
     return {"node_id": node, "world_size": world, "seconds": result.seconds, "stopped_early": result.stopped_early,
-            "epochs": len(result.history)}
+            "epochs": len(result.history), "resumed_from_epoch": result.resumed_from_epoch}
 
 
 def _train_with_ray(cfg: RetrainConfig, model_cfg: AdtrConfig, run_dir: Path, storage: Path, run_name: str,

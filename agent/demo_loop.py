@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import time
 import urllib.error
@@ -39,7 +38,7 @@ from model.config import AdtrConfig
 from model.data import load_dataset
 from model.registry import Registry, is_registry
 
-from .demo import _cli, _event, _wait_ready
+from .demo import _cli, _event, _wait_ready, stop_agent
 from .errors import AgentError
 from .operate import import_base
 from .publisher import FramePublisher, SourceFrame
@@ -236,13 +235,7 @@ def run_loop_demo(model_dir: Path, data: str, out: Path, overrides: list[str] | 
         sub.close(linger=0)
         context.term()
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-        agent_log.close()
-        agent_out.close()
+        stop_agent(agent, agent_log, agent_out)
     stopped = _event(out / "agent.out", "agent stopped")
     summary = {"steps": steps, "versions": {"before": v1, "after": registry.current()},
                "events": registry.events(20), "agent_accounting": stopped["cameras"] if stopped else None,

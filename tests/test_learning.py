@@ -176,12 +176,14 @@ def test_one_retrain_at_a_time_and_a_stopped_one_changes_nothing(registry, tmp_p
     assert _wait_job(address, submission)["status"] == "STOPPED"
     after = (registry.pointers(), [v["version"] for v in registry.versions()], store.snapshot().fingerprint)
     assert after == before  # no version, no pointer move, the store as it was
-    job = submit_retrain(address, registry.root, "no-agent", "test",
-                         [*FAST, "learning.retrain.policy=register", "learning.retrain.gate.max_far_increase=1.0"])
-    assert job["submission_id"] != submission
-    info = _wait_job(address, job["submission_id"])
-    assert info["status"] == "SUCCEEDED", "\n".join(info["log_tail"])
-    assert registry.pointers()["candidate"] not in (None, before[0]["current"])
+    # The next retrain succeeds: the stopped run, resumed by its name from its last checkpoint.
+    run = next(p.name for p in (registry.root / "runs").iterdir() if p.name.startswith("retrain-"))
+    checkpoints = sorted((run_root / run).rglob("checkpoint_*"))
+    outcome = retrain(registry.root, RetrainConfig(epochs=len(checkpoints) + 1, policy="register",
+                                                   gate={"max_far_increase": 1.0}), run_name=run, by="test")
+    assert outcome["run"] == run and outcome["action"] == "registered"
+    assert registry.show(outcome["version"])["manifest"]["training"]["workers"]["resumed_from_epoch"] >= 1
+    assert registry.pointers()["candidate"] == outcome["version"]
 
 
 def _http(url: str, method: str = "GET", body: dict | None = None, token: str | None = None):
@@ -471,3 +473,17 @@ def test_on_a_two_node_cluster_training_runs_on_the_worker_node(registry, tmp_pa
     print(f"two nodes: training on {outcome['node_id'][:12]} (the trainer node {trainer_node[:12]}), "
           f"timings {outcome['timings']}")
     assert outcome["node_id"] == trainer_node
+
+
+def test_a_retrain_that_cannot_get_its_resources_fails_in_bounded_time_with_the_reason(registry, extra_normals):
+    _accept(SampleStore(registry.store_dir), extra_normals[:30], "operator")
+    cfg = RetrainConfig(epochs=1, label_selector={"adtr-role": "no-such-node"}, start_timeout_s=5,
+                        max_start_attempts=1)
+    started = time.monotonic()
+    with pytest.raises(Exception) as failure:
+        retrain(registry.root, cfg, by="test")
+    seconds = time.monotonic() - started
+    print(f"unplaceable training failed after {seconds:.0f} s: {failure.value}")
+    assert "training failed" in str(failure.value)
+    assert seconds < 180
+    assert [e["event"] for e in registry.events()] == ["registered", "promoted"]  # nothing published
