@@ -89,6 +89,7 @@ class IngestActor:
         self.decoding: set[str] = set()  # cameras whose chunk a dispatcher is decoding (one at a time)
         self.blocked_on: str | None = None  # the camera whose full queue the receiver waits on
         self.peers: Counter = Counter()  # ZeroMQ connection events (accepted, disconnected, …)
+        self.unexpected = 0
         self.lock = threading.Condition()
         self.stopping = threading.Event()
         self.inference_up = threading.Event()  # cleared when a frame fails in inference, set again by a ping
@@ -272,8 +273,14 @@ class IngestActor:
             except FrameError as exc:
                 self._refuse(exc)
             except Exception as exc:  # noqa: BLE001 - one bad frame must never stop the camera
-                self.log.exception("unexpected error on a received message")
+                self._unexpected("unexpected error on a received message")
                 self._refuse(FrameError("unexpected", f"{type(exc).__name__}: {exc}"))
+
+    def _unexpected(self, event: str, **fields) -> None:
+        """A bug of ours that a peer can trigger at will: its traceback, in samples."""
+        self.unexpected += 1
+        if sampled(self.unexpected):
+            self.log.exception(event, count=self.unexpected, **fields)
 
     def _monitor_loop(self) -> None:
         """Counts the socket's connection events: a peer that breaks the protocol (a message part over
@@ -437,7 +444,7 @@ class IngestActor:
             except FrameError as exc:
                 self._refuse(exc, label=camera)
             except Exception as exc:  # noqa: BLE001 - one bad frame must never stop the dispatcher
-                self.log.exception("unexpected error decoding a frame", camera_id=camera, seq=item.header.seq)
+                self._unexpected("unexpected error decoding a frame", camera_id=camera, seq=item.header.seq)
                 self._refuse(FrameError("unexpected", f"{type(exc).__name__}: {exc}", item.header.camera_id,
                                         item.header.seq), label=camera)
         if len(items) < len(chunk):
