@@ -45,6 +45,33 @@ class IngestConfig(Section):
     max_cameras: int = Field(64, ge=1)  # distinct camera ids tracked per endpoint (bounds metric labels)
     allowed_cameras: list[str] = []  # empty: any camera id
     curve: CurveConfig = CurveConfig()
+    # A forward jump of up to this many seqs is counted as frames lost upstream; a bigger one is a
+    # `jump` (counted once, the sequence starts again there), so one bad seq cannot claim 10^9 drops.
+    max_seq_gap: int = Field(1000, ge=1)
+    # A capture ts further than this from the agent's clock at receipt is a camera clock problem: the
+    # frame is decided and counted, its latency is null and stays out of the latency histogram.
+    max_clock_skew_s: float = Field(60.0, gt=0)
+    # Decoding runs on this many threads, one chunk per camera at a time, so a camera of huge frames
+    # holds one thread while the others decode the rest.
+    decode_threads: int = Field(2, ge=1, le=64)
+    # A chunk stops at this many declared pixels (always at least one frame): a camera of huge frames
+    # hands the decoders back after each frame.
+    decode_budget_pixels: int = Field(16_000_000, ge=1)
+
+    def memory_bound(self, image_size: int, cameras: int = 1) -> dict[str, int]:
+        """The most bytes the ingest actor holds for `cameras` cameras (one connection each), by part.
+        ZeroMQ refuses any message part over max_payload_bytes (ZMQ_MAXMSGSIZE: the peer is
+        disconnected before the part is read), so each message it buffers is at most a header + a
+        payload. Each decode thread holds at most DECODE_BYTES_PER_PIXEL × max_pixels (the worst case,
+        a 16-bit BGRA PNG: its pixels, their shifted copy and the 8-bit copy at once). The kernel's
+        socket buffer (socket_buffer_bytes per connection) is not in any process's RSS."""
+        from .protocol import DECODE_BYTES_PER_PIXEL, MAX_HEADER_BYTES
+
+        message = self.max_payload_bytes + MAX_HEADER_BYTES
+        # in ZeroMQ's pipe, in the camera's queue, and the payloads of frames in flight (kept for scoring)
+        per_camera = (self.rcv_hwm + self.queue_depth + self.max_in_flight) * message
+        decode = self.decode_threads * DECODE_BYTES_PER_PIXEL * self.max_pixels
+        return {"per_camera": per_camera, "decode": decode, "total": cameras * per_camera + decode}
 
 
 class InferenceConfig(Section):
@@ -63,6 +90,9 @@ class OutputConfig(Section):
     max_bytes: int = Field(1 << 30, ge=1 << 20)  # oldest files are deleted beyond this
     min_region_area_px: int = Field(4, ge=1)  # at the model's image size
     max_regions: int = Field(20, ge=0)
+    # The saved overlay (frame | heatmap) is drawn with the frame's longer side at most this many pixels
+    # (JPEGs decoded at a reduced DCT scale): a camera of huge frames cannot stall the scoring actor.
+    overlay_max_side: int = Field(1024, ge=64)
 
 
 class GateConfig(Section):

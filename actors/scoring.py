@@ -10,7 +10,6 @@ to disk: the original payload, a heatmap overlay and a JSON sidecar, under a siz
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import queue
@@ -38,7 +37,7 @@ from model.visualize import heatmap_overlay
 from .config import LearningConfig, OutputConfig
 from .inference import InferenceResult
 from .logs import configure_logging
-from .protocol import FrameHeader, decision_message, decode_payload
+from .protocol import FrameHeader, decision_message, decode_jpeg, decode_payload, finite_or_none, strict_json
 
 log = structlog.get_logger(__name__)
 PAYLOAD_SUFFIX = {"jpeg": ".jpg", "png": ".png", "raw": ".png"}
@@ -46,34 +45,49 @@ MAX_HEADS = 8  # score heads kept (serving, shadow, recent versions)
 
 
 class AnomalyStore:
-    """Files for anomalous frames in `<dir>/<camera>/`, total size kept under `max_bytes` (oldest go first)."""
+    """Files for anomalous frames in `<dir>/<camera>/`, total size kept under `max_bytes` (oldest go first).
+
+    A write never replaces a file: a stem already taken (the same camera, seq and time twice, e.g. a
+    camera whose sequence restarted) gets a `-1`, `-2`… before its `_<seq>` end. Each path is counted
+    once, so `total` is what is on disk."""
 
     def __init__(self, root: Path, max_bytes: int):
         self.root, self.max_bytes = Path(root), max_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         existing = sorted((p for p in self.root.rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime)
-        self.files: deque[tuple[Path, int]] = deque((p, p.stat().st_size) for p in existing)
-        self.total = sum(size for _, size in self.files)
+        self.files: OrderedDict[Path, int] = OrderedDict((p, p.stat().st_size) for p in existing)
+        self.total = sum(self.files.values())
         self.deleted = 0
+
+    def _free_stem(self, folder: Path, stem: str, suffixes) -> str:
+        head, sep, tail = stem.rpartition("_")  # keep `_<seq>` last: readers glob `*_<seq>.json`
+        head, tail = (head, sep + tail) if sep else (stem, "")
+        candidate, n = stem, 0
+        while any((folder / f"{candidate}{suffix}") in self.files or (folder / f"{candidate}{suffix}").exists()
+                  for suffix in suffixes):
+            n += 1
+            candidate = f"{head}-{n}{tail}"
+        return candidate
 
     def write(self, camera: str, stem: str, files: dict[str, bytes]) -> dict[str, str]:
         folder = self.root / camera
         folder.mkdir(parents=True, exist_ok=True)
+        stem = self._free_stem(folder, stem, files)
         written = {}
         for suffix, data in files.items():
             path = folder / f"{stem}{suffix}"
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_bytes(data)
             tmp.replace(path)
-            self.files.append((path, len(data)))
-            self.total += len(data)
+            self.total += len(data) - self.files.pop(path, 0)
+            self.files[path] = len(data)
             written[suffix] = str(path)
         self._trim()
         return written
 
     def _trim(self) -> None:
         while self.total > self.max_bytes and self.files:
-            path, size = self.files.popleft()
+            path, size = self.files.popitem(last=False)
             path.unlink(missing_ok=True)
             self.total -= size
             self.deleted += 1
@@ -206,9 +220,12 @@ class ScoringActor:
         return entry
 
     async def score_batch(self, headers: list[dict[str, Any]], results: list[InferenceResult],
-                          payloads: list[bytes], received_at: list[float]) -> list[dict[str, Any]]:
+                          payloads: list[bytes], received_at: list[float],
+                          clock_ok: list[bool] | None = None) -> list[dict[str, Any]]:
         """Decide frames from their coarse maps, publish each decision, save anomalies (payloads are
-        the camera's bytes). Returns what the ingest counts: is_anomaly and latency per frame."""
+        the camera's bytes). Returns what the ingest counts: is_anomaly and latency per frame.
+        `clock_ok[i]` False: the frame's capture ts is implausible, so its latency_ms is null."""
+        clock_ok = clock_ok or [True] * len(results)
         out: list[dict[str, Any]] = [{}] * len(results)
         # One ScoreHead call per model version (there is one, except across a model swap).
         for version in dict.fromkeys(r.model_version for r in results):
@@ -216,12 +233,13 @@ class ScoringActor:
             head = self._head(version).head
             scored = head.score(torch.from_numpy(np.stack([np.asarray(results[i].coarse, np.float32) for i in idx])))
             for j, i in enumerate(idx):
-                out[i] = self._decide(head, headers[i], results[i], payloads[i], received_at[i], scored, j)
+                out[i] = self._decide(head, headers[i], results[i], payloads[i], received_at[i], scored, j,
+                                      clock_ok[i])
         self._compare_shadow(headers, results, out)
         return out
 
     def _decide(self, head: ScoreHead, header, result: InferenceResult, payload: bytes, received_at: float,
-                scored, j: int) -> dict:
+                scored, j: int, clock_ok: bool = True) -> dict:
         amap = scored.maps[j].numpy()
         score, threshold = float(scored.scores[j]), head.decision_threshold
         is_anomaly = bool(scored.is_anomaly[j])
@@ -232,12 +250,15 @@ class ScoringActor:
             "camera_id": header["camera_id"], "seq": header["seq"], "ts": header["ts"],
             "score": score, "normalized_score": float(scored.normalized[j]), "threshold": threshold,
             "is_anomaly": is_anomaly, "regions": regions, "model_version": head.model_version,
-            "latency_ms": (now - header["ts"]) * 1000.0, "agent_ms": (now - received_at) * 1000.0,
+            # capture → published, only when the camera's clock is plausible (a ms clock, 1e306: null)
+            "latency_ms": (now - header["ts"]) * 1000.0 if clock_ok else None,
+            "agent_ms": (now - received_at) * 1000.0,
             "inference_ms": result.inference_ms, "batch_size": result.batch_size,
             "width": header["width"], "height": header["height"],
         }
+        decision = finite_or_none(decision)  # strict JSON out: a non-finite number is null
         if is_anomaly and self.store is not None:
-            decision["files"] = self._save(header, decision, amap, payload)
+            decision["files"] = self._save(header, decision, amap, payload, received_at)
         self.socket.send_multipart(decision_message(decision))
         self.decisions += 1
         self.anomalies += int(is_anomaly)
@@ -289,22 +310,40 @@ class ScoringActor:
                 stats.observe(decided[i]["normalized_score"], float(scored.normalized[j]), decided[i]["is_anomaly"],
                               bool(scored.is_anomaly[j]))
 
-    def _save(self, header, decision, amap, payload: bytes) -> dict[str, str]:
-        try:
-            # The overlay at the camera's own resolution: decode the original payload (anomalies only).
+    def _overlay_frame(self, header, payload: bytes) -> np.ndarray:
+        """The frame for the overlay, its longer side at most output.overlay_max_side: a JPEG is decoded
+        at the smallest DCT scale that is still large enough (a 6000×6000 frame costs 1/64 of a full
+        decode), anything else decoded and shrunk."""
+        limit = self.cfg.overlay_max_side
+        long_side, short_side = max(header["width"], header["height"]), min(header["width"], header["height"])
+        if header["encoding"] == "jpeg" and long_side > limit:  # the long side still ≥ limit after scaling
+            frame = decode_jpeg(payload, min_side=math.ceil(limit * short_side / long_side))
+        else:
             frame = decode_payload(FrameHeader.model_validate(header), payload)
+        height, width = frame.shape[:2]
+        if max(height, width) > limit:
+            factor = limit / max(height, width)
+            frame = cv2.resize(frame, (max(1, round(width * factor)), max(1, round(height * factor))),
+                               interpolation=cv2.INTER_AREA)
+        return frame
+
+    def _save(self, header, decision, amap, payload: bytes, received_at: float) -> dict[str, str]:
+        try:
+            frame = self._overlay_frame(header, payload)
             height, width = frame.shape[:2]
             big = cv2.resize(amap, (width, height), interpolation=cv2.INTER_LINEAR)
             if header["encoding"] == "raw":  # raw pixels are stored as a lossless PNG
-                payload = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))[1].tobytes()
+                full = decode_payload(FrameHeader.model_validate(header), payload)
+                payload = cv2.imencode(".png", cv2.cvtColor(full, cv2.COLOR_RGB2BGR))[1].tobytes()
             caption = f"ANOMALY {decision['normalized_score']:.2f}x thr  {header['camera_id']} #{header['seq']}"
             overlay = heatmap_overlay(frame, big, 2 * decision["threshold"], big >= decision["threshold"], caption)
-            stem = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(header['ts']))}_{header['seq']:010d}"
+            # Named by the agent's clock (a camera's may be wrong); the store keeps equal stems apart.
+            stamp = time.strftime('%Y%m%dT%H%M%S', time.gmtime(received_at)) + f".{int(received_at % 1 * 1e6):06d}"
             sidecar = dict(decision, source_encoding=header["encoding"])
-            return self.store.write(header["camera_id"], stem, {
+            return self.store.write(header["camera_id"], f"{stamp}_{header['seq']:010d}", {
                 PAYLOAD_SUFFIX[header["encoding"]]: payload,
                 "_overlay.png": cv2.imencode(".png", overlay)[1].tobytes(),
-                ".json": json.dumps(sidecar, indent=1).encode(),
+                ".json": strict_json(sidecar, indent=1),
             })
         except Exception as exc:  # noqa: BLE001 - a full disk (or any save failure) must not stop decisions
             self.write_errors += 1
