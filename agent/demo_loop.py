@@ -42,7 +42,7 @@ from model.registry import Registry, is_registry
 from .demo import _cli, _event, _wait_ready, stop_agent
 from .errors import AgentError
 from .operate import import_base
-from .publisher import FramePublisher, SourceFrame
+from .publisher import FramePublisher, SourceFrame, frame_from_file
 from .watch import subscribe
 
 GAIN = 1.6  # the re-aimed lamp
@@ -88,7 +88,7 @@ class Phase:
     def run(self, frames: list[SourceFrame], labels: list[int], timeout_s: float = 600.0) -> dict[str, Any]:
         seqs = []
         for frame in frames:
-            seqs.append(self.camera.send(frame, encoding="jpeg"))
+            seqs.append(self.camera.send(frame, encoding="auto" if frame.encoded else "jpeg"))
             self._drain(0)
         progress = time.monotonic()
         while len(self.decisions) < len(seqs) and time.monotonic() - progress < timeout_s:
@@ -174,12 +174,12 @@ def run_loop_demo(model_dir: Path, data: str, out: Path, overrides: list[str] | 
         v1 = registry.current()
         print(f"agent ready, serving {v1}", flush=True)
 
-        step = Phase("1. original lighting: normals", camera, sub).run([relit(p, 1.0) for p in before_set],
+        step = Phase("1. original lighting: normals", camera, sub).run([frame_from_file(p) for p in before_set],
                                                                         [0] * len(before_set))
         step["drift"] = _settled_drift(operator)
         steps.append(step)
         steps.append(Phase("1b. original lighting: defects", camera, sub).run(
-            [relit(p, 1.0) for p in defect_paths], [1] * len(defect_paths)))
+            [frame_from_file(p) for p in defect_paths], [1] * len(defect_paths)))
 
         phase = Phase(f"2. lamp re-aimed (x{GAIN} brightness)", camera, sub)
         step = phase.run([relit(p, GAIN) for p in accept_set], [0] * len(accept_set))

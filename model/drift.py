@@ -59,10 +59,27 @@ def psi(expected: np.ndarray, counts: np.ndarray) -> float:
     return float(np.sum((actual - expected) * np.log(actual / expected)))
 
 
+MIN_EXPECTED = 5.0  # the live window must expect at least this many scores in every bin (χ² rule of thumb)
+
+
+def coarsen(edges: list[float], expected: np.ndarray, window: int) -> tuple[list[float], np.ndarray]:
+    """Merge bins, tails first, until each expects ≥ MIN_EXPECTED of `window` scores: a 48-frame window
+    cannot estimate a 1 % tail bin, and its noise alone would read as drift."""
+    edges, expected = list(edges), list(expected)
+    while len(expected) > 2 and min(expected) * window < MIN_EXPECTED:
+        i = int(np.argmin(expected))
+        j = i - 1 if i == len(expected) - 1 or (i > 0 and expected[i - 1] <= expected[i + 1]) else i + 1
+        lo, hi = min(i, j), max(i, j)
+        expected[lo:hi + 1] = [expected[lo] + expected[hi]]
+        del edges[lo]  # the edge between the two merged bins
+    return edges, np.asarray(expected)
+
+
 class ScoreDrift:
     """Rolling PSI of one camera's last `window` scores against a reference from `reference_bins`."""
 
     def __init__(self, edges: list[float], expected: np.ndarray, window: int, min_samples: int, alarm_psi: float):
+        edges, expected = coarsen(edges, expected, window)
         self.edges, self.expected = edges, expected
         self.window, self.min_samples, self.alarm_psi = window, min(min_samples, window), alarm_psi
         self.recent: deque[int] = deque(maxlen=window)
