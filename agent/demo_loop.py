@@ -5,7 +5,7 @@ replaying Magnetic Tile test images, and this process playing the operator throu
 
 1. before: normals under the original lighting (few false alarms, no drift), then defects (the
    recall to keep).
-2. the lamp is re-aimed: the same kind of normals, 60 % brighter; false alarms climb; the drift alarm
+2. the lamp is re-aimed: the same kind of normals, 80 % brighter; false alarms climb; the drift alarm
    fires (/readyz).
 3. the operator accepts those false alarms as normal (POST /v1/samples).
 4. a retrain is submitted as a Ray job (POST /v1/retrain): Ray Train fits a new version, the gate
@@ -45,7 +45,7 @@ from .operate import import_base
 from .publisher import FramePublisher, SourceFrame, frame_from_file
 from .watch import subscribe
 
-GAIN = 1.6  # the re-aimed lamp
+GAIN = 1.8  # the re-aimed lamp
 
 
 class Operator:
@@ -140,9 +140,12 @@ def run_loop_demo(model_dir: Path, data: str, out: Path, overrides: list[str] | 
     rng = random.Random(0)
     normals = [s.path for s in test if s.label == 0]
     rng.shuffle(normals)
-    if len(normals) < 3 * normals_per_phase:
-        normals_per_phase = len(normals) // 3
-    before_set, accept_set, after_set = (normals[i * normals_per_phase:(i + 1) * normals_per_phase] for i in range(3))
+    # The relit phase is the larger one: the drift window covers it, and the larger the window, the
+    # lower the drift alarm's noise floor (model/drift.py).
+    sizes = [normals_per_phase, 4 * normals_per_phase // 3, normals_per_phase]
+    if len(normals) < sum(sizes):
+        sizes = [int(len(normals) * f) for f in (0.3, 0.4, 0.3)]
+    before_set, accept_set, after_set = (normals[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(3))
     defect_paths = [s.path for s in test if s.label == 1]
     rng.shuffle(defect_paths)
     defect_paths = defect_paths[:defects]
@@ -151,8 +154,8 @@ def run_loop_demo(model_dir: Path, data: str, out: Path, overrides: list[str] | 
 
     ingest, results, http = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", free_port()
     settings = ["--set", f"output.dir={out / 'anomalies'}", "--set", f"http.port={http}",
-                "--set", f"state_dir={out / 'state'}", "--set", "learning.drift.window=48",
-                "--set", "learning.drift.min_samples=32", "--set", "learning.shadow.sample=1.0",
+                "--set", f"state_dir={out / 'state'}", "--set", f"learning.drift.window={sizes[1]}",
+                "--set", f"learning.drift.min_samples={sizes[0]}", "--set", "learning.shadow.sample=1.0",
                 "--set", "learning.retrain.policy=shadow", "--set", f"learning.retrain.epochs={epochs}",
                 "--set", "learning.auto_sample.enabled=false"]
     for o in overrides or []:

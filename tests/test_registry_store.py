@@ -208,22 +208,44 @@ def test_one_frame_of_noise_on_a_small_holdout_is_not_a_regression():
 def test_psi_is_near_zero_on_the_reference_and_large_on_a_shift():
     rng = np.random.default_rng(0)
     reference = rng.normal(10, 1, 5000)
-    stats = {"quantiles": [[p, float(np.quantile(reference, p))] for p in (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)]}
-    edges, expected = reference_bins(stats)
-    same, shifted = ScoreDrift(edges, expected, 256, 100, 0.25), ScoreDrift(edges, expected, 256, 100, 0.25)
+    stats = {"n": 5000,
+             "quantiles": [[p, float(np.quantile(reference, p))] for p in (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)]}
+    ref = reference_bins(stats)
+    same, shifted = ScoreDrift(ref, 256, 100, 0.25), ScoreDrift(ref, 256, 100, 0.25)
     for value in rng.normal(10, 1, 400):
         same.observe(float(value))
     for value in rng.normal(11.5, 1, 400):
         shifted.observe(float(value))
     assert same.psi() < 0.1 and not same.state()["alarm"]
     assert shifted.psi() > 0.5 and shifted.state()["alarm"]
-    assert ScoreDrift(edges, expected, 256, 100, 0.25).psi() is None  # too few samples to say
+    assert ScoreDrift(ref, 256, 100, 0.25).psi() is None  # too few samples to say
+
+
+def test_a_small_validation_set_raises_the_drift_threshold_to_its_noise_floor():
+    """Two samples of one distribution: 40 validation scores against 100 frames. PSI is noisy at these
+    sizes; the alarm must not fire on that noise, and must still fire on a real shift."""
+    rng = np.random.default_rng(1)
+    alarms = 0
+    for trial in range(50):
+        validation = rng.normal(10, 1, 40)
+        stats = {"n": 40, "quantiles": [[p, float(np.quantile(validation, p))]
+                                         for p in (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)]}
+        same = ScoreDrift(reference_bins(stats), 100, 100, 0.25)
+        for value in rng.normal(10, 1, 100):
+            same.observe(float(value))
+        alarms += same.state()["alarm"]
+        assert same.threshold() > 0.25
+    assert alarms <= 2  # ~1 % false alarms by construction; 50 trials
+    shifted = ScoreDrift(reference_bins(stats), 100, 100, 0.25)
+    for value in rng.normal(12, 1, 100):
+        shifted.observe(float(value))
+    assert shifted.state()["alarm"]
 
 
 def test_drift_reference_comes_from_old_manifests_too():
-    edges, expected = reference_bins({"p50": 1.0, "p90": 2.0, "p95": 2.5, "p99": 3.0})
-    assert edges == [1.0, 2.0, 2.5, 3.0] and np.allclose(expected, [0.5, 0.4, 0.05, 0.04, 0.01])
-    assert psi(expected, np.array([50, 40, 5, 4, 1])) < 0.01
+    ref = reference_bins({"p50": 1.0, "p90": 2.0, "p95": 2.5, "p99": 3.0})
+    assert ref.edges == [1.0, 2.0, 2.5, 3.0] and np.allclose(ref.expected, [0.5, 0.4, 0.05, 0.04, 0.01])
+    assert psi(ref.expected, np.array([50, 40, 5, 4, 1])) < 0.01
     assert reference_bins({}) is None
 
 
