@@ -102,6 +102,7 @@ class GateConfig(Section):
     max_auroc_drop: float = Field(0.01, ge=0, le=1)
     max_recall_drop: float = Field(0.05, ge=0, le=1)
     min_holdout_normals: int = Field(5, ge=1)
+    alpha: float = Field(0.05, gt=0, lt=1)  # significance of a paired (McNemar) regression in rates
 
 
 class RetrainConfig(Section):
