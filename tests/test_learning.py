@@ -164,8 +164,12 @@ def test_one_retrain_at_a_time_and_a_stopped_one_changes_nothing(registry, tmp_p
     assert len(jobs) == 1 and len(refused) == 1, results  # two triggers for the same data: one job
     submission = jobs[0]["submission_id"]
     run_root = registry.root / "runs" / "ray"
-    # Wait until training has checkpointed an epoch, then stop the job mid-training.
-    assert wait_until(lambda: any(run_root.rglob("checkpoint_*")), 300, 1.0), job_info(address, submission, 60)
+    # Wait until Ray Train has recorded a checkpoint (its manager's snapshot names one; the folder alone
+    # appears before that, and a stop in between leaves nothing to resume from), then stop the job.
+    def recorded() -> bool:
+        return any("checkpoint_" in p.read_text() for p in run_root.rglob("checkpoint_manager_snapshot.json"))
+
+    assert wait_until(recorded, 300, 1.0), job_info(address, submission, 60)
     with pytest.raises(RetrainBusy, match="retrain job"):
         submit_retrain(address, registry.root, "no-agent", "test", slow)
     with pytest.raises(RetrainBusy, match="already running"):  # the registry's own lock, without Ray Jobs
@@ -242,7 +246,14 @@ def test_promote_rollback_and_shadow_through_the_token_protected_api_live(regist
         assert wait_until(lambda: seen(v2), 60)
         code, body = _http(api + "/models/rollback", "POST", {"by": "ana", "reason": "test"}, token)
         assert code == 200 and body["serving"] == v1, body
-        mark = len(decisions.by_key)
+
+        def back_on_v1() -> int | None:  # the first seq served by v1 after v2's last (frames in flight keep v2)
+            seen_now = list(decisions.by_key.items())
+            last_v2 = max((k[1] for k, d in seen_now if d["model_version"] == v2), default=-1)
+            return min((k[1] for k, d in seen_now if k[1] > last_v2 and d["model_version"] == v1), default=None)
+
+        assert wait_until(lambda: back_on_v1() is not None, 60)
+        mark = back_on_v1()
         code, body = _http(api + "/models/promote", "POST", {"version": broken, "by": "ana"}, token)
         assert code == 409 and "cannot be loaded" in body["error"], body
         code, body = _http(api + "/models/shadow", "POST", {"version": v2, "by": "ana"}, token)
