@@ -121,13 +121,14 @@ class Agent:
             ).remote(self.model_path, self.cfg.inference, learning.shadow.sample)
             self.scoring = ray.remote(ScoringActor).options(
                 name="scoring", namespace=namespace, max_restarts=restarts, max_task_retries=0, num_cpus=0,
-            ).remote(self.model_path, self.results_endpoint, self.cfg.output, learning)
+            ).remote(self.model_path, self.results_endpoint, self.cfg.output, learning, self.cfg.scoring.threads)
             self.ingests = [
                 ray.remote(IngestActor).options(
                     name=f"ingest-{i}", namespace=namespace, max_restarts=restarts, max_task_retries=0,
                     num_cpus=0, max_concurrency=4,
                 ).remote(endpoint, self.cfg.ingest, self.head.image_size, "inference", "scoring",
-                          self.cfg.inference.max_batch, str(state_dir / f"ingest-{i}.json"), self.run_id)
+                          self.cfg.inference.max_batch or 1, str(state_dir / f"ingest-{i}.json"), self.run_id,
+                          self.cfg.inference.jpeg_decode == "device")
                 for i, endpoint in enumerate(self.ingest_endpoints)
             ]
             if self.registry is not None:
