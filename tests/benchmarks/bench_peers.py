@@ -92,7 +92,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--peers-python", default=str(ROOT / ".venv-peers" / "bin" / "python"))
     p.add_argument("--methods", default="padim,patchcore")
-    p.add_argument("--coreset-ratio", type=float, default=0.01)
+    p.add_argument("--coreset-ratio", type=float, default=0.001)
     p.add_argument("--no-readme", action="store_true")
     args = p.parse_args()
     threads = torch.get_num_threads()

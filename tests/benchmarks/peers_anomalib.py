@@ -83,7 +83,7 @@ def main() -> None:
     p.add_argument("--padim-features", type=int, default=100)
     p.add_argument("--patchcore-layers", default="blocks.2,blocks.4")  # strides 8, 16 (ResNet layer2-3)
     p.add_argument("--patchcore-neighbors", type=int, default=9)
-    p.add_argument("--coreset-ratio", type=float, default=0.01)
+    p.add_argument("--coreset-ratio", type=float, default=0.001)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
