@@ -22,11 +22,13 @@ loads the registry's `current` (or the plain model folder) again in `__init__`.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,9 +81,11 @@ def cpu_cores() -> int:
 
 
 class InferenceActor:
-    def __init__(self, model_path: str, cfg: InferenceConfig, shadow_sample: float = 0.25):
+    def __init__(self, model_path: str, cfg: InferenceConfig, shadow_sample: float = 0.25,
+                 state_file: str | None = None, run_id: str = ""):
         configure_logging("info", json_output=True)  # worker stderr reaches the driver
         self.model_path, self.cfg, self.shadow_sample = model_path, cfg, shadow_sample
+        self.state_file, self.run_id = (Path(state_file) if state_file else None), run_id
         self.started_at = time.time()
         self.threads = cfg.torch_threads or cpu_cores()  # until tuned
         torch.set_num_threads(self.threads)
@@ -103,9 +107,10 @@ class InferenceActor:
         self.max_batch = cfg.max_batch or 1  # until tuned
         self.tuner: Tuner | None = None
         self.tuned: dict[str, Any] = {"state": "pinned", "runs": 0, "table": []}
-        self._tuner_for(self.serving)
-        while self._probe_next():  # before serving: nothing waits for these passes
-            pass
+        if not self._reuse_tuning():
+            self._tuner_for(self.serving)
+            while self._probe_next():  # before serving: nothing waits for these passes
+                pass
         self.ready_at = time.time()
         self.log.info("inference ready", load_s=round(self.serving.loaded_s, 2), max_batch=self.max_batch,
                       torch_threads=self.threads, tune_s=round(self.ready_at - self.started_at
@@ -211,6 +216,38 @@ class InferenceActor:
         self.tuned = {**self.tuned, "state": "tuning", "model_version": model.version, "started_at": time.time()}
         return True
 
+    def _reuse_tuning(self) -> bool:
+        """A restarted actor (same agent run, same model version and settings) serves with its previous
+        incarnation's choice at once: a crash costs no re-tune."""
+        if self.state_file is None or not self.state_file.is_file():
+            return False
+        try:
+            saved = json.loads(self.state_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        if saved.get("run_id") != self.run_id or saved.get("key") != self._tuning_key(self.serving):
+            return False
+        self.max_batch, self.threads = saved["max_batch"], saved["threads"]
+        self.tuned = dict(saved["tuned"], state="reused")
+        self.log.info("tuning reused from before the restart", max_batch=self.max_batch, torch_threads=self.threads)
+        return True
+
+    def _tuning_key(self, model: LoadedModel) -> dict:
+        return {"model_version": model.version, "device": str(self.device), "cores": cpu_cores(),
+                "settings": self.cfg.model_dump(mode="json")}
+
+    def _save_tuning(self) -> None:
+        if self.state_file is None:
+            return
+        state = {"run_id": self.run_id, "key": self._tuning_key(self.serving), "max_batch": self.max_batch,
+                 "threads": self.threads, "tuned": self.tuned}
+        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(state))
+            tmp.replace(self.state_file)
+        except OSError as exc:
+            self.log.warning("cannot save the tuning", path=str(self.state_file), error=str(exc))
+
     def _timed_forward(self, model: LoadedModel, threads: int, frames: list) -> float:
         """On the forward thread: torch's thread count is per thread, so it is set where the pass runs."""
         if torch.get_num_threads() != threads:
@@ -264,6 +301,7 @@ class InferenceActor:
                           f"{r['threads']}t b{r['batch']}: {r['frames_per_second']} f/s {r['ms']} ms"
                           + ("" if r["within_budget"] else " (over budget)" if r["failed"] is None else " (failed)")
                           for r in table])
+        self._save_tuning()
         if not best["within_budget"]:
             self.log.warning("no batch size fits the latency budget on this device; serving the fastest batch",
                              budget_ms=tuner.budget_ms, batch_ms=best["ms"])

@@ -118,7 +118,8 @@ class Agent:
             self.inference = ray.remote(InferenceActor).options(
                 name="inference", namespace=namespace, max_restarts=restarts, max_task_retries=0,
                 num_cpus=self.cfg.inference.num_cpus, num_gpus=1 if use_gpu else 0, max_concurrency=1000,
-            ).remote(self.model_path, self.cfg.inference, learning.shadow.sample)
+            ).remote(self.model_path, self.cfg.inference, learning.shadow.sample, str(state_dir / "inference.json"),
+                      self.run_id)
             self.scoring = ray.remote(ScoringActor).options(
                 name="scoring", namespace=namespace, max_restarts=restarts, max_task_retries=0, num_cpus=0,
             ).remote(self.model_path, self.results_endpoint, self.cfg.output, learning, self.cfg.scoring.threads)

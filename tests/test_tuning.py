@@ -124,3 +124,14 @@ def test_jpeg_bytes_decoded_by_the_inference_actor_score_like_frames_decoded_by_
         assert b.refused is None
         assert np.abs(a.coarse - b.coarse).max() <= 0.01 * np.abs(a.coarse).max()
     assert device[-1].refused and device[-1].coarse.size == 0
+
+
+def test_a_restarted_actor_serves_with_its_previous_choice_and_a_new_agent_run_tunes_afresh(trained_model,
+                                                                                            tmp_path):
+    state = str(tmp_path / "inference.json")
+    cfg = InferenceConfig(tune_seconds=0.05)
+    first = InferenceActor(str(trained_model), cfg, state_file=state, run_id="run-1")
+    restarted = InferenceActor(str(trained_model), cfg, state_file=state, run_id="run-1")  # what Ray does
+    assert restarted.tuned["state"] == "reused" and restarted.tuned["table"] == first.tuned["table"]
+    assert (restarted.max_batch, restarted.threads) == (first.max_batch, first.threads)
+    assert InferenceActor(str(trained_model), cfg, state_file=state, run_id="run-2").tuned["state"] == "tuned"
