@@ -86,8 +86,11 @@ class InferenceConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     half: bool = True  # fp16 autocast on a GPU (ignored on the CPU)
     channels_last: bool = True  # on a GPU
-    torch_threads: int | None = Field(None, ge=1)  # CPU threads for torch; None = tuned (1, 2, 4, … all cores)
-    num_cpus: float = Field(1.0, ge=0)  # Ray scheduling request
+    torch_threads: int | None = Field(None, ge=1)  # CPU threads for torch; None = tuned (1, 2, 4, … num_cpus)
+    # CPUs the inference actor reserves in Ray, and the ceiling of its torch threads. None = the node's cores
+    # but one, which the ingest's decoding and the scoring share (on 2 cores one torch thread beat two end to
+    # end: `make bench` thread splits).
+    num_cpus: float | None = Field(None, ge=0)
     latency_budget_ms: float = Field(100.0, gt=0)  # the tuner's limit on one batch's forward pass
     tune_batches: list[int] = Field([1, 2, 4, 8, 16, 32, 64, 128, 256], min_length=1)  # the ladder it climbs
     tune_seconds: float = Field(0.3, gt=0)  # timed per (threads, batch) point, over at least 3 passes

@@ -82,12 +82,13 @@ def cpu_cores() -> int:
 
 class InferenceActor:
     def __init__(self, model_path: str, cfg: InferenceConfig, shadow_sample: float = 0.25,
-                 state_file: str | None = None, run_id: str = ""):
+                 state_file: str | None = None, run_id: str = "", cpu_budget: int | None = None):
         configure_logging("info", json_output=True)  # worker stderr reaches the driver
         self.model_path, self.cfg, self.shadow_sample = model_path, cfg, shadow_sample
         self.state_file, self.run_id = (Path(state_file) if state_file else None), run_id
         self.started_at = time.time()
-        self.threads = cfg.torch_threads or cpu_cores()  # until tuned
+        self.cpu_budget = cpu_budget or cpu_cores()  # the CPUs it reserved: the ceiling of its torch threads
+        self.threads = cfg.torch_threads or self.cpu_budget  # until tuned
         torch.set_num_threads(self.threads)
         self.serving = self._load_current()
         self.device = self.serving.detector.device
@@ -206,7 +207,7 @@ class InferenceActor:
             self.tuner = None
             return False
         on_cpu = self.device.type == "cpu"
-        threads = [pinned_threads] if pinned_threads else (ladder(cpu_cores()) if on_cpu else [self.threads])
+        threads = [pinned_threads] if pinned_threads else (ladder(self.cpu_budget) if on_cpu else [self.threads])
         batches = [pinned_batch] if pinned_batch else self.cfg.tune_batches
         self.tuner = Tuner(threads, batches, self.cfg.latency_budget_ms, self.cfg.tune_seconds)
         self.tuning_model = model
@@ -233,7 +234,7 @@ class InferenceActor:
         return True
 
     def _tuning_key(self, model: LoadedModel) -> dict:
-        return {"model_version": model.version, "device": str(self.device), "cores": cpu_cores(),
+        return {"model_version": model.version, "device": str(self.device), "cores": self.cpu_budget,
                 "settings": self.cfg.model_dump(mode="json")}
 
     def _save_tuning(self) -> None:

@@ -216,7 +216,7 @@ def render(r: dict) -> str:
               "capture timestamp → decision received by a subscriber. Per frame, from the actors' own stats: decode + "
               f"resize {costs['decode']:.1f} ms (ingest), scoring {costs['scoring']:.1f} ms.", "",
               "The inference actor's tuning table (forward pass of frames at the model's size; frames/s from the "
-              "fastest pass, ms the median):", "",
+              "median of its passes):", "",
               "| torch threads | batch | ms per batch | frames/s | within budget |", "|---|---|---|---|---|"]
     for row in t.get("table", []):
         lines.append(f"| {row['threads']} | {row['batch']} | {row['ms'] if row['ms'] is not None else '—'} | "
