@@ -63,21 +63,26 @@ def write_hf_cache(hf_home: Path) -> Path:
     return snapshot / "model.safetensors"
 
 
-def rate(fn, images: list[np.ndarray], batch: int, repeats: int = 2) -> float:
+def ours_speed(detector, images: list[np.ndarray], repeats: int = 2) -> dict:
+    """images/s of the full model and of the backbone alone, per batch size, timed in alternation pass by
+    pass: on a shared box the load drifts, and both sides of the ratio should see the same drift."""
+    fns = {"adtr": lambda x: detector.score_images(x), "backbone": lambda x: detector.backbone(detector.preprocess(x))}
+    out: dict = {name: {} for name in fns}
     with torch.inference_mode():
-        fn(images[:batch])  # warm-up
-        started, n = time.perf_counter(), 0
-        for _ in range(repeats):
-            for i in range(0, len(images), batch):
-                fn(images[i: i + batch])
-                n += len(images[i: i + batch])
-    return n / (time.perf_counter() - started)
-
-
-def ours_speed(detector, images: list[np.ndarray]) -> dict:
-    full = {b: rate(lambda x: detector.score_images(x), images, b) for b in SPEED_BATCHES}
-    backbone = {b: rate(lambda x: detector.backbone(detector.preprocess(x)), images, b) for b in SPEED_BATCHES}
-    return {"adtr": full, "backbone": backbone}
+        for b in SPEED_BATCHES:
+            seconds, n = dict.fromkeys(fns, 0.0), 0
+            for fn in fns.values():
+                fn(images[:b])  # warm-up
+            for _ in range(repeats):
+                for i in range(0, len(images), b):
+                    for name, fn in fns.items():
+                        started = time.perf_counter()
+                        fn(images[i: i + b])
+                        seconds[name] += time.perf_counter() - started
+                    n += len(images[i: i + b])
+            for name in fns:
+                out[name][b] = n / seconds[name]
+    return out
 
 
 def metrics(labels, masks, usable, scores, maps) -> dict:
@@ -93,9 +98,12 @@ def main() -> None:
     p.add_argument("--peers-python", default=str(ROOT / ".venv-peers" / "bin" / "python"))
     p.add_argument("--methods", default="padim,patchcore")
     p.add_argument("--coreset-ratio", type=float, default=0.001)
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="torch threads for every method (default: the agent's inference budget, the cores but one)")
     p.add_argument("--no-readme", action="store_true")
     args = p.parse_args()
-    threads = torch.get_num_threads()
+    threads = args.threads
+    torch.set_num_threads(threads)
     model_dir = Path(args.model)
     if not (model_dir / "manifest.json").is_file():
         raise SystemExit(f"{model_dir}: no trained model (run `make bench` first, or pass --model)")
