@@ -57,6 +57,10 @@ class IngestConfig(Section):
     # A chunk stops at this many declared pixels (always at least one frame): a camera of huge frames
     # hands the decoders back after each frame.
     decode_budget_pixels: int = Field(16_000_000, ge=1)
+    # A chunk (one inference call) takes up to the inference batch size, and up to this many frames when the
+    # batch is smaller and they are waiting: at saturation fewer Ray calls per frame (each costs both sides a
+    # serialization and an object-store round trip); at low load the queue holds fewer frames anyway.
+    min_chunk: int = Field(4, ge=1, le=512)
 
     def memory_bound(self, image_size: int, cameras: int = 1) -> dict[str, int]:
         """The most bytes the ingest actor holds for `cameras` cameras (one connection each), by part.
@@ -75,13 +79,35 @@ class IngestConfig(Section):
 
 
 class InferenceConfig(Section):
-    max_batch: int = Field(8, ge=1, le=512)
+    # Batch size and torch threads: None = measured by the inference actor at start and after every model
+    # swap (actors/tuning.py: the most frames/s whose batch takes at most latency_budget_ms); a number pins it.
+    max_batch: int | None = Field(None, ge=1, le=512)
     max_wait_ms: float = Field(10.0, ge=0, le=10_000)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     half: bool = True  # fp16 autocast on a GPU (ignored on the CPU)
     channels_last: bool = True  # on a GPU
-    torch_threads: int = Field(0, ge=0)  # CPU threads for torch; 0 = all cores of the box
-    num_cpus: float = Field(1.0, ge=0)  # Ray scheduling request
+    torch_threads: int | None = Field(None, ge=1)  # CPU threads for torch; None = tuned (1, 2, 4, … num_cpus)
+    # CPUs the inference actor reserves in Ray, and the ceiling of its torch threads. None = the node's cores
+    # but one, which the ingest's decoding and the scoring share (on 2 cores one torch thread beat two end to
+    # end: `make bench` thread splits).
+    num_cpus: float | None = Field(None, ge=0)
+    latency_budget_ms: float = Field(100.0, gt=0)  # the tuner's limit on one batch's forward pass
+    tune_batches: list[int] = Field([1, 2, 4, 8, 16, 32, 64, 128, 256], min_length=1)  # the ladder it climbs
+    tune_seconds: float = Field(0.3, gt=0)  # timed per (threads, batch) point, over at least 3 passes
+    # ingest: the ingest actor decodes and resizes every frame. device: JPEG frames travel as their bytes and
+    # the inference actor decodes them in batches on its device (torchvision.io.decode_jpeg: nvJPEG on a GPU)
+    # and resizes them there; other encodings are still decoded by the ingest.
+    jpeg_decode: Literal["ingest", "device"] = "ingest"
+
+    @model_validator(mode="after")
+    def _ladder(self) -> InferenceConfig:
+        if any(b < 1 or b > 512 for b in self.tune_batches):
+            raise ValueError("inference.tune_batches must hold batch sizes from 1 to 512")
+        return self
+
+
+class ScoringConfig(Section):
+    threads: int = Field(1, ge=1, le=64)  # the scoring actor's torch and OpenCV threads (its CPU budget)
 
 
 class OutputConfig(Section):

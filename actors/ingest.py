@@ -2,9 +2,13 @@
 
 Threads: the receiver (socket → header and size checks → per-camera queue) and `decode_threads`
 dispatchers (queue → decode → resize → inference → scoring, in chunks of at most
-`decode_budget_pixels`, one chunk per camera at a time, at most `max_in_flight` frames per camera), so
-a camera of huge frames holds one decoder while the others serve the rest. Ray calls (stats, drain)
-run on the actor's own thread pool, so they answer while frames flow.
+`decode_budget_pixels` and of the inference actor's batch size, one chunk per camera at a time, at most
+`max_in_flight` frames per camera), so a camera of huge frames holds one decoder while the others serve
+the rest. Each dispatcher is one thread of decoding (OpenCV's own pool is off): the actor's CPU budget
+is `decode_threads`. With `jpeg_decode=device` JPEG frames go to inference undecoded (their header was
+read at receipt); the inference actor decodes them and a frame its decoder refuses comes back as
+`invalid{decode}`. Ray calls (stats, drain) run on the actor's own thread pool, so they answer while
+frames flow.
 
 What a peer sends cannot poison the books: ZeroMQ drops a peer that sends a message part over
 `max_payload_bytes` before reading it (ZMQ_MAXMSGSIZE; counted as a peer event), a refused frame never
@@ -29,6 +33,7 @@ from collections import Counter, OrderedDict, deque
 from pathlib import Path
 from typing import Any
 
+import cv2
 import ray
 import structlog
 import zmq
@@ -40,7 +45,7 @@ from model.data import resize_image
 from .config import IngestConfig
 from .logs import configure_logging
 from .protocol import MAX_HEADER_BYTES, UNKNOWN_CAMERA, FrameError, FrameLimits, Message, check_message
-from .stats import CameraStats
+from .stats import COST_BUCKETS_S, CameraStats, Histogram
 
 log = structlog.get_logger(__name__)
 OVERFLOW_CAMERA = "_overflow"  # cameras beyond max_cameras share this label
@@ -72,11 +77,15 @@ def _curve_server(socket: zmq.Socket, context: zmq.Context, cfg: IngestConfig) -
 
 class IngestActor:
     def __init__(self, endpoint: str, cfg: IngestConfig, image_size: int, inference: str, scoring: str,
-                 chunk: int = 8, state_file: str | None = None, run_id: str = ""):
+                 chunk: int = 8, state_file: str | None = None, run_id: str = "", jpeg_bytes: bool = False):
         configure_logging("info", json_output=True)  # worker stderr reaches the driver
+        cv2.setNumThreads(1)  # each dispatcher decodes on its own thread: decode_threads is the CPU budget
         self.endpoint, self.cfg, self.image_size = endpoint, cfg, image_size
         self.state_file, self.run_id = (Path(state_file) if state_file else None), run_id
-        self.chunk = chunk  # frames per inference call at most (= the inference batch size)
+        self.chunk = chunk  # frames per inference call at most: the inference actor's batch size (refreshed)
+        self.jpeg_bytes = jpeg_bytes
+        self.chunk_checked: float | None = None  # JPEG frames go to inference as their bytes (decoded on its device)
+        self.decode_seconds = Histogram(COST_BUCKETS_S)  # per frame: decode + resize on a dispatcher
         # By name, not by handle: a restarted ingest finds the live actors again.
         namespace = ray.get_runtime_context().namespace
         self.inference = ray.get_actor(inference, namespace=namespace)
@@ -121,6 +130,7 @@ class IngestActor:
             thread.start()
         self.monitor_thread = threading.Thread(target=self._monitor_loop, name="ingest-peers", daemon=True)
         self.monitor_thread.start()
+        threading.Thread(target=self._batching_loop, name="ingest-batching", daemon=True).start()
         if self.state_file is not None:
             self._save_state()
             threading.Thread(target=self._save_loop, name="ingest-books", daemon=True).start()
@@ -133,7 +143,9 @@ class IngestActor:
     def stats(self) -> dict[str, Any]:
         with self.lock:
             return {"endpoint": self.endpoint, "bound": self.bound, "mode": self.cfg.mode, "pid": os.getpid(),
-                    "restarted": self.restarted, "peers": dict(self.peers),
+                    "restarted": self.restarted, "peers": dict(self.peers), "chunk": self.chunk,
+                    "decode_seconds": self.decode_seconds.cumulative(), "decode_seconds_sum": self.decode_seconds.total,
+                    "decode_seconds_count": self.decode_seconds.n,
                     "cameras": {cam: {"received": s.received, "processed": s.processed, "anomalies": s.anomalies,
                                       "dropped": dict(s.dropped), "invalid": dict(s.invalid),
                                       "events": dict(s.events),
@@ -217,6 +229,15 @@ class IngestActor:
                     self._save_state()
                 except OSError as exc:
                     self.log.error("cannot save ingest books", path=str(self.state_file), error=str(exc))
+
+    def _batching_loop(self) -> None:
+        """Chunks follow the inference actor's batch size, which it tunes at start and after a model swap."""
+        while not self.stopping.wait(0 if self.chunk_checked is None else 2.0):
+            try:
+                self.chunk = max(1, int(ray.get(self.inference.batching.remote(), timeout=30)["max_batch"]))
+                self.chunk_checked = time.monotonic()
+            except Exception:  # noqa: BLE001 - restarting or busy: keep the last size, ask again later
+                self.chunk_checked = self.chunk_checked or 0.0
 
     # ------------------------------------------------------------------ receiver thread
     def _label(self, camera: str, claim: bool) -> str:
@@ -395,7 +416,7 @@ class IngestActor:
             free = self.cfg.max_in_flight - self.in_flight.get(camera, 0)
             if queue and free > 0 and camera not in self.decoding:
                 self.queues.move_to_end(camera)  # round robin between cameras
-                most = min(free, len(queue), self.chunk)
+                most = min(free, len(queue), max(self.chunk, self.cfg.min_chunk))
                 chunk = [queue.popleft()]
                 pixels = chunk[0].pixels
                 while len(chunk) < most and pixels + queue[0].pixels <= self.cfg.decode_budget_pixels:
@@ -438,9 +459,15 @@ class IngestActor:
     def _dispatch(self, camera: str, chunk: list[Message]) -> None:
         frames, items = [], []
         for item in chunk:
+            if self.jpeg_bytes and item.header.encoding == "jpeg":  # decoded by inference, on its device
+                frames.append(item.payload)
+                items.append(item)
+                continue
             try:  # decoded only now: frames dropped while queued never cost a decode
+                started = time.perf_counter()
                 frames.append(resize_image(item.decode().image, self.image_size))
                 items.append(item)
+                self.decode_seconds.observe(time.perf_counter() - started)
             except FrameError as exc:
                 self._refuse(exc, label=camera)
             except Exception as exc:  # noqa: BLE001 - one bad frame must never stop the dispatcher
@@ -492,6 +519,13 @@ class IngestActor:
                     self.inference_up.clear()
             else:
                 for decision in decisions:
+                    if decision.get("refused"):  # JPEG bytes the inference actor's decoder refused
+                        stats.invalid["decode"] += 1
+                        count = stats.invalid["decode"]
+                        if sampled(count):
+                            self.log.warning("invalid frame", camera_id=camera, reason="decode",
+                                             detail=decision["refused"], count=count, where="inference")
+                        continue
                     stats.processed += 1
                     stats.anomalies += int(decision["is_anomaly"])
                     if decision["latency_ms"] is not None:  # None: the camera's clock is implausible

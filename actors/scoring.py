@@ -38,6 +38,7 @@ from .config import LearningConfig, OutputConfig
 from .inference import InferenceResult
 from .logs import configure_logging
 from .protocol import FrameHeader, decision_message, decode_jpeg, decode_payload, finite_or_none, strict_json
+from .stats import COST_BUCKETS_S, Histogram
 
 log = structlog.get_logger(__name__)
 PAYLOAD_SUFFIX = {"jpeg": ".jpg", "png": ".png", "raw": ".png"}
@@ -177,8 +178,13 @@ class AutoSampler:
 
 class ScoringActor:
     def __init__(self, model_path: str, results_endpoint: str, cfg: OutputConfig,
-                 learning: LearningConfig | None = None):
+                 learning: LearningConfig | None = None, threads: int = 1):
         configure_logging("info", json_output=True)  # worker stderr reaches the driver
+        # Its CPU budget (scoring.threads): the score maps and overlays are small; more threads would
+        # only take cores from the forward pass on a small box.
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
+        self.seconds = Histogram(COST_BUCKETS_S)  # per frame: score, decide, publish, save
         self.model_path, self.cfg = model_path, cfg
         self.learning = learning or LearningConfig()
         model_dir, registry = resolve_model(model_path)
@@ -225,17 +231,24 @@ class ScoringActor:
         """Decide frames from their coarse maps, publish each decision, save anomalies (payloads are
         the camera's bytes). Returns what the ingest counts: is_anomaly and latency per frame.
         `clock_ok[i]` False: the frame's capture ts is implausible, so its latency_ms is null."""
+        started = time.perf_counter()
         clock_ok = clock_ok or [True] * len(results)
         out: list[dict[str, Any]] = [{}] * len(results)
+        for i, r in enumerate(results):
+            if r.refused is not None:  # the inference actor's decoder refused its bytes: counted as invalid
+                out[i] = {"refused": r.refused, "is_anomaly": False, "latency_ms": None}
         # One ScoreHead call per model version (there is one, except across a model swap).
-        for version in dict.fromkeys(r.model_version for r in results):
-            idx = [i for i, r in enumerate(results) if r.model_version == version]
+        for version in dict.fromkeys(r.model_version for r in results if r.refused is None):
+            idx = [i for i, r in enumerate(results) if r.model_version == version and r.refused is None]
             head = self._head(version).head
             scored = head.score(torch.from_numpy(np.stack([np.asarray(results[i].coarse, np.float32) for i in idx])))
             for j, i in enumerate(idx):
                 out[i] = self._decide(head, headers[i], results[i], payloads[i], received_at[i], scored, j,
                                       clock_ok[i])
         self._compare_shadow(headers, results, out)
+        per_frame = (time.perf_counter() - started) / max(1, len(results))
+        for _ in results:
+            self.seconds.observe(per_frame)
         return out
 
     def _decide(self, head: ScoreHead, header, result: InferenceResult, payload: bytes, received_at: float,
@@ -355,6 +368,8 @@ class ScoringActor:
         store = {"bytes": self.store.total, "files": len(self.store.files), "deleted": self.store.deleted} \
             if self.store else None
         return {"model_version": self.serving_version, "decisions": self.decisions, "anomalies": self.anomalies,
+                "seconds": self.seconds.cumulative(), "seconds_sum": self.seconds.total,
+                "seconds_count": self.seconds.n,
                 "write_errors": self.write_errors, "store": store, "results": self.bound, "pid": os.getpid(),
                 "drift": {camera: dict(monitor.state(), model_version=version)
                           for camera, (version, monitor) in self.drift.items() if monitor is not None},

@@ -137,6 +137,17 @@ class AgentCollector:
             failures = CounterMetricFamily("adtr_model_load_failures", "Model versions that failed to load")
             failures.add_metric([], inference["load_failures"])
             yield failures
+            yield from _tuning_metrics(inference)
+        costs = [("adtr_decode_seconds", "Decode and resize of one frame in an ingest actor", "ingest",
+                  [v for k, v in snap.items() if k.startswith("ingest-") and v], "decode_seconds"),
+                 ("adtr_scoring_seconds", "Scoring one frame (maps, decision, publish, files)", "scoring",
+                  [snap.get("scoring") or {}], "seconds")]
+        for name, text, actor, stats, key in costs:
+            family = HistogramMetricFamily(name, text, labels=["actor"])
+            for i, s in enumerate(stats):
+                if s.get(key):
+                    family.add_metric([f"{actor}-{i}" if actor == "ingest" else actor], s[key], _finite(s[key + "_sum"]))
+            yield family
         scoring = snap.get("scoring") or {}
         if scoring.get("store"):
             stored = GaugeMetricFamily("adtr_anomaly_store_bytes", "Bytes in the anomaly output folder")
@@ -147,6 +158,30 @@ class AgentCollector:
             errors.add_metric([], scoring["write_errors"])
             yield errors
             yield from _learning_metrics(scoring)
+
+
+def _tuning_metrics(inference: dict[str, Any]):
+    """The inference actor's self-tuning: what it serves with, and the table it chose from."""
+    tuning = inference.get("tuning") or {}
+    batch = GaugeMetricFamily("adtr_inference_max_batch", "Batch size the inference actor serves with")
+    batch.add_metric([], inference.get("max_batch", 0))
+    threads = GaugeMetricFamily("adtr_inference_torch_threads", "Torch threads of the forward pass")
+    threads.add_metric([], inference.get("torch_threads", 0))
+    state = GaugeMetricFamily("adtr_tuning_state", "1 for the tuner's state: tuning, tuned, or pinned (settings)",
+                              labels=["state"])
+    state.add_metric([tuning.get("state", "pinned")], 1.0)
+    runs = CounterMetricFamily("adtr_tuning_runs", "Completed tuning runs (at start and after model swaps)")
+    runs.add_metric([], tuning.get("runs", 0))
+    fps = GaugeMetricFamily("adtr_tuning_frames_per_second", "Measured forward throughput per (threads, batch)",
+                            labels=["threads", "batch"])
+    ms = GaugeMetricFamily("adtr_tuning_batch_seconds", "Measured forward time of one batch (median)",
+                           labels=["threads", "batch"])
+    for row in tuning.get("table", []):
+        labels = [str(row["threads"]), str(row["batch"])]
+        fps.add_metric(labels, row["frames_per_second"])
+        if row["ms"] is not None:
+            ms.add_metric(labels, row["ms"] / 1000.0)
+    yield from (batch, threads, state, runs, fps, ms)
 
 
 def _camera_metrics(ingests: list[dict[str, Any]]):

@@ -497,7 +497,9 @@ def test_an_attack_mix_for_a_minute_keeps_memory_in_its_bound_metrics_readable_a
         bounds = {"ingest-0": cfg.ingest.memory_bound(image_size, connections)["total"],
                   # frames in flight at model size (uint8 and their float copy), and one full batch's forward pass
                   "inference": connections * cfg.ingest.max_in_flight * image_size**2 * 3 * 5
-                  + forward_working_set(trained_model, cfg.inference.max_batch, cfg.inference.torch_threads or os.cpu_count()),
+                  # at the largest batch it ran: the batch it tuned itself to, or a bigger one it timed doing so
+                  + forward_working_set(trained_model, max([snap["inference"]["max_batch"]] + [
+                      r["batch"] for r in snap["inference"]["tuning"]["table"]]), snap["inference"]["torch_threads"]),
                   # payloads of frames in flight, and one overlay (a DCT-scaled decode < 2x the side)
                   "scoring": connections * cfg.ingest.max_in_flight * cfg.ingest.max_payload_bytes
                   + 20 * (2 * cfg.output.overlay_max_side) ** 2}
