@@ -7,7 +7,6 @@ computed from the settings. Waits are for progress (counters, decisions), never 
 from __future__ import annotations
 
 import json
-import os
 import random
 import socket
 import threading
@@ -26,14 +25,6 @@ from hostile import StrictDecisions, corrupt_jpegs, flat_jpeg, malformed, metric
 from live import live_agent, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-@pytest.fixture(scope="module")
-def test_images(small_dataset):
-    rng = random.Random(0)
-    samples = list(small_dataset.test)
-    rng.shuffle(samples)
-    return [s.path for s in samples[:24]]
 
 
 @pytest.fixture(scope="module")
