@@ -128,6 +128,7 @@ class GateConfig(Section):
     max_auroc_drop: float = Field(0.01, ge=0, le=1)
     max_recall_drop: float = Field(0.05, ge=0, le=1)
     min_holdout_normals: int = Field(5, ge=1)
+    alpha: float = Field(0.05, gt=0, lt=1)  # significance of a paired (McNemar) regression in rates
 
 
 class RetrainConfig(Section):
@@ -142,6 +143,9 @@ class RetrainConfig(Section):
     lr: float | None = Field(None, gt=0)  # None: the model's train.lr (× 0.3 when warm-started)
     max_minutes: float = Field(20.0, ge=0)  # training stops here with what it has (0: no limit)
     min_train_samples: int = Field(20, ge=1)
+    # Frames an operator accepted as normal are repeated this many times in the training set: a line's
+    # new condition is a handful of corrected false alarms among the base set's hundreds of normals.
+    operator_repeat: int = Field(4, ge=1, le=100)
     num_workers: int = Field(1, ge=1)  # Ray Train workers (DDP when > 1)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False  # the serving actor holds a 1-GPU box's GPU: train on the CPU there

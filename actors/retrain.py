@@ -235,13 +235,15 @@ def retrain(registry_path: str | Path, cfg: RetrainConfig, run_name: str | None 
         bad = BadFiles()
         misses_before = cache.misses
 
-        def features(rows: list[StoredSample], what: str) -> torch.Tensor:
+        def features(rows: list[StoredSample], what: str, operator_repeat: int = 1) -> torch.Tensor:
             if not rows:
                 return torch.empty(0, serving.backbone.out_channels, serving.cfg.backbone.feature_size,
                                    serving.cfg.backbone.feature_size)
-            return cache.extract(_samples(rows), bad, "skip", serving.cfg.train.feature_batch_size, progress, what).features
+            fs = cache.extract(_samples(rows), bad, "skip", serving.cfg.train.feature_batch_size, progress, what)
+            repeats = [operator_repeat if s.defect_type == "operator" else 1 for s in fs.samples]
+            return fs.features.repeat_interleave(torch.tensor(repeats), dim=0) if operator_repeat > 1 else fs.features
 
-        train = features(train_rows, "train")
+        train = features(train_rows, "train", cfg.operator_repeat)
         val = features(snapshot.select(label=0, split="val"), "val")
         holdout_normals = features(snapshot.select(label=0, split="holdout"), "holdout normals")
         holdout_defects = features(snapshot.select(label=1, split="holdout"), "holdout defects")

@@ -28,7 +28,7 @@ import zmq
 
 from model.checkpoint import read_manifest
 from model.detector import ScoreHead, load_score_head
-from model.drift import ScoreDrift, reference_bins
+from model.drift import Reference, ScoreDrift, reference_bins
 from model.registry import resolve_model
 from model.samples import SampleStore, StoreLimits
 from model.scoring import defect_regions
@@ -97,7 +97,7 @@ class AnomalyStore:
 @dataclass
 class VersionHead:
     head: ScoreHead
-    drift_reference: tuple[list[float], np.ndarray] | None
+    drift_reference: Reference | None
 
 
 @dataclass
@@ -292,7 +292,7 @@ class ScoringActor:
         if monitored != version:  # a new model has its own validation scores: start over
             reference = self.heads[version].drift_reference if version in self.heads else None
             d = self.learning.drift
-            monitor = ScoreDrift(*reference, d.window, d.min_samples, d.alarm_psi) if reference else None
+            monitor = ScoreDrift(reference, d.window, d.min_samples, d.alarm_psi) if reference else None
             self.drift[camera] = (version, monitor)
         if monitor is None:
             return

@@ -72,3 +72,25 @@ def test_on_a_gpu_the_tuner_serves_the_best_batch_within_the_budget(trained_mode
     table = actor.tuned["table"]
     assert actor.tuned["state"] == "tuned" and len({r["threads"] for r in table}) == 1  # threads: not a GPU knob
     assert actor.max_batch == best_point(table, actor.cfg.latency_budget_ms)["batch"]
+
+
+def test_training_on_a_gpu_follows_the_model_and_matches_the_cpu(trained_model, small_config, small_dataset):
+    """fit() moves each batch to the model's device: the same seed trains to the same weights on either."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU here: training on the GPU is checked by tests/benchmarks/gpu_bench.sh on a GPU machine")
+    import numpy as np
+
+    from model.train import fit, new_reconstructor, seed_everything
+
+    features = load_detector(trained_model).to("cpu").embed([read_image(s.path) for s in small_dataset.train[:16]])
+    tcfg = small_config.train.model_copy(update={"epochs": 2, "max_minutes": 0.0})
+    weights = {}
+    for device in ("cpu", "cuda"):
+        seed_everything(0)
+        model = new_reconstructor(small_config, features.shape[1], features).to(device)
+        result = fit(model, (features,), None, tcfg, progress=False)
+        assert all(p.device.type == device for p in model.parameters())
+        assert all(np.isfinite(h["train_loss"]) for h in result.history)
+        weights[device] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for name, cpu in weights["cpu"].items():
+        assert torch.allclose(cpu, weights["cuda"][name], rtol=1e-2, atol=1e-3), name
