@@ -6,7 +6,8 @@ serving model's validation scores, the recent anomaly rate per model version (th
 reads it), the shadow model's agreement with the serving one (shadow decisions are never published),
 and a sample of confidently normal frames for the accepted-sample store (written by a thread, off
 the decision path; what does not fit its queue is shed and counted). Anomalous frames are written
-to disk: the original payload, a heatmap overlay and a JSON sidecar, under a size cap.
+to disk: the original payload, a heatmap overlay, a thumbnail, the heatmap alone and a JSON sidecar,
+under a size cap; so is a sample of normal frames (by a thread, for review in the operator console).
 """
 from __future__ import annotations
 
@@ -45,38 +46,135 @@ PAYLOAD_SUFFIX = {"jpeg": ".jpg", "png": ".png", "raw": ".png"}
 MAX_HEADS = 8  # score heads kept (serving, shadow, recent versions)
 
 
-class AnomalyStore:
-    """Files for anomalous frames in `<dir>/<camera>/`, total size kept under `max_bytes` (oldest go first)."""
+NORMAL_PREFIX = "ok_"  # saved normal frames: ok_<time>_<seq>.*; anomalies: <time>_<seq>.*
+THUMB_WIDTH = 240
 
-    def __init__(self, root: Path, max_bytes: int):
-        self.root, self.max_bytes = Path(root), max_bytes
+
+class AnomalyStore:
+    """Files for anomalous frames (and a sample of normal ones) in `<dir>/<camera>/`, total size kept under
+    `max_bytes`, the normals' share under `normals_max_bytes`; the oldest go first. Thread-safe (the
+    normals are written by their own thread)."""
+
+    def __init__(self, root: Path, max_bytes: int, normals_max_bytes: int = 0):
+        self.root, self.max_bytes, self.normals_max_bytes = Path(root), max_bytes, normals_max_bytes
         self.root.mkdir(parents=True, exist_ok=True)
-        existing = sorted((p for p in self.root.rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime)
-        self.files: deque[tuple[Path, int]] = deque((p, p.stat().st_size) for p in existing)
-        self.total = sum(size for _, size in self.files)
+        self.lock = threading.Lock()
+        existing = sorted(((p, p.stat()) for p in self.root.rglob("*") if p.is_file()), key=lambda e: e[1].st_mtime)
+        # (path, size, written at): one queue for anomalies, one for normals, each oldest first
+        self.files: deque[tuple[Path, int, float]] = deque()
+        self.normals: deque[tuple[Path, int, float]] = deque()
+        for path, st in existing:
+            (self.normals if path.name.startswith(NORMAL_PREFIX) else self.files).append((path, st.st_size, st.st_mtime))
+        self.total = sum(e[1] for e in self.files) + sum(e[1] for e in self.normals)
+        self.normals_total = sum(e[1] for e in self.normals)
         self.deleted = 0
 
-    def write(self, camera: str, stem: str, files: dict[str, bytes]) -> dict[str, str]:
+    def write(self, camera: str, stem: str, files: dict[str, bytes], normal: bool = False) -> dict[str, str]:
         folder = self.root / camera
         folder.mkdir(parents=True, exist_ok=True)
         written = {}
-        for suffix, data in files.items():
-            path = folder / f"{stem}{suffix}"
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
-            self.files.append((path, len(data)))
-            self.total += len(data)
-            written[suffix] = str(path)
-        self._trim()
+        with self.lock:
+            queue_ = self.normals if normal else self.files
+            for suffix, data in files.items():
+                path = folder / f"{stem}{suffix}"
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_bytes(data)
+                tmp.replace(path)
+                queue_.append((path, len(data), time.time()))
+                self.total += len(data)
+                self.normals_total += len(data) if normal else 0
+                written[suffix] = str(path)
+            self._trim()
         return written
 
+    def _drop(self, normal: bool) -> None:
+        path, size, _ = (self.normals if normal else self.files).popleft()
+        path.unlink(missing_ok=True)
+        self.total -= size
+        self.normals_total -= size if normal else 0
+        self.deleted += 1
+
     def _trim(self) -> None:
-        while self.total > self.max_bytes and self.files:
-            path, size = self.files.popleft()
-            path.unlink(missing_ok=True)
-            self.total -= size
-            self.deleted += 1
+        while self.normals and self.normals_total > self.normals_max_bytes:
+            self._drop(True)
+        while self.total > self.max_bytes and (self.files or self.normals):
+            # the oldest file of either kind
+            self._drop(bool(self.normals) and (not self.files or self.normals[0][2] <= self.files[0][2]))
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            return {"bytes": self.total, "files": len(self.files) + len(self.normals), "deleted": self.deleted,
+                    "normal_bytes": self.normals_total, "normal_files": len(self.normals)}
+
+
+def heat_png(amap: np.ndarray, threshold: float) -> bytes:
+    """The anomaly map alone, as a transparent JET heatmap (BGRA PNG at the map's resolution; colours over
+    [0, 2 × threshold] like the overlay; clear below half the threshold, 75 % opaque from 1.5 × threshold):
+    the console lays it over the frame and can switch it off."""
+    t = max(threshold, 1e-12)
+    scaled = np.clip(amap / (2.0 * t), 0.0, 1.0)
+    heat = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    alpha = (np.clip(amap / t - 0.5, 0.0, 0.75) * 255).astype(np.uint8)
+    return cv2.imencode(".png", np.dstack([heat, alpha]))[1].tobytes()
+
+
+def thumbnail_jpg(frame_rgb: np.ndarray, width: int = THUMB_WIDTH) -> bytes:
+    height, w = frame_rgb.shape[:2]
+    size = (width, max(1, round(height * width / w)))
+    small = cv2.resize(frame_rgb, size, interpolation=cv2.INTER_AREA)
+    if small.ndim == 2:
+        small = cv2.cvtColor(small, cv2.COLOR_GRAY2RGB)
+    return cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes()
+
+
+def frame_stem(header: dict[str, Any], normal: bool = False) -> str:
+    stem = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(header['ts']))}_{header['seq']:010d}"
+    return NORMAL_PREFIX + stem if normal else stem
+
+
+class NormalSaver:
+    """A sample of normal decisions → the output folder (payload, thumbnail, heatmap, sidecar), at most one
+    per camera per `every_s`, on a thread with a bounded queue: the decision path only enqueues."""
+
+    def __init__(self, store: AnomalyStore, cfg, log_):
+        self.store, self.cfg, self.log = store, cfg, log_
+        self.queue: queue.Queue = queue.Queue(maxsize=cfg.queue)
+        self.last: dict[str, float] = {}
+        self.saved = self.shed = self.errors = 0
+        threading.Thread(target=self._write_loop, name="normal-saver", daemon=True).start()
+
+    def consider(self, header: dict, decision: dict, amap: np.ndarray, payload: bytes) -> None:
+        camera, now = header["camera_id"], time.monotonic()
+        if now - self.last.get(camera, -math.inf) < self.cfg.every_s:
+            return
+        self.last[camera] = now
+        try:
+            self.queue.put_nowait((header, decision, amap.copy(), payload))
+        except queue.Full:
+            self.shed += 1
+
+    def _write_loop(self) -> None:
+        while True:
+            header, decision, amap, payload = self.queue.get()
+            try:
+                frame = decode_payload(FrameHeader.model_validate(header), payload)
+                if header["encoding"] == "raw":
+                    payload = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))[1].tobytes()
+                self.store.write(header["camera_id"], frame_stem(header, normal=True), {
+                    PAYLOAD_SUFFIX[header["encoding"]]: payload,
+                    "_thumb.jpg": thumbnail_jpg(frame),
+                    "_heat.png": heat_png(amap, decision["threshold"]),
+                    ".json": json.dumps(dict(decision, source_encoding=header["encoding"], sampled="normal"),
+                                        indent=1).encode(),
+                }, normal=True)
+                self.saved += 1
+            except Exception as exc:  # noqa: BLE001 - a full disk must not stop decisions
+                self.errors += 1
+                if self.errors <= 10 or self.errors % 1000 == 0:
+                    self.log.error("normal sample not saved", camera_id=header["camera_id"], error=str(exc)[:200])
+
+    def stats(self) -> dict[str, int]:
+        return {"saved": self.saved, "shed": self.shed, "errors": self.errors, "queued": self.queue.qsize()}
 
 
 @dataclass
@@ -176,7 +274,10 @@ class ScoringActor:
         self.socket.linger = 1000
         self.socket.bind(results_endpoint)
         self.bound = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.store = AnomalyStore(cfg.dir, cfg.max_bytes) if cfg.save_anomalies else None
+        self.store = AnomalyStore(cfg.dir, cfg.max_bytes, cfg.normals.max_bytes) \
+            if cfg.save_anomalies or cfg.normals.every_s > 0 else None
+        self.normal_saver = NormalSaver(self.store, cfg.normals, log) \
+            if self.store is not None and cfg.normals.every_s > 0 and cfg.normals.max_bytes > 0 else None
         self.decisions = self.anomalies = self.write_errors = 0
         self.drift: dict[str, tuple[str, ScoreDrift | None]] = {}
         self.drift_alarms: dict[str, bool] = {}
@@ -236,7 +337,7 @@ class ScoringActor:
             "inference_ms": result.inference_ms, "batch_size": result.batch_size,
             "width": header["width"], "height": header["height"],
         }
-        if is_anomaly and self.store is not None:
+        if is_anomaly and self.store is not None and self.cfg.save_anomalies:
             decision["files"] = self._save(header, decision, amap, payload)
         self.socket.send_multipart(decision_message(decision))
         self.decisions += 1
@@ -244,6 +345,8 @@ class ScoringActor:
         self._watch(header["camera_id"], head.model_version, score, is_anomaly)
         if self.sampler is not None and not is_anomaly:
             self.sampler.consider(header, payload, head.model_version, score, decision["normalized_score"])
+        if self.normal_saver is not None and not is_anomaly:
+            self.normal_saver.consider(header, decision, amap, payload)
         return {"is_anomaly": is_anomaly, "latency_ms": decision["latency_ms"], "score": score,
                 "normalized_score": decision["normalized_score"]}
 
@@ -299,11 +402,12 @@ class ScoringActor:
                 payload = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))[1].tobytes()
             caption = f"ANOMALY {decision['normalized_score']:.2f}x thr  {header['camera_id']} #{header['seq']}"
             overlay = heatmap_overlay(frame, big, 2 * decision["threshold"], big >= decision["threshold"], caption)
-            stem = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(header['ts']))}_{header['seq']:010d}"
             sidecar = dict(decision, source_encoding=header["encoding"])
-            return self.store.write(header["camera_id"], stem, {
+            return self.store.write(header["camera_id"], frame_stem(header), {
                 PAYLOAD_SUFFIX[header["encoding"]]: payload,
                 "_overlay.png": cv2.imencode(".png", overlay)[1].tobytes(),
+                "_thumb.jpg": thumbnail_jpg(frame),  # for the console: a small frame and the map alone
+                "_heat.png": heat_png(amap, decision["threshold"]),
                 ".json": json.dumps(sidecar, indent=1).encode(),
             })
         except Exception as exc:  # noqa: BLE001 - a full disk (or any save failure) must not stop decisions
@@ -313,7 +417,7 @@ class ScoringActor:
 
     # ------------------------------------------------------------------ observation
     async def stats(self) -> dict[str, Any]:
-        store = {"bytes": self.store.total, "files": len(self.store.files), "deleted": self.store.deleted} \
+        store = dict(self.store.stats(), normals=self.normal_saver.stats() if self.normal_saver else None) \
             if self.store else None
         return {"model_version": self.serving_version, "decisions": self.decisions, "anomalies": self.anomalies,
                 "write_errors": self.write_errors, "store": store, "results": self.bound, "pid": os.getpid(),
