@@ -352,7 +352,7 @@ def _plus_inputs(cfg: RetrainConfig, model_cfg: AdtrConfig, run_dir: Path, featu
     """The ADTR+ phase's inputs, saved beside the run: the confirmed defects' features and cell masks
     (from the operator's box or brush mask; none: the image label alone)."""
     masks, has_mask = label_cell_masks([(r.path, r.box, r.mask_path) for r in rows], model_cfg.backbone.feature_size)
-    for name, array in zip(PLUS_FILES, (features.numpy(), masks.numpy(), has_mask.numpy())):
+    for name, array in zip(PLUS_FILES, (features.numpy(), masks.numpy(), has_mask.numpy()), strict=True):
         np.save(run_dir / name, array)
     plus = {"features": str(run_dir / PLUS_FILES[0]), "cell_masks": str(run_dir / PLUS_FILES[1]),
             "has_mask": str(run_dir / PLUS_FILES[2]), "epochs": cfg.adtr_plus.epochs,
