@@ -109,12 +109,12 @@ class AnomalyStore:
 
 def heat_png(amap: np.ndarray, threshold: float) -> bytes:
     """The anomaly map alone, as a transparent JET heatmap (BGRA PNG at the map's resolution; colours over
-    [0, 2 × threshold] like the overlay; clear below half the threshold, 75 % opaque from 1.5 × threshold):
+    [0, 2 × threshold] like the overlay; clear below 0.75 × threshold, 75 % opaque from 1.25 × threshold):
     the console lays it over the frame and can switch it off."""
     t = max(threshold, 1e-12)
     scaled = np.clip(amap / (2.0 * t), 0.0, 1.0)
     heat = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    alpha = (np.clip(amap / t - 0.5, 0.0, 0.75) * 255).astype(np.uint8)
+    alpha = (np.clip((amap / t - 0.75) * 1.5, 0.0, 0.75) * 255).astype(np.uint8)
     return cv2.imencode(".png", np.dstack([heat, alpha]))[1].tobytes()
 
 

@@ -2,7 +2,7 @@
 
 Used by the agent's HTTP API (`POST /v1/samples`) and by `adtr-edge accept` when no agent runs.
 A saved frame is one the scoring actor wrote for an anomaly: `<anomalies>/<camera>/<time>_<seq>.<ext>`
-with a `.json` sidecar (the decision). "Accept as normal" files it as origin `operator`; "confirm
+with a `.json` sidecar (the decision), or a sampled normal one (`ok_<time>_<seq>.<ext>`). "Accept as normal" files it as origin `operator`; "confirm
 defect" as `confirmed_defect`, with an optional box.
 """
 from __future__ import annotations
@@ -44,8 +44,9 @@ def find_saved_frame(anomalies: Path, camera_id: str | None = None, seq: int | N
             payload = sidecar.with_suffix(suffix)
             if payload.is_file():
                 return payload, _sidecar(payload)
-    raise FrameNotFound(f"no saved frame for camera {camera_id} seq {seq} in {folder} (only anomalies are "
-                        "saved, and the oldest are deleted past output.max_bytes)")
+    raise FrameNotFound(f"no saved frame for camera {camera_id} seq {seq} in {folder} (anomalies are saved, "
+                        "normals only one per output.normals.every_s, and the oldest are deleted past "
+                        "output.max_bytes)")
 
 
 def _sidecar(payload: Path) -> dict[str, Any]:

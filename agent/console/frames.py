@@ -148,10 +148,14 @@ class FrameIndex:
     def get(self, camera: str, stem: str) -> Frame | None:
         if not _CAMERA.fullmatch(camera or "") or not re.fullmatch(STEM_PATTERN, stem or ""):
             return None
-        self.refresh()
-        with self.lock:
-            frames = self.cameras.get(camera, (0, []))[1]
-        return next((f for f in frames if f.stem == stem), None)
+        for force in (False, True):  # not listed yet (saved a moment ago): relist the changed folders once
+            self.refresh(force=force)
+            with self.lock:
+                frames = self.cameras.get(camera, (0, []))[1]
+            found = next((f for f in frames if f.stem == stem), None)
+            if found is not None:
+                return found
+        return None
 
     def sidecar(self, frame: Frame) -> dict[str, Any]:
         """The decision saved with the frame ({} when it cannot be read); cached by path and mtime."""

@@ -83,7 +83,17 @@
     const w = Number(detail.dataset.width) || base.naturalWidth, h = Number(detail.dataset.height) || base.naturalHeight;
     if (canvas && w && h && (canvas.width !== w || canvas.height !== h)) { canvas.width = w; canvas.height = h; }
   }
-  if (base.complete) sizeCanvas(); else base.addEventListener("load", sizeCanvas);
+  function fit() {
+    // Small frames are shown larger, large ones smaller: as big as the viewer allows, aspect kept.
+    if (!base.naturalWidth) return;
+    const viewer = detail.querySelector(".viewer");
+    const room = Math.min(viewer.clientWidth / base.naturalWidth,
+                          (window.innerHeight - viewer.getBoundingClientRect().top - 16) / base.naturalHeight);
+    base.style.width = Math.max(1, Math.floor(base.naturalWidth * room)) + "px";
+  }
+  const ready = () => { sizeCanvas(); fit(); };
+  if (base.complete) ready(); else base.addEventListener("load", ready);
+  window.addEventListener("resize", fit);
 
   const point = (e) => {
     const r = canvas.getBoundingClientRect();
