@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 DATA   ?= ../shared/data/magnetic-tile
 DEMO   ?= runs/demo
 
-.PHONY: demo demo-loop test bench install install-test clean
+.PHONY: demo demo-loop test screenshots bench install install-test clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,16 +21,7 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
-install-# Learning on the line: the same model in a registry, the lighting drifts, false alarms are accepted, a
-# retrain runs as a Ray job, the candidate is shadowed and promoted, false alarms fall.
-demo-loop: $(VENV)/.installed
-	@if [ ! -f $(DEMO)/model/manifest.json ]; then \
-		$(VENV)/bin/adtr-edge train --data $(DATA) --out $(DEMO)/model; \
-	fi
-	rm -rf $(DEMO)/loop
-	$(VENV)/bin/adtr-edge demo --loop --model $(DEMO)/model --data $(DATA) --out $(DEMO)/loop
-
-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test
 
 # The live agent on the Magnetic Tile test split; the default model is trained (and evaluated
 # offline) first when $(DEMO)/model holds none.
@@ -50,13 +41,23 @@ demo-loop: $(VENV)/.installed
 	rm -rf $(DEMO)/loop
 	$(VENV)/bin/adtr-edge demo --loop --model $(DEMO)/model --data $(DATA) --out $(DEMO)/loop
 
+# The console's browser tests drive Debian's chromium (Playwright's Python API, the system browser; its
+# own browser download is never used): tests/install_browser.sh installs it where it can (root + apt).
 test: $(VENV)/.installed-test
+	bash tests/install_browser.sh
 	$(PY) -m pytest tests
+
+# The README's console screenshots, produced by the browser test itself.
+screenshots: $(VENV)/.installed-test
+	bash tests/install_browser.sh
+	ADTR_EDGE_SCREENSHOTS=docs/screenshots $(PY) -m pytest tests/test_console_browser.py
 
 bench: $(VENV)/.installed-test
 	$(PY) tests/benchmarks/bench_model.py --data $(DATA) --out runs/bench
 	$(PY) tests/benchmarks/bench_agent.py --data $(DATA) --model runs/bench/adtr-edge --out runs/bench
 	$(PY) tests/benchmarks/bench_learning.py --data $(DATA) --model runs/bench/adtr-edge --out runs/bench
+	bash tests/install_browser.sh
+	$(PY) tests/benchmarks/bench_console.py --data $(DATA) --model runs/bench/adtr-edge --out runs/bench
 
 clean:
 	rm -rf runs .pytest_cache
