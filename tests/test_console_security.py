@@ -259,3 +259,14 @@ def test_image_routes_cannot_leave_the_anomaly_folder(env, tmp_path):
         status, body = raw_get(env["url"], path, cookie)
         assert status in (400, 404), (path, status)
         assert b"root:" not in body and secrets_[:40] not in body and b"def create_console_app" not in body, path
+
+
+def test_the_login_never_sends_anyone_off_the_console(env):
+    for target, expected in [("//evil.example/x", "/live"), ("https://evil.example", "/live"),
+                             ("/\\evil.example", "/live"), ("/\t/evil.example", "/live"),
+                             ("/review?camera=line-1&decision=anomaly", "/review?camera=line-1&decision=anomaly")]:
+        client = Client(env["url"])
+        token = client.page_token("/login")
+        status, headers, _ = client.post_form("/login", {"csrf_token": token, "user": OPERATOR[0],
+                                                          "password": OPERATOR[1], "next": target})
+        assert status == 302 and headers["Location"] == expected, (target, headers.get("Location"))

@@ -40,10 +40,11 @@ def is_loopback(host: str) -> bool:
 class ConsoleServer:
     """waitress on its own thread and port; `url` is the address really bound (port 0 = any free one)."""
 
-    def __init__(self, agent, cache, users_file: Path, audit_file: Path):
+    def __init__(self, agent, cache, users_file: Path, audit_file: Path, own_cache: bool = False):
         from .app import create_console_app
 
         cfg = agent.cfg.console
+        self.cache, self.own_cache = cache, own_cache
         self.users_file, self.audit_file = users_file, audit_file
         self.app = create_console_app(agent, cache, users_file, audit_file)
         self.server = create_server(
@@ -63,6 +64,8 @@ class ConsoleServer:
 
     def shutdown(self) -> None:
         self.app.extensions["adtr_console"]["live"].stop.set()
+        if self.own_cache:
+            self.cache.stop.set()
         self.server.close()
 
 
@@ -76,13 +79,16 @@ def start_console(agent, cache=None) -> ConsoleServer | None:
         log.warning("console not started: no users yet; add one with "
                     f"`adtr-edge console add-user {where} NAME --role operator`", users_file=str(users_file))
         return None
-    if cache is None:
+    own = cache is None
+    if own:  # the agent serves no /metrics: the console takes its own snapshots
         from ..http import SnapshotCache
 
         cache = SnapshotCache(agent, agent.cfg.http.snapshot_s)
     try:
-        return ConsoleServer(agent, cache, users_file, audit_file)
+        return ConsoleServer(agent, cache, users_file, audit_file, own_cache=own)
     except OSError as exc:  # e.g. the port is taken: the line keeps running, without its console
+        if own:
+            cache.stop.set()
         log.error("console not started: cannot listen", host=agent.cfg.console.host, port=agent.cfg.console.port,
                   error=str(exc))
         return None

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
+import re
 import secrets
 import time
 from datetime import datetime, timezone
@@ -59,6 +61,14 @@ def _num(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flask:
@@ -158,7 +168,9 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
 
     # ------------------------------------------------------------------ login
     def safe_next(target: str | None) -> str:
-        if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        """Only a path on this console (no scheme, no host, no //, no backslash, no control characters that a
+        browser would drop to make one): a login link cannot send anyone elsewhere."""
+        if not target or not re.fullmatch(r"/(?![/\\])[A-Za-z0-9/_.~%?=&;:+,-]*", target):
             return url_for("live_page")
         return target
 
@@ -325,11 +337,11 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
             return {"learning": False, "serving": (snap.get("inference") or {}).get("model_version",
                                                                                      agent.model_version)}
         versions = registry.versions()
-        for v in versions:
-            shown = registry.show(v["version"])
-            v["gate_full"] = shown["gate"]
-            v["dataset"] = shown["dataset"]
-            v["adtr_plus"] = (shown["manifest"].get("training") or {}).get("adtr_plus")
+        for v in versions:  # the files beside each version (not registry.show: it rereads the event log each time)
+            folder = registry.version_dir(v["version"])
+            v["gate_full"] = _read_json(folder / "gate.json") or None
+            v["dataset"] = (_read_json(folder / "dataset.json") or {}).get("counts")
+            v["adtr_plus"] = ((_read_json(folder / "manifest.json") or {}).get("training") or {}).get("adtr_plus")
         versions.reverse()  # newest first
         counts = store.counts()
         return {"learning": True, "versions": versions, "pointers": registry.pointers(),
