@@ -60,7 +60,8 @@ class InferenceConfig(Section):
 class NormalSampleConfig(Section):
     """A sample of frames decided normal, saved beside the anomalies for the operator console's review (a
     missed defect is found there). Written by a thread off the decision path; what its queue cannot take
-    is shed and counted. Their own share of the folder, inside output.max_bytes."""
+    is shed and counted. Their own share of the folder, inside output.max_bytes. Only with save_anomalies
+    (off: the agent writes no frame files at all)."""
 
     every_s: float = Field(30.0, ge=0)  # per camera: at most one normal frame per interval; 0 = none
     max_bytes: int = Field(64 << 20, ge=0)  # normals beyond this go first (oldest first)

@@ -274,8 +274,8 @@ class ScoringActor:
         self.socket.linger = 1000
         self.socket.bind(results_endpoint)
         self.bound = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.store = AnomalyStore(cfg.dir, cfg.max_bytes, cfg.normals.max_bytes) \
-            if cfg.save_anomalies or cfg.normals.every_s > 0 else None
+        self.store = AnomalyStore(cfg.dir, cfg.max_bytes, cfg.normals.max_bytes) if cfg.save_anomalies else None
+        # Normals are sampled into the same folder: only where it is in use (save_anomalies off = no files).
         self.normal_saver = NormalSaver(self.store, cfg.normals, log) \
             if self.store is not None and cfg.normals.every_s > 0 and cfg.normals.max_bytes > 0 else None
         self.decisions = self.anomalies = self.write_errors = 0
@@ -337,7 +337,7 @@ class ScoringActor:
             "inference_ms": result.inference_ms, "batch_size": result.batch_size,
             "width": header["width"], "height": header["height"],
         }
-        if is_anomaly and self.store is not None and self.cfg.save_anomalies:
+        if is_anomaly and self.store is not None:
             decision["files"] = self._save(header, decision, amap, payload)
         self.socket.send_multipart(decision_message(decision))
         self.decisions += 1
