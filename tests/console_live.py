@@ -130,10 +130,12 @@ def chromium_path() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
     """Debian's Chromium, headless, driven by Playwright's Python API. Skipped (with the reason) only where
-    no browser is installed; `make test` installs one (tests/install_browser.sh) where it can."""
+    no browser is installed; `make test` installs one (tests/install_browser.sh) where it can. Module scope:
+    Playwright's sync API runs an event loop on this thread while it is open, and later tests use
+    asyncio.run."""
     path = chromium_path()
     if path is None:
         pytest.skip("no Chromium to drive: install Debian's chromium package (make test runs "
