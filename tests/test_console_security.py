@@ -270,3 +270,17 @@ def test_the_login_never_sends_anyone_off_the_console(env):
         status, headers, _ = client.post_form("/login", {"csrf_token": token, "user": OPERATOR[0],
                                                           "password": OPERATOR[1], "next": target})
         assert status == 302 and headers["Location"] == expected, (target, headers.get("Location"))
+
+
+def test_a_removed_user_is_logged_out_and_a_changed_role_applies_at_once(env):
+    from agent.console.auth import add_user, remove_user
+
+    users = env["registry"].root / "console" / "users.json"
+    add_user(users, "temp", "temporary password 1", "operator")
+    client = Client(env["url"])
+    assert client.login("temp", "temporary password 1") == 302
+    assert client.post_json(f"/api/review/{'/'.join(_first_frame(env))}/skip")[0] == 200
+    add_user(users, "temp", "temporary password 1", "viewer")
+    assert client.post_json(f"/api/review/{'/'.join(_first_frame(env))}/skip")[0] == 403
+    remove_user(users, "temp")
+    assert client.get("/api/live")[0] == 401 and client.get("/live")[0] == 302

@@ -204,3 +204,22 @@ def test_boxes_and_masks_become_cell_fractions_and_an_unlabelled_defect_keeps_it
 
     loss = plus_loss(alpha=0.003, top_k=4)(Echo(), data)
     assert torch.isfinite(loss) and loss > 0
+
+
+def test_the_cli_adds_lists_and_removes_users_and_refuses_weak_passwords(tmp_path, monkeypatch, capsys):
+    import io
+
+    from agent.cli import main
+
+    users = tmp_path / "users.json"
+    monkeypatch.setattr("sys.stdin", io.StringIO("a long enough password\n"))
+    assert main(["console", "add-user", "--users-file", str(users), "ana", "--role", "viewer", "--password-stdin"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert main(["console", "add-user", "--users-file", str(users), "bob", "--password-stdin"]) == 2
+    assert "at least 10 characters" in capsys.readouterr().err
+    assert main(["console", "list-users", "--users-file", str(users)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ana": "viewer"}
+    assert Authenticator(users).check("ana", "a long enough password") == "viewer"
+    assert main(["console", "remove-user", "--users-file", str(users), "ana"]) == 0
+    assert read_users(users) == {}
+    assert main(["console", "add-user", "--registry", str(tmp_path), "x", "--password-stdin"]) == 2  # not a registry

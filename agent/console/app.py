@@ -97,7 +97,17 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
 
     # ------------------------------------------------------------------ who is asking
     def current() -> Any:
-        return sessions.get(session.get("sid"))
+        """The session's user, as the users file says now: a removed user is logged out at their next
+        request, a changed role applies at once."""
+        info = sessions.get(session.get("sid"))
+        if info is None:
+            return None
+        user = auth.users().get(info.user)
+        if user is None:
+            sessions.end_user(info.user)
+            return None
+        info.role = user["role"]
+        return info
 
     def wants_json() -> bool:
         return request.path.startswith(("/api/", "/media/"))
