@@ -5,7 +5,9 @@ PY     := $(VENV)/bin/python
 DATA   ?= ../shared/data/magnetic-tile
 DEMO   ?= runs/demo
 
-.PHONY: demo demo-loop test screenshots bench install install-test clean
+PEERS  := .venv-peers
+
+.PHONY: demo demo-loop test screenshots bench bench-peers install install-test clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +60,21 @@ bench: $(VENV)/.installed-test
 	$(PY) tests/benchmarks/bench_learning.py --data $(DATA) --model runs/bench/adtr-edge --out runs/bench
 	bash tests/install_browser.sh
 	$(PY) tests/benchmarks/bench_console.py --data $(DATA) --model runs/bench/adtr-edge --out runs/bench
+
+# anomalib's PaDiM and PatchCore beside ADTR, in their own virtualenv (anomalib pins its own Lightning stack),
+# with the same offline backbone weights, split and resolution; rewrites the README's peers table.
+$(PEERS)/.installed: tests/benchmarks/peers-requirements.txt
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --upgrade pip
+	$(PEERS)/bin/python -m pip install -q -r tests/benchmarks/peers-requirements.txt
+	touch $@
+
+bench-peers: $(VENV)/.installed-test $(PEERS)/.installed
+	@if [ ! -f runs/bench/adtr-edge/manifest.json ]; then \
+		$(PY) tests/benchmarks/bench_model.py --data $(DATA) --out runs/bench --only mt; \
+	fi
+	$(PY) tests/benchmarks/bench_peers.py --data $(DATA) --model runs/bench/adtr-edge --out runs/bench \
+		--peers-python $(PEERS)/bin/python
 
 clean:
 	rm -rf runs .pytest_cache

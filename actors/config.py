@@ -45,16 +45,69 @@ class IngestConfig(Section):
     max_cameras: int = Field(64, ge=1)  # distinct camera ids tracked per endpoint (bounds metric labels)
     allowed_cameras: list[str] = []  # empty: any camera id
     curve: CurveConfig = CurveConfig()
+    # A forward jump of up to this many seqs is counted as frames lost upstream; a bigger one is a
+    # `jump` (counted once, the sequence starts again there), so one bad seq cannot claim 10^9 drops.
+    max_seq_gap: int = Field(1000, ge=1)
+    # A capture ts further than this from the agent's clock at receipt is a camera clock problem: the
+    # frame is decided and counted, its latency is null and stays out of the latency histogram.
+    max_clock_skew_s: float = Field(60.0, gt=0)
+    # Decoding runs on this many threads, one chunk per camera at a time, so a camera of huge frames
+    # holds one thread while the others decode the rest.
+    decode_threads: int = Field(2, ge=1, le=64)
+    # A chunk stops at this many declared pixels (always at least one frame): a camera of huge frames
+    # hands the decoders back after each frame.
+    decode_budget_pixels: int = Field(16_000_000, ge=1)
+    # A chunk (one inference call) takes up to the inference batch size, and up to this many frames when the
+    # batch is smaller and they are waiting: at saturation fewer Ray calls per frame (each costs both sides a
+    # serialization and an object-store round trip); at low load the queue holds fewer frames anyway.
+    min_chunk: int = Field(4, ge=1, le=512)
+
+    def memory_bound(self, image_size: int, cameras: int = 1) -> dict[str, int]:
+        """The most bytes the ingest actor holds for `cameras` cameras (one connection each), by part.
+        ZeroMQ refuses any message part over max_payload_bytes (ZMQ_MAXMSGSIZE: the peer is
+        disconnected before the part is read), so each message it buffers is at most a header + a
+        payload. Each decode thread holds at most DECODE_BYTES_PER_PIXEL × max_pixels (the worst case,
+        a 16-bit BGRA PNG: its pixels, their shifted copy and the 8-bit copy at once). The kernel's
+        socket buffer (socket_buffer_bytes per connection) is not in any process's RSS."""
+        from .protocol import DECODE_BYTES_PER_PIXEL, MAX_HEADER_BYTES
+
+        message = self.max_payload_bytes + MAX_HEADER_BYTES
+        # in ZeroMQ's pipe, in the camera's queue, and the payloads of frames in flight (kept for scoring)
+        per_camera = (self.rcv_hwm + self.queue_depth + self.max_in_flight) * message
+        decode = self.decode_threads * DECODE_BYTES_PER_PIXEL * self.max_pixels
+        return {"per_camera": per_camera, "decode": decode, "total": cameras * per_camera + decode}
 
 
 class InferenceConfig(Section):
-    max_batch: int = Field(8, ge=1, le=512)
+    # Batch size and torch threads: None = measured by the inference actor at start and after every model
+    # swap (actors/tuning.py: the most frames/s whose batch takes at most latency_budget_ms); a number pins it.
+    max_batch: int | None = Field(None, ge=1, le=512)
     max_wait_ms: float = Field(10.0, ge=0, le=10_000)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     half: bool = True  # fp16 autocast on a GPU (ignored on the CPU)
     channels_last: bool = True  # on a GPU
-    torch_threads: int = Field(0, ge=0)  # CPU threads for torch; 0 = all cores of the box
-    num_cpus: float = Field(1.0, ge=0)  # Ray scheduling request
+    torch_threads: int | None = Field(None, ge=1)  # CPU threads for torch; None = tuned (1, 2, 4, … num_cpus)
+    # CPUs the inference actor reserves in Ray, and the ceiling of its torch threads. None = the node's cores
+    # but one, which the ingest's decoding and the scoring share (on 2 cores one torch thread beat two end to
+    # end: `make bench` thread splits).
+    num_cpus: float | None = Field(None, ge=0)
+    latency_budget_ms: float = Field(100.0, gt=0)  # the tuner's limit on one batch's forward pass
+    tune_batches: list[int] = Field([1, 2, 4, 8, 16, 32, 64, 128, 256], min_length=1)  # the ladder it climbs
+    tune_seconds: float = Field(0.3, gt=0)  # timed per (threads, batch) point, over at least 3 passes
+    # ingest: the ingest actor decodes and resizes every frame. device: JPEG frames travel as their bytes and
+    # the inference actor decodes them in batches on its device (torchvision.io.decode_jpeg: nvJPEG on a GPU)
+    # and resizes them there; other encodings are still decoded by the ingest.
+    jpeg_decode: Literal["ingest", "device"] = "ingest"
+
+    @model_validator(mode="after")
+    def _ladder(self) -> InferenceConfig:
+        if any(b < 1 or b > 512 for b in self.tune_batches):
+            raise ValueError("inference.tune_batches must hold batch sizes from 1 to 512")
+        return self
+
+
+class ScoringConfig(Section):
+    threads: int = Field(1, ge=1, le=64)  # the scoring actor's torch and OpenCV threads (its CPU budget)
 
 
 class NormalSampleConfig(Section):
@@ -75,6 +128,9 @@ class OutputConfig(Section):
     normals: NormalSampleConfig = NormalSampleConfig()
     min_region_area_px: int = Field(4, ge=1)  # at the model's image size
     max_regions: int = Field(20, ge=0)
+    # The saved overlay (frame | heatmap) is drawn with the frame's longer side at most this many pixels
+    # (JPEGs decoded at a reduced DCT scale): a camera of huge frames cannot stall the scoring actor.
+    overlay_max_side: int = Field(1024, ge=64)
 
 
 class GateConfig(Section):
@@ -84,6 +140,7 @@ class GateConfig(Section):
     max_auroc_drop: float = Field(0.01, ge=0, le=1)
     max_recall_drop: float = Field(0.05, ge=0, le=1)
     min_holdout_normals: int = Field(5, ge=1)
+    alpha: float = Field(0.05, gt=0, lt=1)  # significance of a paired (McNemar) regression in rates
 
 
 class RetrainPlusConfig(Section):
@@ -109,6 +166,9 @@ class RetrainConfig(Section):
     lr: float | None = Field(None, gt=0)  # None: the model's train.lr (× 0.3 when warm-started)
     max_minutes: float = Field(20.0, ge=0)  # training stops here with what it has (0: no limit)
     min_train_samples: int = Field(20, ge=1)
+    # Frames an operator accepted as normal are repeated this many times in the training set: a line's
+    # new condition is a handful of corrected false alarms among the base set's hundreds of normals.
+    operator_repeat: int = Field(4, ge=1, le=100)
     num_workers: int = Field(1, ge=1)  # Ray Train workers (DDP when > 1)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False  # the serving actor holds a 1-GPU box's GPU: train on the CPU there

@@ -1,9 +1,15 @@
 """InferenceActor: dynamic batching of frames into one forward pass, and model versions swapped live.
 
 An async actor: `infer_batch` calls queue up on the event loop, a batching task forms batches (up to
-`max_batch`, waiting at most `max_wait_ms` after the first frame), and the forward pass
+the batch size, waiting at most `max_wait_ms` after the first frame), and the forward pass
 (`AnomalyDetector.embed` + `coarse_maps`, the model's one device-aware path) runs on a worker thread,
 so `stats`/`ping` answer while a batch runs.
+
+Self-tuning (actors/tuning.py): before it serves, the actor times its forward pass for a ladder of
+batch sizes (and torch thread counts on a CPU) on frames of the model's size and serves with the most
+frames/s whose batch stays within `latency_budget_ms`; `max_batch` / `torch_threads` pin either. After
+a model swap it tunes again, one timed pass between two live batches, serving with the previous choice
+until the new table is complete.
 
 Versions: `prepare` loads a version in the background (reusing the loaded backbone when its weights
 match), warms it up and checks its outputs are finite; `activate` makes a prepared version the
@@ -16,11 +22,13 @@ loads the registry's `current` (or the plain model folder) again in `__init__`.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +41,7 @@ from model.registry import resolve_model
 from .config import InferenceConfig
 from .logs import configure_logging
 from .stats import BATCH_BUCKETS, Histogram
+from .tuning import Tuner, ladder
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +56,7 @@ class InferenceResult:
     inference_ms: float
     shadow_version: str | None = None
     shadow_coarse: np.ndarray | None = None  # the shadow model's map of the same frame, when sampled
+    refused: str | None = None  # a frame sent as JPEG bytes that the device's decoder refused (no map)
 
 
 @dataclass
@@ -60,29 +70,52 @@ class ModelLoadError(RuntimeError):
     """A version that could not be loaded, or that gave non-finite outputs: it is never served."""
 
 
+PROBE_EVERY = 4  # while a re-tune runs under load: one timed pass after this many live batches
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class InferenceActor:
-    def __init__(self, model_path: str, cfg: InferenceConfig, shadow_sample: float = 0.25):
+    def __init__(self, model_path: str, cfg: InferenceConfig, shadow_sample: float = 0.25,
+                 state_file: str | None = None, run_id: str = "", cpu_budget: int | None = None):
         configure_logging("info", json_output=True)  # worker stderr reaches the driver
         self.model_path, self.cfg, self.shadow_sample = model_path, cfg, shadow_sample
+        self.state_file, self.run_id = (Path(state_file) if state_file else None), run_id
         self.started_at = time.time()
-        torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)
+        self.cpu_budget = cpu_budget or cpu_cores()  # the CPUs it reserved: the ceiling of its torch threads
+        self.threads = cfg.torch_threads or self.cpu_budget  # until tuned
+        torch.set_num_threads(self.threads)
         self.serving = self._load_current()
         self.device = self.serving.detector.device
         self.shadow: LoadedModel | None = None
         self.staged: dict[str, LoadedModel] = {}
-        self.queue: list[tuple[np.ndarray, asyncio.Future]] = []
+        self.queue: list[tuple[Any, asyncio.Future]] = []
         self.arrived: asyncio.Event | None = None
         self.batcher: asyncio.Task | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
         self.batch_sizes = Histogram(BATCH_BUCKETS)
         self.forward_seconds = Histogram()
-        self.frames = self.shadow_frames = 0
+        self.frames = self.shadow_frames = self.refused = 0
         self.swaps = self.load_failures = 0
         self.busy = False
         self.log = log.bind(model_version=self.serving.version, device=str(self.device))
+        self.max_batch = cfg.max_batch or 1  # until tuned
+        self.tuner: Tuner | None = None
+        self.tuned: dict[str, Any] = {"state": "pinned", "runs": 0, "table": []}
+        if not self._reuse_tuning():
+            self._tuner_for(self.serving)
+            while self._probe_next():  # before serving: nothing waits for these passes
+                pass
         self.ready_at = time.time()
-        self.log.info("inference ready", load_s=round(self.serving.loaded_s, 2))
+        self.log.info("inference ready", load_s=round(self.serving.loaded_s, 2), max_batch=self.max_batch,
+                      torch_threads=self.threads, tune_s=round(self.ready_at - self.started_at
+                                                               - self.serving.loaded_s, 2))
 
     # ------------------------------------------------------------------ models
     def _load(self, model_dir: str, backbone) -> LoadedModel:
@@ -154,6 +187,8 @@ class InferenceActor:
             self.swaps += 1
             self.log = log.bind(model_version=version, device=str(self.device))
             self.log.info("serving model switched", previous=previous.version)
+            if self._tuner_for(model):  # timed between live batches by the batch loop
+                self._start_batcher()
             return {"version": version, "role": role, "changed": True, "previous": previous.version}
         self.shadow = model
         self.log.info("shadow model set", shadow_version=version)
@@ -163,41 +198,178 @@ class InferenceActor:
         version, self.shadow = (self.shadow.version if self.shadow else None), None
         return version
 
-    # ------------------------------------------------------------------ frames
-    async def infer_batch(self, frames: list[np.ndarray]) -> list[InferenceResult]:
-        """Frames in (RGB uint8 at the model's size), one result each out, once their batches ran.
-        Calls from all cameras share the batches: a call is a unit of transport, not a batch."""
+    # ------------------------------------------------------------------ tuning
+    def _tuner_for(self, model: LoadedModel) -> bool:
+        """A new table for `model`, unless both values are pinned. Returns whether one was started."""
+        pinned_batch, pinned_threads = self.cfg.max_batch, self.cfg.torch_threads
+        if pinned_batch and pinned_threads:
+            self.max_batch, self.threads = pinned_batch, pinned_threads
+            self.tuner = None
+            return False
+        on_cpu = self.device.type == "cpu"
+        threads = [pinned_threads] if pinned_threads else (ladder(self.cpu_budget) if on_cpu else [self.threads])
+        batches = [pinned_batch] if pinned_batch else self.cfg.tune_batches
+        self.tuner = Tuner(threads, batches, self.cfg.latency_budget_ms, self.cfg.tune_seconds)
+        self.tuning_model = model
+        size = model.detector.image_size
+        rng = np.random.default_rng(0)  # the pass costs the same on any pixels; these are never decided
+        self.probe_frames = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(max(batches))]
+        self.tuned = {**self.tuned, "state": "tuning", "model_version": model.version, "started_at": time.time()}
+        return True
+
+    def _reuse_tuning(self) -> bool:
+        """A restarted actor (same agent run, same model version and settings) serves with its previous
+        incarnation's choice at once: a crash costs no re-tune."""
+        if self.state_file is None or not self.state_file.is_file():
+            return False
+        try:
+            saved = json.loads(self.state_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        if saved.get("run_id") != self.run_id or saved.get("key") != self._tuning_key(self.serving):
+            return False
+        self.max_batch, self.threads = saved["max_batch"], saved["threads"]
+        self.tuned = dict(saved["tuned"], state="reused")
+        self.log.info("tuning reused from before the restart", max_batch=self.max_batch, torch_threads=self.threads)
+        return True
+
+    def _tuning_key(self, model: LoadedModel) -> dict:
+        return {"model_version": model.version, "device": str(self.device), "cores": self.cpu_budget,
+                "settings": self.cfg.model_dump(mode="json")}
+
+    def _save_tuning(self) -> None:
+        if self.state_file is None:
+            return
+        state = {"run_id": self.run_id, "key": self._tuning_key(self.serving), "max_batch": self.max_batch,
+                 "threads": self.threads, "tuned": self.tuned}
+        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(state))
+            tmp.replace(self.state_file)
+        except OSError as exc:
+            self.log.warning("cannot save the tuning", path=str(self.state_file), error=str(exc))
+
+    def _timed_forward(self, model: LoadedModel, threads: int, frames: list) -> float:
+        """On the forward thread: torch's thread count is per thread, so it is set where the pass runs."""
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        started = time.perf_counter()
+        self._forward(model, None, frames)
+        return time.perf_counter() - started
+
+    def _probe_next(self) -> bool:
+        """Time one pass of the current table on the forward thread. False when there is nothing to time."""
+        tuner = self.tuner
+        if tuner is None:
+            return False
+        probe = tuner.next_probe()
+        if probe is None:
+            self._finish_tuning(tuner)
+            return False
+        threads, batch = probe
+        try:
+            seconds = self.executor.submit(self._timed_forward, self.tuning_model, threads,
+                                           self.probe_frames[:batch]).result()
+            tuner.record(threads, batch, seconds)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of GPU memory: this point and bigger are out
+            tuner.record(threads, batch, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return True
+
+    async def _probe_async(self) -> None:
+        """One timed pass from the batch loop, without blocking the event loop."""
         loop = asyncio.get_running_loop()
-        if self.batcher is None:
-            self.arrived = asyncio.Event()
-            self.batcher = loop.create_task(self._batch_loop())
+        self.busy = True
+        try:
+            await loop.run_in_executor(None, self._probe_next)
+        finally:
+            self.busy = False
+
+    def _finish_tuning(self, tuner: Tuner) -> None:
+        table, best = tuner.table(), tuner.best()
+        self.tuner = None
+        if self.tuning_model is not self.serving:  # swapped again meanwhile: that model's own table follows
+            return
+        self.max_batch, self.threads = best["batch"], best["threads"]
+        self.tuned = {"state": "tuned", "model_version": self.tuning_model.version, "runs": self.tuned["runs"] + 1,
+                      "budget_ms": tuner.budget_ms, "table": table, "batch": best["batch"],
+                      "threads": best["threads"], "ms": best["ms"], "frames_per_second": best["frames_per_second"],
+                      "within_budget": best["within_budget"], "seconds": round(time.time() - self.tuned["started_at"], 2)}
+        self.log.info("tuned", max_batch=self.max_batch, torch_threads=self.threads, batch_ms=best["ms"],
+                      frames_per_second=best["frames_per_second"], budget_ms=tuner.budget_ms,
+                      seconds=self.tuned["seconds"], table=[
+                          f"{r['threads']}t b{r['batch']}: {r['frames_per_second']} f/s {r['ms']} ms"
+                          + ("" if r["within_budget"] else " (over budget)" if r["failed"] is None else " (failed)")
+                          for r in table])
+        self._save_tuning()
+        if not best["within_budget"]:
+            self.log.warning("no batch size fits the latency budget on this device; serving the fastest batch",
+                             budget_ms=tuner.budget_ms, batch_ms=best["ms"])
+
+    async def batching(self) -> dict[str, Any]:
+        """The batch size and torch threads in use (the ingest sizes its chunks by the batch)."""
+        return {"max_batch": self.max_batch, "threads": self.threads, "state": self.tuned["state"]}
+
+    # ------------------------------------------------------------------ frames
+    async def infer_batch(self, frames: list[np.ndarray | bytes]) -> list[InferenceResult]:
+        """Frames in (RGB uint8 at the model's size, or a JPEG's bytes with jpeg_decode=device), one result
+        each out, once their batches ran. Calls from all cameras share the batches: a call is a unit of
+        transport, not a batch."""
+        loop = asyncio.get_running_loop()
+        self._start_batcher()
         futures = [loop.create_future() for _ in frames]
         self.queue.extend(zip(frames, futures))
         self.arrived.set()
         return list(await asyncio.gather(*futures))
 
-    @staticmethod
-    def _forward(serving: LoadedModel, shadow: LoadedModel | None, frames: list[np.ndarray]):
+    def _start_batcher(self) -> None:
+        if self.batcher is None or self.batcher.done():  # done: its event loop ended (asyncio.run in tests)
+            self.arrived = asyncio.Event()
+            self.batcher = asyncio.get_running_loop().create_task(self._batch_loop())
+
+    def _forward(self, serving: LoadedModel, shadow: LoadedModel | None, frames: list):
+        """Maps of the serving model (and the shadow's), and {index: reason} of frames not decodable."""
+        refused: dict[int, str] = {}
+        if any(not isinstance(f, np.ndarray) for f in frames):  # JPEG bytes: decoded on the device
+            from .device_decode import decode_batch
+
+            batch, refused = decode_batch(frames, serving.detector.image_size, self.device)
+            if not len(batch):
+                return np.zeros((0, 0, 0), np.float32), None, refused
+            frames = batch
         features = serving.detector.embed(frames)
         maps = serving.detector.coarse_maps(features).numpy()
         if shadow is None:
-            return maps, None
+            return maps, None, refused
         same_backbone = shadow.detector.backbone is serving.detector.backbone
         shadow_features = features if same_backbone else shadow.detector.embed(frames)
-        return maps, shadow.detector.coarse_maps(shadow_features).numpy()
+        return maps, shadow.detector.coarse_maps(shadow_features).numpy(), refused
+
+    def _run_batch(self, serving: LoadedModel, shadow: LoadedModel | None, frames: list):
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        return self._forward(serving, shadow, frames)
 
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        since_probe = 0
         while True:
-            await self.arrived.wait()
-            deadline = loop.time() + self.cfg.max_wait_ms / 1000.0
-            while len(self.queue) < self.cfg.max_batch and loop.time() < deadline:
-                await asyncio.sleep(min(0.001, max(0.0, deadline - loop.time())))
-            batch, self.queue = self.queue[: self.cfg.max_batch], self.queue[self.cfg.max_batch :]
+            if self.tuner is not None and (not self.queue or since_probe >= PROBE_EVERY):
+                await self._probe_async()  # a re-tune after a swap: one timed pass between live batches
+                since_probe = 0
+                continue
             if not self.queue:
                 self.arrived.clear()
+                await self.arrived.wait()
+            deadline = loop.time() + self.cfg.max_wait_ms / 1000.0
+            while len(self.queue) < self.max_batch and loop.time() < deadline:
+                await asyncio.sleep(min(0.001, max(0.0, deadline - loop.time())))
+            size = self.max_batch
+            batch, self.queue = self.queue[:size], self.queue[size:]
             if not batch:
                 continue
+            since_probe += 1
             # The model and its version, taken together before the pass: a swap during it changes nothing.
             serving = self.serving
             shadow = self.shadow if self.shadow is not None and random.random() < self.shadow_sample else None
@@ -205,7 +377,8 @@ class InferenceActor:
             self.busy = True
             started = time.perf_counter()
             try:
-                maps, shadow_maps = await loop.run_in_executor(self.executor, self._forward, serving, shadow, frames)
+                maps, shadow_maps, refused = await loop.run_in_executor(
+                    self.executor, self._run_batch, serving, shadow, frames)
             except Exception as exc:  # noqa: BLE001 - fail this batch's frames, keep serving
                 self.log.error("batch failed", size=len(batch), error=f"{type(exc).__name__}: {exc}")
                 for _, future in batch:
@@ -217,15 +390,22 @@ class InferenceActor:
             seconds = time.perf_counter() - started
             self.batch_sizes.observe(len(batch))
             self.forward_seconds.observe(seconds)
-            self.frames += len(batch)
-            self.shadow_frames += len(batch) if shadow_maps is not None else 0
+            self.frames += len(batch) - len(refused)
+            self.refused += len(refused)
+            self.shadow_frames += len(batch) - len(refused) if shadow_maps is not None else 0
+            row = 0  # maps hold the frames that decoded, in order
             for i, (_, future) in enumerate(batch):
-                if future.done():  # the caller went away (e.g. cancelled)
-                    continue
-                future.set_result(InferenceResult(
-                    maps[i], serving.version, len(batch), seconds * 1000.0,
-                    shadow.version if shadow_maps is not None else None,
-                    shadow_maps[i] if shadow_maps is not None else None))
+                if i in refused:
+                    result = InferenceResult(np.zeros((0, 0), np.float32), serving.version, len(batch),
+                                             seconds * 1000.0, refused=refused[i])
+                else:
+                    result = InferenceResult(
+                        maps[row], serving.version, len(batch), seconds * 1000.0,
+                        shadow.version if shadow_maps is not None else None,
+                        shadow_maps[row] if shadow_maps is not None else None)
+                    row += 1
+                if not future.done():  # else the caller went away (e.g. cancelled)
+                    future.set_result(result)
 
     # ------------------------------------------------------------------ observation
     async def stats(self) -> dict[str, Any]:
@@ -233,7 +413,9 @@ class InferenceActor:
                 "staged": sorted(self.staged), "device": str(self.device), "pid": os.getpid(),
                 "started_at": self.started_at, "ready_at": self.ready_at, "swaps": self.swaps,
                 "load_failures": self.load_failures, "frames": self.frames, "shadow_frames": self.shadow_frames,
-                "queued": len(self.queue), "busy": self.busy,
+                "queued": len(self.queue), "busy": self.busy, "refused": self.refused,
+                "max_batch": self.max_batch, "torch_threads": self.threads,
+                "tuning": {k: v for k, v in self.tuned.items() if k != "started_at"},
                 "batch_size": self.batch_sizes.cumulative(), "batch_size_sum": self.batch_sizes.total,
                 "batch_count": self.batch_sizes.n, "forward": self.forward_seconds.cumulative(),
                 "forward_sum": self.forward_seconds.total, "forward_count": self.forward_seconds.n}

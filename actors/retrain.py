@@ -171,7 +171,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     result = fit(model, (shard,), (val,) if val is not None and len(val) else None, tcfg, state_path=local,
                  state_tag=config["run_name"], progress=False, on_epoch=report)
     out = {"node_id": node, "world_size": world, "seconds": result.seconds, "stopped_early": result.stopped_early,
-           "epochs": len(result.history)}
+           "epochs": len(result.history), "resumed_from_epoch": result.resumed_from_epoch}
     plus = config.get("plus")
     if plus:  # ADTR+ on the operators' confirmed defects: push-pull with a box/mask, top-k with a label only
         defects = torch.from_numpy(np.load(plus["features"]))[rank::world]
@@ -182,7 +182,8 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         fitted = fit(model, data, None, pcfg, loss_fn=plus_loss(plus["alpha"], plus["top_k"]), state_path=local_plus,
                      state_tag=config["run_name"] + "/adtr+", progress=False,
                      on_epoch=lambda record: report(dict(record, phase="adtr+")))
-        out.update(plus_epochs=len(fitted.history), plus_seconds=fitted.seconds)
+        out.update(plus_epochs=len(fitted.history), plus_seconds=fitted.seconds,
+                   plus_resumed_from_epoch=fitted.resumed_from_epoch)
     return out
 
 
@@ -262,13 +263,15 @@ def retrain(registry_path: str | Path, cfg: RetrainConfig, run_name: str | None 
         bad = BadFiles()
         misses_before = cache.misses
 
-        def features(rows: list[StoredSample], what: str) -> torch.Tensor:
+        def features(rows: list[StoredSample], what: str, operator_repeat: int = 1) -> torch.Tensor:
             if not rows:
                 return torch.empty(0, serving.backbone.out_channels, serving.cfg.backbone.feature_size,
                                    serving.cfg.backbone.feature_size)
-            return cache.extract(_samples(rows), bad, "skip", serving.cfg.train.feature_batch_size, progress, what).features
+            fs = cache.extract(_samples(rows), bad, "skip", serving.cfg.train.feature_batch_size, progress, what)
+            repeats = [operator_repeat if s.defect_type == "operator" else 1 for s in fs.samples]
+            return fs.features.repeat_interleave(torch.tensor(repeats), dim=0) if operator_repeat > 1 else fs.features
 
-        train = features(train_rows, "train")
+        train = features(train_rows, "train", cfg.operator_repeat)
         val = features(snapshot.select(label=0, split="val"), "val")
         holdout_normals = features(snapshot.select(label=0, split="holdout"), "holdout normals")
         holdout_defects = features(snapshot.select(label=1, split="holdout"), "holdout defects")

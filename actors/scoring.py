@@ -11,7 +11,6 @@ under a size cap; so is a sample of normal frames (by a thread, for review in th
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import queue
@@ -30,7 +29,7 @@ import zmq
 
 from model.checkpoint import read_manifest
 from model.detector import ScoreHead, load_score_head
-from model.drift import ScoreDrift, reference_bins
+from model.drift import Reference, ScoreDrift, reference_bins
 from model.registry import resolve_model
 from model.samples import SampleStore, StoreLimits
 from model.scoring import defect_regions
@@ -39,7 +38,8 @@ from model.visualize import heatmap_overlay
 from .config import LearningConfig, OutputConfig
 from .inference import InferenceResult
 from .logs import configure_logging
-from .protocol import FrameHeader, decision_message, decode_payload
+from .protocol import FrameHeader, decision_message, decode_jpeg, decode_payload, finite_or_none, strict_json
+from .stats import COST_BUCKETS_S, Histogram
 
 log = structlog.get_logger(__name__)
 PAYLOAD_SUFFIX = {"jpeg": ".jpg", "png": ".png", "raw": ".png"}
@@ -53,34 +53,58 @@ THUMB_WIDTH = 240
 class AnomalyStore:
     """Files for anomalous frames (and a sample of normal ones) in `<dir>/<camera>/`, total size kept under
     `max_bytes`, the normals' share under `normals_max_bytes`; the oldest go first. Thread-safe (the
-    normals are written by their own thread)."""
+    normals are written by their own thread).
+
+    A write never replaces a file: a stem already taken (the same camera, seq and time twice, e.g. a
+    camera whose sequence restarted) gets a `-1`, `-2`… before its `_<seq>` end. Each path is counted
+    once, so `total` is what is on disk."""
 
     def __init__(self, root: Path, max_bytes: int, normals_max_bytes: int = 0):
         self.root, self.max_bytes, self.normals_max_bytes = Path(root), max_bytes, normals_max_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
         existing = sorted(((p, p.stat()) for p in self.root.rglob("*") if p.is_file()), key=lambda e: e[1].st_mtime)
-        # (path, size, written at): one queue for anomalies, one for normals, each oldest first
-        self.files: deque[tuple[Path, int, float]] = deque()
-        self.normals: deque[tuple[Path, int, float]] = deque()
+        # path → (size, written at): one map for anomalies, one for normals, each oldest first
+        self.files: OrderedDict[Path, tuple[int, float]] = OrderedDict()
+        self.normals: OrderedDict[Path, tuple[int, float]] = OrderedDict()
         for path, st in existing:
-            (self.normals if path.name.startswith(NORMAL_PREFIX) else self.files).append((path, st.st_size, st.st_mtime))
-        self.total = sum(e[1] for e in self.files) + sum(e[1] for e in self.normals)
-        self.normals_total = sum(e[1] for e in self.normals)
+            (self.normals if path.name.startswith(NORMAL_PREFIX) else self.files)[path] = (st.st_size, st.st_mtime)
+        self.normals_total = sum(size for size, _ in self.normals.values())
+        self.total = sum(size for size, _ in self.files.values()) + self.normals_total
         self.deleted = 0
+
+    def _free_stem(self, folder: Path, stem: str, suffixes) -> str:
+        head, sep, tail = stem.rpartition("_")  # keep `_<seq>` last: readers glob `*_<seq>.json`
+        head, tail = (head, sep + tail) if sep else (stem, "")
+        candidate, n = stem, 0
+        while any((path := folder / f"{candidate}{suffix}") in self.files or path in self.normals or path.exists()
+                  for suffix in suffixes):
+            n += 1
+            candidate = f"{head}-{n}{tail}"
+        return candidate
+
+    def _forget(self, path: Path) -> None:
+        """`path` is about to be (re)written: its old size is no longer on disk."""
+        for normal, entries in ((False, self.files), (True, self.normals)):
+            if path in entries:
+                size, _ = entries.pop(path)
+                self.total -= size
+                self.normals_total -= size if normal else 0
 
     def write(self, camera: str, stem: str, files: dict[str, bytes], normal: bool = False) -> dict[str, str]:
         folder = self.root / camera
         folder.mkdir(parents=True, exist_ok=True)
         written = {}
         with self.lock:
-            queue_ = self.normals if normal else self.files
+            stem = self._free_stem(folder, stem, files)
+            entries = self.normals if normal else self.files
             for suffix, data in files.items():
                 path = folder / f"{stem}{suffix}"
                 tmp = path.with_name(path.name + ".tmp")
                 tmp.write_bytes(data)
                 tmp.replace(path)
-                queue_.append((path, len(data), time.time()))
+                self._forget(path)
+                entries[path] = (len(data), time.time())
                 self.total += len(data)
                 self.normals_total += len(data) if normal else 0
                 written[suffix] = str(path)
@@ -88,18 +112,21 @@ class AnomalyStore:
         return written
 
     def _drop(self, normal: bool) -> None:
-        path, size, _ = (self.normals if normal else self.files).popleft()
+        path, (size, _) = (self.normals if normal else self.files).popitem(last=False)
         path.unlink(missing_ok=True)
         self.total -= size
         self.normals_total -= size if normal else 0
         self.deleted += 1
+
+    def _oldest(self, entries: OrderedDict[Path, tuple[int, float]]) -> float:
+        return next(iter(entries.values()))[1]
 
     def _trim(self) -> None:
         while self.normals and self.normals_total > self.normals_max_bytes:
             self._drop(True)
         while self.total > self.max_bytes and (self.files or self.normals):
             # the oldest file of either kind
-            self._drop(bool(self.normals) and (not self.files or self.normals[0][2] <= self.files[0][2]))
+            self._drop(bool(self.normals) and (not self.files or self._oldest(self.normals) <= self._oldest(self.files)))
 
     def stats(self) -> dict[str, int]:
         with self.lock:
@@ -127,45 +154,67 @@ def thumbnail_jpg(frame_rgb: np.ndarray, width: int = THUMB_WIDTH) -> bytes:
     return cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes()
 
 
-def frame_stem(header: dict[str, Any], normal: bool = False) -> str:
-    stem = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(header['ts']))}_{header['seq']:010d}"
+def frame_stem(received_at: float, seq: int, normal: bool = False) -> str:
+    """`[ok_]<YYYYmmddTHHMMSS.ffffff>_<seq>`: named by the agent's clock when the frame arrived (a camera's
+    may be wrong); the store keeps equal stems apart."""
+    stamp = time.strftime('%Y%m%dT%H%M%S', time.gmtime(received_at)) + f".{int(received_at % 1 * 1e6):06d}"
+    stem = f"{stamp}_{seq:010d}"
     return NORMAL_PREFIX + stem if normal else stem
+
+
+def bounded_frame(header: dict[str, Any], payload: bytes, limit: int) -> np.ndarray:
+    """The frame for an overlay or thumbnail, its longer side at most `limit` (output.overlay_max_side): a
+    JPEG is decoded at the smallest DCT scale that is still large enough (a 6000×6000 frame costs 1/64 of
+    a full decode), anything else decoded and shrunk."""
+    long_side, short_side = max(header["width"], header["height"]), min(header["width"], header["height"])
+    if header["encoding"] == "jpeg" and long_side > limit:  # the long side still ≥ limit after scaling
+        frame = decode_jpeg(payload, min_side=math.ceil(limit * short_side / long_side))
+    else:
+        frame = decode_payload(FrameHeader.model_validate(header), payload)
+    height, width = frame.shape[:2]
+    if max(height, width) > limit:
+        factor = limit / max(height, width)
+        frame = cv2.resize(frame, (max(1, round(width * factor)), max(1, round(height * factor))),
+                           interpolation=cv2.INTER_AREA)
+    return frame
 
 
 class NormalSaver:
     """A sample of normal decisions → the output folder (payload, thumbnail, heatmap, sidecar), at most one
-    per camera per `every_s`, on a thread with a bounded queue: the decision path only enqueues."""
+    per camera per `every_s`, on a thread with a bounded queue: the decision path only enqueues. The frame
+    is decoded no larger than `max_side` for its thumbnail (a camera of huge frames cannot stall it)."""
 
-    def __init__(self, store: AnomalyStore, cfg, log_):
-        self.store, self.cfg, self.log = store, cfg, log_
+    def __init__(self, store: AnomalyStore, cfg, log_, max_side: int = 1024):
+        self.store, self.cfg, self.log, self.max_side = store, cfg, log_, max_side
         self.queue: queue.Queue = queue.Queue(maxsize=cfg.queue)
         self.last: dict[str, float] = {}
         self.saved = self.shed = self.errors = 0
         threading.Thread(target=self._write_loop, name="normal-saver", daemon=True).start()
 
-    def consider(self, header: dict, decision: dict, amap: np.ndarray, payload: bytes) -> None:
+    def consider(self, header: dict, decision: dict, amap: np.ndarray, payload: bytes, received_at: float) -> None:
         camera, now = header["camera_id"], time.monotonic()
         if now - self.last.get(camera, -math.inf) < self.cfg.every_s:
             return
         self.last[camera] = now
         try:
-            self.queue.put_nowait((header, decision, amap.copy(), payload))
+            self.queue.put_nowait((header, decision, amap.copy(), payload, received_at))
         except queue.Full:
             self.shed += 1
 
     def _write_loop(self) -> None:
         while True:
-            header, decision, amap, payload = self.queue.get()
+            header, decision, amap, payload, received_at = self.queue.get()
             try:
-                frame = decode_payload(FrameHeader.model_validate(header), payload)
-                if header["encoding"] == "raw":
-                    payload = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))[1].tobytes()
-                self.store.write(header["camera_id"], frame_stem(header, normal=True), {
+                frame = bounded_frame(header, payload, self.max_side)
+                if header["encoding"] == "raw":  # raw pixels are stored as a lossless PNG
+                    full = decode_payload(FrameHeader.model_validate(header), payload)
+                    payload = cv2.imencode(".png", cv2.cvtColor(full, cv2.COLOR_RGB2BGR))[1].tobytes()
+                self.store.write(header["camera_id"], frame_stem(received_at, header["seq"], normal=True), {
                     PAYLOAD_SUFFIX[header["encoding"]]: payload,
                     "_thumb.jpg": thumbnail_jpg(frame),
                     "_heat.png": heat_png(amap, decision["threshold"]),
-                    ".json": json.dumps(dict(decision, source_encoding=header["encoding"], sampled="normal"),
-                                        indent=1).encode(),
+                    ".json": strict_json(dict(decision, source_encoding=header["encoding"], sampled="normal"),
+                                         indent=1),
                 }, normal=True)
                 self.saved += 1
             except Exception as exc:  # noqa: BLE001 - a full disk must not stop decisions
@@ -180,7 +229,7 @@ class NormalSaver:
 @dataclass
 class VersionHead:
     head: ScoreHead
-    drift_reference: tuple[list[float], np.ndarray] | None
+    drift_reference: Reference | None
 
 
 @dataclass
@@ -261,8 +310,13 @@ class AutoSampler:
 
 class ScoringActor:
     def __init__(self, model_path: str, results_endpoint: str, cfg: OutputConfig,
-                 learning: LearningConfig | None = None):
+                 learning: LearningConfig | None = None, threads: int = 1):
         configure_logging("info", json_output=True)  # worker stderr reaches the driver
+        # Its CPU budget (scoring.threads): the score maps and overlays are small; more threads would
+        # only take cores from the forward pass on a small box.
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
+        self.seconds = Histogram(COST_BUCKETS_S)  # per frame: score, decide, publish, save
         self.model_path, self.cfg = model_path, cfg
         self.learning = learning or LearningConfig()
         model_dir, registry = resolve_model(model_path)
@@ -276,7 +330,7 @@ class ScoringActor:
         self.bound = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.store = AnomalyStore(cfg.dir, cfg.max_bytes, cfg.normals.max_bytes) if cfg.save_anomalies else None
         # Normals are sampled into the same folder: only where it is in use (save_anomalies off = no files).
-        self.normal_saver = NormalSaver(self.store, cfg.normals, log) \
+        self.normal_saver = NormalSaver(self.store, cfg.normals, log, cfg.overlay_max_side) \
             if self.store is not None and cfg.normals.every_s > 0 and cfg.normals.max_bytes > 0 else None
         self.decisions = self.anomalies = self.write_errors = 0
         self.drift: dict[str, tuple[str, ScoreDrift | None]] = {}
@@ -307,22 +361,33 @@ class ScoringActor:
         return entry
 
     async def score_batch(self, headers: list[dict[str, Any]], results: list[InferenceResult],
-                          payloads: list[bytes], received_at: list[float]) -> list[dict[str, Any]]:
+                          payloads: list[bytes], received_at: list[float],
+                          clock_ok: list[bool] | None = None) -> list[dict[str, Any]]:
         """Decide frames from their coarse maps, publish each decision, save anomalies (payloads are
-        the camera's bytes). Returns what the ingest counts: is_anomaly and latency per frame."""
+        the camera's bytes). Returns what the ingest counts: is_anomaly and latency per frame.
+        `clock_ok[i]` False: the frame's capture ts is implausible, so its latency_ms is null."""
+        started = time.perf_counter()
+        clock_ok = clock_ok or [True] * len(results)
         out: list[dict[str, Any]] = [{}] * len(results)
+        for i, r in enumerate(results):
+            if r.refused is not None:  # the inference actor's decoder refused its bytes: counted as invalid
+                out[i] = {"refused": r.refused, "is_anomaly": False, "latency_ms": None}
         # One ScoreHead call per model version (there is one, except across a model swap).
-        for version in dict.fromkeys(r.model_version for r in results):
-            idx = [i for i, r in enumerate(results) if r.model_version == version]
+        for version in dict.fromkeys(r.model_version for r in results if r.refused is None):
+            idx = [i for i, r in enumerate(results) if r.model_version == version and r.refused is None]
             head = self._head(version).head
             scored = head.score(torch.from_numpy(np.stack([np.asarray(results[i].coarse, np.float32) for i in idx])))
             for j, i in enumerate(idx):
-                out[i] = self._decide(head, headers[i], results[i], payloads[i], received_at[i], scored, j)
+                out[i] = self._decide(head, headers[i], results[i], payloads[i], received_at[i], scored, j,
+                                      clock_ok[i])
         self._compare_shadow(headers, results, out)
+        per_frame = (time.perf_counter() - started) / max(1, len(results))
+        for _ in results:
+            self.seconds.observe(per_frame)
         return out
 
     def _decide(self, head: ScoreHead, header, result: InferenceResult, payload: bytes, received_at: float,
-                scored, j: int) -> dict:
+                scored, j: int, clock_ok: bool = True) -> dict:
         amap = scored.maps[j].numpy()
         score, threshold = float(scored.scores[j]), head.decision_threshold
         is_anomaly = bool(scored.is_anomaly[j])
@@ -333,12 +398,15 @@ class ScoringActor:
             "camera_id": header["camera_id"], "seq": header["seq"], "ts": header["ts"],
             "score": score, "normalized_score": float(scored.normalized[j]), "threshold": threshold,
             "is_anomaly": is_anomaly, "regions": regions, "model_version": head.model_version,
-            "latency_ms": (now - header["ts"]) * 1000.0, "agent_ms": (now - received_at) * 1000.0,
+            # capture → published, only when the camera's clock is plausible (a ms clock, 1e306: null)
+            "latency_ms": (now - header["ts"]) * 1000.0 if clock_ok else None,
+            "agent_ms": (now - received_at) * 1000.0,
             "inference_ms": result.inference_ms, "batch_size": result.batch_size,
             "width": header["width"], "height": header["height"],
         }
+        decision = finite_or_none(decision)  # strict JSON out: a non-finite number is null
         if is_anomaly and self.store is not None:
-            decision["files"] = self._save(header, decision, amap, payload)
+            decision["files"] = self._save(header, decision, amap, payload, received_at)
         self.socket.send_multipart(decision_message(decision))
         self.decisions += 1
         self.anomalies += int(is_anomaly)
@@ -346,7 +414,7 @@ class ScoringActor:
         if self.sampler is not None and not is_anomaly:
             self.sampler.consider(header, payload, head.model_version, score, decision["normalized_score"])
         if self.normal_saver is not None and not is_anomaly:
-            self.normal_saver.consider(header, decision, amap, payload)
+            self.normal_saver.consider(header, decision, amap, payload, received_at)
         return {"is_anomaly": is_anomaly, "latency_ms": decision["latency_ms"], "score": score,
                 "normalized_score": decision["normalized_score"]}
 
@@ -361,7 +429,7 @@ class ScoringActor:
         if monitored != version:  # a new model has its own validation scores: start over
             reference = self.heads[version].drift_reference if version in self.heads else None
             d = self.learning.drift
-            monitor = ScoreDrift(*reference, d.window, d.min_samples, d.alarm_psi) if reference else None
+            monitor = ScoreDrift(reference, d.window, d.min_samples, d.alarm_psi) if reference else None
             self.drift[camera] = (version, monitor)
         if monitor is None:
             return
@@ -392,23 +460,27 @@ class ScoringActor:
                 stats.observe(decided[i]["normalized_score"], float(scored.normalized[j]), decided[i]["is_anomaly"],
                               bool(scored.is_anomaly[j]))
 
-    def _save(self, header, decision, amap, payload: bytes) -> dict[str, str]:
+    def _overlay_frame(self, header, payload: bytes) -> np.ndarray:
+        """The frame for the overlay, its longer side at most output.overlay_max_side (see bounded_frame)."""
+        return bounded_frame(header, payload, self.cfg.overlay_max_side)
+
+    def _save(self, header, decision, amap, payload: bytes, received_at: float) -> dict[str, str]:
         try:
-            # The overlay at the camera's own resolution: decode the original payload (anomalies only).
-            frame = decode_payload(FrameHeader.model_validate(header), payload)
+            frame = self._overlay_frame(header, payload)
             height, width = frame.shape[:2]
             big = cv2.resize(amap, (width, height), interpolation=cv2.INTER_LINEAR)
             if header["encoding"] == "raw":  # raw pixels are stored as a lossless PNG
-                payload = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))[1].tobytes()
+                full = decode_payload(FrameHeader.model_validate(header), payload)
+                payload = cv2.imencode(".png", cv2.cvtColor(full, cv2.COLOR_RGB2BGR))[1].tobytes()
             caption = f"ANOMALY {decision['normalized_score']:.2f}x thr  {header['camera_id']} #{header['seq']}"
             overlay = heatmap_overlay(frame, big, 2 * decision["threshold"], big >= decision["threshold"], caption)
             sidecar = dict(decision, source_encoding=header["encoding"])
-            return self.store.write(header["camera_id"], frame_stem(header), {
+            return self.store.write(header["camera_id"], frame_stem(received_at, header["seq"]), {
                 PAYLOAD_SUFFIX[header["encoding"]]: payload,
                 "_overlay.png": cv2.imencode(".png", overlay)[1].tobytes(),
                 "_thumb.jpg": thumbnail_jpg(frame),  # for the console: a small frame and the map alone
                 "_heat.png": heat_png(amap, decision["threshold"]),
-                ".json": json.dumps(sidecar, indent=1).encode(),
+                ".json": strict_json(sidecar, indent=1),
             })
         except Exception as exc:  # noqa: BLE001 - a full disk (or any save failure) must not stop decisions
             self.write_errors += 1
@@ -420,6 +492,8 @@ class ScoringActor:
         store = dict(self.store.stats(), normals=self.normal_saver.stats() if self.normal_saver else None) \
             if self.store else None
         return {"model_version": self.serving_version, "decisions": self.decisions, "anomalies": self.anomalies,
+                "seconds": self.seconds.cumulative(), "seconds_sum": self.seconds.total,
+                "seconds_count": self.seconds.n,
                 "write_errors": self.write_errors, "store": store, "results": self.bound, "pid": os.getpid(),
                 "drift": {camera: dict(monitor.state(), model_version=version)
                           for camera, (version, monitor) in self.drift.items() if monitor is not None},

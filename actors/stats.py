@@ -6,7 +6,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+COST_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)  # one frame's decode or scoring
 
 
 @dataclass
@@ -46,6 +47,10 @@ class CameraStats:
     latency: Histogram = field(default_factory=Histogram)
     last_seq: int | None = None
     gaps: int = 0
+    # Things a camera did that lose no frame, counted once each: its sequence went back (`restart`),
+    # repeated a seq (`repeat`) or leapt beyond max_seq_gap (`jump`); a capture ts far from our clock
+    # (`clock`).
+    events: Counter = field(default_factory=Counter)
 
     def accounted(self) -> int:
         return self.processed + sum(self.dropped.values()) + sum(self.invalid.values())
@@ -53,8 +58,8 @@ class CameraStats:
     def to_json(self) -> dict:
         return {"received": self.received, "processed": self.processed, "anomalies": self.anomalies,
                 "dropped": dict(self.dropped), "invalid": dict(self.invalid), "last_seq": self.last_seq,
-                "gaps": self.gaps, "latency": {"counts": self.latency.counts, "total": self.latency.total,
-                                               "n": self.latency.n}}
+                "gaps": self.gaps, "events": dict(self.events),
+                "latency": {"counts": self.latency.counts, "total": self.latency.total, "n": self.latency.n}}
 
     @classmethod
     def from_json(cls, data: dict) -> CameraStats:
@@ -62,4 +67,5 @@ class CameraStats:
         return cls(data["received"], data["processed"], data["anomalies"], Counter(data["dropped"]),
                    Counter(data["invalid"]),
                    Histogram(counts=list(latency.get("counts", [])), total=latency.get("total", 0.0),
-                             n=latency.get("n", 0)), data.get("last_seq"), data.get("gaps", 0))
+                             n=latency.get("n", 0)), data.get("last_seq"), data.get("gaps", 0),
+                   Counter(data.get("events", {})))

@@ -46,6 +46,17 @@ def _event(path: Path, name: str) -> dict | None:
     return None
 
 
+def stop_agent(agent: subprocess.Popen, *logs) -> None:
+    """SIGTERM (the agent drains and prints its books), then the kill if it does not end in 2 minutes."""
+    agent.send_signal(signal.SIGTERM)
+    try:
+        agent.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        agent.kill()
+    for log_file in logs:
+        log_file.close()
+
+
 def _wait_ready(agent: subprocess.Popen, stdout: Path, timeout_s: float) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -79,13 +90,7 @@ def run_demo(model_dir: Path, data: str, out: Path, fps: float = 0.0, overrides:
               flush=True)
         summary = dict(_stream(test, labels, ingest, results, out, fps, http), fps=fps)
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-        agent_log.close()
-        agent_out.close()
+        stop_agent(agent, agent_log, agent_out)
     stopped = _event(out / "agent.out", "agent stopped")
     summary["agent_accounting"] = stopped["cameras"] if stopped else None
     summary["anomaly_folder"] = str(out / "anomalies")

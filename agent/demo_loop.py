@@ -3,8 +3,9 @@
 A real agent (`adtr-edge run` on a model registry; it starts its own Ray head with Ray Jobs), a camera
 replaying Magnetic Tile test images, and this process playing the operator through the agent's HTTP API:
 
-1. before: normals under the original lighting; few false alarms, no drift.
-2. the lamp is re-aimed: the same kind of normals, 40 % brighter; false alarms climb; the drift alarm
+1. before: normals under the original lighting (few false alarms, no drift), then defects (the
+   recall to keep).
+2. the lamp is re-aimed: the same kind of normals, 80 % brighter; false alarms climb; the drift alarm
    fires (/readyz).
 3. the operator accepts those false alarms as normal (POST /v1/samples).
 4. a retrain is submitted as a Ray job (POST /v1/retrain): Ray Train fits a new version, the gate
@@ -21,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import time
 import urllib.error
@@ -39,13 +39,13 @@ from model.config import AdtrConfig
 from model.data import load_dataset
 from model.registry import Registry, is_registry
 
-from .demo import _cli, _event, _wait_ready
+from .demo import _cli, _event, _wait_ready, stop_agent
 from .errors import AgentError
 from .operate import import_base
-from .publisher import FramePublisher, SourceFrame
+from .publisher import FramePublisher, SourceFrame, frame_from_file
 from .watch import subscribe
 
-GAIN = 1.4  # the re-aimed lamp
+GAIN = 1.8  # the re-aimed lamp
 
 
 class Operator:
@@ -88,7 +88,7 @@ class Phase:
     def run(self, frames: list[SourceFrame], labels: list[int], timeout_s: float = 600.0) -> dict[str, Any]:
         seqs = []
         for frame in frames:
-            seqs.append(self.camera.send(frame, encoding="jpeg"))
+            seqs.append(self.camera.send(frame, encoding="auto" if frame.encoded else "jpeg"))
             self._drain(0)
         progress = time.monotonic()
         while len(self.decisions) < len(seqs) and time.monotonic() - progress < timeout_s:
@@ -140,9 +140,12 @@ def run_loop_demo(model_dir: Path, data: str, out: Path, overrides: list[str] | 
     rng = random.Random(0)
     normals = [s.path for s in test if s.label == 0]
     rng.shuffle(normals)
-    if len(normals) < 3 * normals_per_phase:
-        normals_per_phase = len(normals) // 3
-    before_set, accept_set, after_set = (normals[i * normals_per_phase:(i + 1) * normals_per_phase] for i in range(3))
+    # The relit phase is the larger one: the drift window covers it, and the larger the window, the
+    # lower the drift alarm's noise floor (model/drift.py).
+    sizes = [normals_per_phase, 4 * normals_per_phase // 3, normals_per_phase]
+    if len(normals) < sum(sizes):
+        sizes = [int(len(normals) * f) for f in (0.3, 0.4, 0.3)]
+    before_set, accept_set, after_set = (normals[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(3))
     defect_paths = [s.path for s in test if s.label == 1]
     rng.shuffle(defect_paths)
     defect_paths = defect_paths[:defects]
@@ -151,8 +154,8 @@ def run_loop_demo(model_dir: Path, data: str, out: Path, overrides: list[str] | 
 
     ingest, results, http = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", free_port()
     settings = ["--set", f"output.dir={out / 'anomalies'}", "--set", f"http.port={http}",
-                "--set", f"state_dir={out / 'state'}", "--set", "learning.drift.window=48",
-                "--set", "learning.drift.min_samples=32", "--set", "learning.shadow.sample=1.0",
+                "--set", f"state_dir={out / 'state'}", "--set", f"learning.drift.window={sizes[1]}",
+                "--set", f"learning.drift.min_samples={sizes[0]}", "--set", "learning.shadow.sample=1.0",
                 "--set", "learning.retrain.policy=shadow", "--set", f"learning.retrain.epochs={epochs}",
                 "--set", "learning.auto_sample.enabled=false"]
     for o in overrides or []:
@@ -174,16 +177,17 @@ def run_loop_demo(model_dir: Path, data: str, out: Path, overrides: list[str] | 
         v1 = registry.current()
         print(f"agent ready, serving {v1}", flush=True)
 
-        step = Phase("1. original lighting: normals and defects", camera, sub).run(
-            [relit(p, 1.0) for p in before_set] + [relit(p, 1.0) for p in defect_paths],
-            [0] * len(before_set) + [1] * len(defect_paths))
-        step["drift"] = operator.ready().get("drift", {}).get("line-1")
+        step = Phase("1. original lighting: normals", camera, sub).run([frame_from_file(p) for p in before_set],
+                                                                        [0] * len(before_set))
+        step["drift"] = _settled_drift(operator)
         steps.append(step)
+        steps.append(Phase("1b. original lighting: defects", camera, sub).run(
+            [frame_from_file(p) for p in defect_paths], [1] * len(defect_paths)))
 
         phase = Phase(f"2. lamp re-aimed (x{GAIN} brightness)", camera, sub)
         step = phase.run([relit(p, GAIN) for p in accept_set], [0] * len(accept_set))
-        ready = operator.ready()
-        step["drift"], step["hint"] = ready.get("drift", {}).get("line-1"), ready.get("hint")
+        step["drift"] = _settled_drift(operator)
+        step["hint"] = operator.ready().get("hint")
         steps.append(step)
         print(f"   drift: {json.dumps(step['drift'])}\n   {step['hint']}", flush=True)
 
@@ -236,13 +240,7 @@ def run_loop_demo(model_dir: Path, data: str, out: Path, overrides: list[str] | 
         sub.close(linger=0)
         context.term()
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-        agent_log.close()
-        agent_out.close()
+        stop_agent(agent, agent_log, agent_out)
     stopped = _event(out / "agent.out", "agent stopped")
     summary = {"steps": steps, "versions": {"before": v1, "after": registry.current()},
                "events": registry.events(20), "agent_accounting": stopped["cameras"] if stopped else None,
@@ -250,6 +248,13 @@ def run_loop_demo(model_dir: Path, data: str, out: Path, overrides: list[str] | 
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     _print_summary(summary)
     return summary
+
+
+def _settled_drift(operator: Operator) -> dict | None:
+    """The camera's drift state once /readyz's stats snapshot (refreshed every second) has seen the
+    phase's last decisions."""
+    time.sleep(3.0)
+    return operator.ready().get("drift", {}).get("line-1")
 
 
 def _wait(predicate, timeout_s: float) -> bool:

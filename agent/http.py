@@ -2,7 +2,8 @@
 
 Flask routes, served by waitress: a bounded pool of handler threads, a connection cap, a listen backlog,
 and an inactivity timeout; waitress reads a whole request before a handler thread sees it, so a slow
-or half-sent request holds no thread. Scrapes never call the actors: a background thread refreshes one
+or half-sent request holds no thread, and a request still arriving after `request_timeout_s` is cut
+off (a trickling client is never idle, so the inactivity timeout alone let it hold a connection slot). Scrapes never call the actors: a background thread refreshes one
 snapshot of every actor's stats (`http.snapshot_s`), and /metrics and /readyz answer from it.
 
 The learning API needs the token (`Authorization: Bearer …`), compared by its hash in constant time:
@@ -136,6 +137,17 @@ class AgentCollector:
             failures = CounterMetricFamily("adtr_model_load_failures", "Model versions that failed to load")
             failures.add_metric([], inference["load_failures"])
             yield failures
+            yield from _tuning_metrics(inference)
+        costs = [("adtr_decode_seconds", "Decode and resize of one frame in an ingest actor", "ingest",
+                  [v for k, v in snap.items() if k.startswith("ingest-") and v], "decode_seconds"),
+                 ("adtr_scoring_seconds", "Scoring one frame (maps, decision, publish, files)", "scoring",
+                  [snap.get("scoring") or {}], "seconds")]
+        for name, text, actor, stats, key in costs:
+            family = HistogramMetricFamily(name, text, labels=["actor"])
+            for i, s in enumerate(stats):
+                if s.get(key):
+                    family.add_metric([f"{actor}-{i}" if actor == "ingest" else actor], s[key], _finite(s[key + "_sum"]))
+            yield family
         scoring = snap.get("scoring") or {}
         if scoring.get("store"):
             stored = GaugeMetricFamily("adtr_anomaly_store_bytes", "Bytes in the anomaly output folder")
@@ -146,6 +158,30 @@ class AgentCollector:
             errors.add_metric([], scoring["write_errors"])
             yield errors
             yield from _learning_metrics(scoring)
+
+
+def _tuning_metrics(inference: dict[str, Any]):
+    """The inference actor's self-tuning: what it serves with, and the table it chose from."""
+    tuning = inference.get("tuning") or {}
+    batch = GaugeMetricFamily("adtr_inference_max_batch", "Batch size the inference actor serves with")
+    batch.add_metric([], inference.get("max_batch", 0))
+    threads = GaugeMetricFamily("adtr_inference_torch_threads", "Torch threads of the forward pass")
+    threads.add_metric([], inference.get("torch_threads", 0))
+    state = GaugeMetricFamily("adtr_tuning_state", "1 for the tuner's state: tuning, tuned, or pinned (settings)",
+                              labels=["state"])
+    state.add_metric([tuning.get("state", "pinned")], 1.0)
+    runs = CounterMetricFamily("adtr_tuning_runs", "Completed tuning runs (at start and after model swaps)")
+    runs.add_metric([], tuning.get("runs", 0))
+    fps = GaugeMetricFamily("adtr_tuning_frames_per_second", "Measured forward throughput per (threads, batch)",
+                            labels=["threads", "batch"])
+    ms = GaugeMetricFamily("adtr_tuning_batch_seconds", "Measured forward time of one batch (median)",
+                           labels=["threads", "batch"])
+    for row in tuning.get("table", []):
+        labels = [str(row["threads"]), str(row["batch"])]
+        fps.add_metric(labels, row["frames_per_second"])
+        if row["ms"] is not None:
+            ms.add_metric(labels, row["ms"] / 1000.0)
+    yield from (batch, threads, state, runs, fps, ms)
 
 
 def _camera_metrics(ingests: list[dict[str, Any]]):
@@ -168,6 +204,23 @@ def _camera_metrics(ingests: list[dict[str, Any]]):
         for reason, n in t["invalid"].items():
             invalid.add_metric([camera, reason], _finite(n))
     yield from (*families.values(), anomalies, dropped, invalid, in_flight)
+    faults = CounterMetricFamily("adtr_camera_faults", "Camera faults that lose no frame: its sequence restarted, "
+                                 "repeated or jumped beyond max_seq_gap; its capture clock was implausible (clock)",
+                                 labels=["camera", "kind"])
+    events: dict[tuple[str, str], int] = {}
+    for ingest in ingests:
+        for camera, s in ingest["cameras"].items():
+            for kind, n in s.get("events", {}).items():
+                events[camera, kind] = events.get((camera, kind), 0) + n
+    for key, n in sorted(events.items()):
+        faults.add_metric(list(key), _finite(n))
+    yield faults
+    peers = CounterMetricFamily("adtr_ingest_peer_events", "Connections to an ingest socket, by event (a peer that "
+                                "sends a part over max_payload_bytes is disconnected)", labels=["endpoint", "event"])
+    for ingest in ingests:
+        for event, n in ingest.get("peers", {}).items():
+            peers.add_metric([ingest["bound"], event], _finite(n))
+    yield peers
     latency = HistogramMetricFamily("adtr_end_to_end_seconds", "Capture timestamp to decision published",
                                     labels=["camera"])
     for ingest in ingests:
@@ -354,6 +407,32 @@ def _drift_hint(drift: dict[str, Any]) -> str | None:
             "(adtr-edge accept), then retrain (adtr-edge retrain --submit)")
 
 
+def _request_deadline(server, seconds: float) -> None:
+    """waitress closes a connection when it has been idle for channel_timeout, but a client that trickles
+    a header line every few seconds is never idle: a hundred of them held every connection slot, and
+    scrapes waited in the backlog for as long as they wished. Also close a connection whose request has
+    been arriving for longer than `seconds` (checked every cleanup_interval)."""
+    inner = server.maintenance
+    arriving: dict[int, tuple[object, float]] = {}  # fd → (the partial request, when it was first seen)
+
+    def maintenance(now: float) -> None:
+        inner(now)
+        seen = {}
+        for fd, channel in list(server.active_channels.items()):
+            request = channel.request  # a request not yet received in full
+            if request is None:
+                continue
+            previous = arriving.get(fd)
+            since = previous[1] if previous is not None and previous[0] is request else now
+            seen[fd] = (request, since)
+            if now - since > seconds:
+                channel.will_close = True
+        arriving.clear()
+        arriving.update(seen)
+
+    server.maintenance = maintenance
+
+
 class HttpServer:
     """waitress on its own thread; `port` is the one really bound (http.port 0 = any free port)."""
 
@@ -370,6 +449,7 @@ class HttpServer:
             self.app, host=cfg.host, port=cfg.port, threads=cfg.threads, connection_limit=cfg.connection_limit,
             backlog=cfg.backlog, channel_timeout=cfg.request_timeout_s, cleanup_interval=max(1, int(cfg.request_timeout_s / 4)),
             max_request_header_size=16 << 10, max_request_body_size=1 << 20, ident="adtr-edge", expose_tracebacks=False)
+        _request_deadline(self.server, cfg.request_timeout_s)
         self.port = self.server.effective_port
         self.url = f"http://{cfg.host}:{self.port}"
         self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)
@@ -378,6 +458,16 @@ class HttpServer:
 
     def shutdown(self) -> None:
         self.cache.stop.set()
+        # Closed on the server's own loop thread: closing its sockets from here raced its select() (EBADF).
+        # Handler threads first (they pull the loop's trigger when a response is ready), then the loop.
+        self.server.task_dispatcher.shutdown(cancel_pending=True, timeout=2)
+        self.server.trigger.pull_trigger(self._close_in_loop)
+        self.thread.join(timeout=5)
+
+    def _close_in_loop(self) -> None:
+        for channel in list(self.server._map.values()):
+            if channel is not self.server and channel is not self.server.trigger:
+                channel.close()  # open client connections; the loop ends when none is left
         self.server.close()
 
 

@@ -72,7 +72,7 @@ class LocalHead:
     """`ray start --head --block` as a child; `address` (GCS) and `dashboard` (Jobs API) once it is up."""
 
     def __init__(self, num_cpus: int | None = None, num_gpus: int | None = None, timeout_s: float = 120.0,
-                 labels: dict[str, str] | None = None):
+                 labels: dict[str, str] | None = None, object_store_bytes: int | None = None):
         ensure_token()
         self.temp_dir = tempfile.mkdtemp(prefix="adtr-ray-")  # short: Ray's socket paths have a length limit
         self.log_path = Path(self.temp_dir) / "head.log"
@@ -86,6 +86,8 @@ class LocalHead:
             args.append(f"--num-cpus={num_cpus}")
         if num_gpus is not None:
             args.append(f"--num-gpus={num_gpus}")
+        if object_store_bytes is not None:
+            args.append(f"--object-store-memory={object_store_bytes}")
         if labels:
             args.append("--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))
         self.log = open(self.log_path, "w")

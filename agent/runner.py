@@ -114,20 +114,26 @@ class Agent:
         state_dir = Path(self.cfg.state_dir).expanduser().resolve()
         state_dir.mkdir(parents=True, exist_ok=True)
         learning = self.cfg.learning
+        cpus = self.cfg.inference.num_cpus
+        if cpus is None:  # the node's cores but one: the ingest's decoding and the scoring share that one
+            node = min(ray.cluster_resources().get("CPU", 1.0), float(os.cpu_count() or 1))
+            cpus = max(1.0, float(int(node) - 1))
         try:
             self.inference = ray.remote(InferenceActor).options(
                 name="inference", namespace=namespace, max_restarts=restarts, max_task_retries=0,
-                num_cpus=self.cfg.inference.num_cpus, num_gpus=1 if use_gpu else 0, max_concurrency=1000,
-            ).remote(self.model_path, self.cfg.inference, learning.shadow.sample)
+                num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_concurrency=1000,
+            ).remote(self.model_path, self.cfg.inference, learning.shadow.sample, str(state_dir / "inference.json"),
+                      self.run_id, max(1, int(cpus)))
             self.scoring = ray.remote(ScoringActor).options(
                 name="scoring", namespace=namespace, max_restarts=restarts, max_task_retries=0, num_cpus=0,
-            ).remote(self.model_path, self.results_endpoint, self.cfg.output, learning)
+            ).remote(self.model_path, self.results_endpoint, self.cfg.output, learning, self.cfg.scoring.threads)
             self.ingests = [
                 ray.remote(IngestActor).options(
                     name=f"ingest-{i}", namespace=namespace, max_restarts=restarts, max_task_retries=0,
                     num_cpus=0, max_concurrency=4,
                 ).remote(endpoint, self.cfg.ingest, self.head.image_size, "inference", "scoring",
-                          self.cfg.inference.max_batch, str(state_dir / f"ingest-{i}.json"), self.run_id)
+                          self.cfg.inference.max_batch or 1, str(state_dir / f"ingest-{i}.json"), self.run_id,
+                          self.cfg.inference.jpeg_decode == "device")
                 for i, endpoint in enumerate(self.ingest_endpoints)
             ]
             if self.registry is not None:

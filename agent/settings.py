@@ -12,7 +12,14 @@ import yaml
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
-from actors.config import InferenceConfig, IngestConfig, LearningConfig, OutputConfig, Section as _Section
+from actors.config import (
+    InferenceConfig,
+    IngestConfig,
+    LearningConfig,
+    OutputConfig,
+    ScoringConfig,
+    Section as _Section,
+)
 from model.config import AdtrConfig
 
 
@@ -78,6 +85,7 @@ class ConsoleConfig(_Section):
 class AgentConfig(_Section):
     ingest: IngestConfig = IngestConfig()
     inference: InferenceConfig = InferenceConfig()
+    scoring: ScoringConfig = ScoringConfig()
     output: OutputConfig = OutputConfig()
     ray: RayConfig = RayConfig()
     http: HttpConfig = HttpConfig()

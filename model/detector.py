@@ -112,9 +112,13 @@ class AnomalyDetector:
     def model_version(self) -> str:
         return self.head.model_version
 
-    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
-        """RGB uint8 images of any size → (B, 3, S, S) float in [0, 1] at the model's size, on its device."""
-        x = to_tensor_batch([resize_image(img, self.image_size) for img in images]).to(self.device)
+    def preprocess(self, images: list[np.ndarray] | torch.Tensor) -> torch.Tensor:
+        """RGB uint8 images of any size → (B, 3, S, S) float in [0, 1] at the model's size, on its device.
+        A tensor is taken as such a batch already (frames decoded and resized on the device)."""
+        if isinstance(images, torch.Tensor):
+            x = images.to(self.device)
+        else:
+            x = to_tensor_batch([resize_image(img, self.image_size) for img in images]).to(self.device)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _autocast(self):

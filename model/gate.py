@@ -3,9 +3,14 @@
 Both models score the same holdout normals (and labelled defects, when the store has any), each
 deciding at its own threshold, as each would live. The candidate passes when it is not worse on any
 measure the data allows:
-- false-alarm rate on holdout normals ≤ serving's + `max_far_increase` (at least one frame's worth);
-- with labelled defects: image AUROC ≥ serving's − `max_auroc_drop` and recall at threshold ≥
-  serving's − `max_recall_drop` (at least one defect's worth).
+- false alarms on holdout normals: not more than serving's + `max_far_increase`;
+- with labelled defects: image AUROC ≥ serving's − `max_auroc_drop`, and recall at threshold not
+  less than serving's − `max_recall_drop`.
+Rates are compared image by image (both models decide the same images): a candidate is worse only if
+it is worse by more than the tolerance AND significantly so, by McNemar's exact test on the images
+the two disagree on (one-sided, `alpha`). On a 130-image holdout, 8 false alarms against 5 is not
+evidence; on a small holdout a real regression must be large to show, which is why a normals-only
+pass never promotes by itself.
 Without labelled defects only normals can be checked (`mode: normals_only`): a model that learned
 to call everything normal would pass, so such a pass must not promote by itself.
 """
@@ -29,6 +34,7 @@ class GateTolerances:
     max_auroc_drop: float = 0.01
     max_recall_drop: float = 0.05
     min_holdout_normals: int = 5
+    alpha: float = 0.05
 
 
 @dataclass
@@ -85,19 +91,39 @@ def gate(candidate: ModelEvaluation, serving: ModelEvaluation | None, tol: GateT
         reasons.append("candidate scores or threshold are not finite")
     if candidate.normals < tol.min_holdout_normals:
         reasons.append(f"only {candidate.normals} holdout normals (need {tol.min_holdout_normals}) to judge it")
-    # "Not worse" within what the holdout can resolve: one more false alarm (or one more miss) than the
-    # serving model is noise on a small set, never more than that.
-    if serving is not None and candidate.false_alarm_rate is not None and serving.false_alarm_rate is not None:
-        allowed = max(tol.max_far_increase, 1.0 / candidate.normals)
-        if candidate.false_alarm_rate > serving.false_alarm_rate + allowed + 1e-12:
-            reasons.append(f"false-alarm rate {candidate.false_alarm_rate:.3f} > serving {serving.false_alarm_rate:.3f}"
-                           f" + {allowed:.3f}")
+    if serving is not None and candidate.normals and len(serving.normal_scores) == candidate.normals:
+        reason = worse_paired(np.asarray(candidate.normal_scores) >= candidate.threshold,
+                              np.asarray(serving.normal_scores) >= serving.threshold, tol.max_far_increase, tol.alpha,
+                              "false-alarm rate")
+        if reason:
+            reasons.append(reason)
     if serving is not None and mode == "full":
         if candidate.auroc is not None and serving.auroc is not None and \
                 candidate.auroc < serving.auroc - tol.max_auroc_drop:
             reasons.append(f"AUROC {candidate.auroc:.3f} < serving {serving.auroc:.3f} - {tol.max_auroc_drop}")
-        allowed = max(tol.max_recall_drop, 1.0 / candidate.defects)
-        if candidate.recall is not None and serving.recall is not None and \
-                candidate.recall < serving.recall - allowed - 1e-12:
-            reasons.append(f"recall {candidate.recall:.3f} < serving {serving.recall:.3f} - {allowed:.3f}")
+        if len(serving.defect_scores) == candidate.defects:
+            reason = worse_paired(np.asarray(candidate.defect_scores) < candidate.threshold,
+                                  np.asarray(serving.defect_scores) < serving.threshold, tol.max_recall_drop,
+                                  tol.alpha, "miss rate (1 - recall)")
+            if reason:
+                reasons.append(reason)
     return GateResult(not reasons, mode, reasons, candidate, serving)
+
+
+def worse_paired(candidate_bad: np.ndarray, serving_bad: np.ndarray, tolerance: float, alpha: float,
+                 what: str) -> str | None:
+    """A reason when the candidate's rate of bad outcomes (false alarms, misses) on the same images is
+    higher than serving's by more than `tolerance` and significantly (McNemar's exact one-sided test)."""
+    from scipy.stats import binomtest
+
+    n = len(candidate_bad)
+    only_candidate = int((candidate_bad & ~serving_bad).sum())
+    only_serving = int((serving_bad & ~candidate_bad).sum())
+    excess = (only_candidate - only_serving) / n
+    if excess <= tolerance:
+        return None
+    p = binomtest(only_candidate, only_candidate + only_serving, 0.5, alternative="greater").pvalue
+    if p >= alpha:
+        return None
+    return (f"{what} {candidate_bad.mean():.3f} vs serving {serving_bad.mean():.3f} on the same {n} images "
+            f"(worse on {only_candidate}, better on {only_serving}; McNemar p = {p:.3g} < {alpha})")

@@ -50,6 +50,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
     seconds: float = 0.0
+    resumed_from_epoch: int = 0  # > 0 when a saved train state was continued
 
 
 def _settings_hash(cfg: AdtrConfig) -> str:
@@ -94,6 +95,7 @@ def fit(
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start_epoch, result.history = state["epoch"], json.loads(state["history"])
+            result.resumed_from_epoch = start_epoch
             torch.set_rng_state(state["rng"])
             log.info("resuming training", from_epoch=start_epoch, path=str(state_path))
         else:

@@ -19,6 +19,7 @@ import zmq
 from actors.config import InferenceConfig, LearningConfig, OutputConfig
 from actors.inference import InferenceActor, InferenceResult, ModelLoadError
 from actors.scoring import ScoringActor
+from agent.watch import subscribe
 from model.data import read_image, resize_image
 from model.registry import Registry
 
@@ -120,16 +121,18 @@ def test_the_shadow_reuses_the_serving_backbone_and_is_labelled_apart(registry, 
         assert np.allclose(r.coarse, r.shadow_coarse)  # same weights: same maps
 
 
+def _scoring_with_subscriber(registry: Registry):
+    """A scoring actor (as a plain object) on a free port, and a subscriber to what it publishes."""
+    actor = ScoringActor(str(registry.root), "tcp://127.0.0.1:*", OutputConfig(save_anomalies=False),
+                         LearningConfig())
+    context = zmq.Context()
+    return actor, context, subscribe(context, actor.bound)
+
+
 def test_scoring_thresholds_each_map_with_its_own_versions_threshold(registry, trained_model, tmp_path):
     v1 = registry.current()
     v2 = _second_version(registry, trained_model, tmp_path, threshold_factor=1000.0)  # v2 flags nothing
-    actor = ScoringActor(str(registry.root), "tcp://127.0.0.1:*",
-                         OutputConfig(save_anomalies=False), LearningConfig())
-    context = zmq.Context()
-    sub = context.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(actor.bound)
-    time.sleep(0.3)
+    actor, context, sub = _scoring_with_subscriber(registry)
     threshold = registry.show(v1)["manifest"]["threshold"]
     coarse = np.full((8, 8), 10.0 * threshold, np.float32)  # far above v1's threshold, far below v2's
     header = {"camera_id": "cam", "ts": time.time(), "encoding": "jpeg", "width": 128, "height": 128}
@@ -149,12 +152,7 @@ def test_scoring_thresholds_each_map_with_its_own_versions_threshold(registry, t
 def test_shadow_maps_are_compared_never_published(registry, trained_model, tmp_path):
     v1 = registry.current()
     v2 = _second_version(registry, trained_model, tmp_path, threshold_factor=1000.0)
-    actor = ScoringActor(str(registry.root), "tcp://127.0.0.1:*", OutputConfig(save_anomalies=False))
-    context = zmq.Context()
-    sub = context.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(actor.bound)
-    time.sleep(0.3)
+    actor, context, sub = _scoring_with_subscriber(registry)
     threshold = registry.show(v1)["manifest"]["threshold"]
     rng = np.random.default_rng(0)
     results, headers = [], []

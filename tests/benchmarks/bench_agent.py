@@ -1,14 +1,18 @@
 """Agent benchmarks (`make bench`): live pipeline throughput vs the raw batched model, and end-to-end
 latency at 50% and 90% of capacity. Real Ray, real ZeroMQ on loopback, real Magnetic Tile frames.
 
-Raw model: `AnomalyDetector.score_images` on decoded frames, batch = inference.max_batch, in this
-process. Agent: the same model behind ingest → inference → scoring, fed by a PUSH camera as fast as
-it accepts frames (every-frame mode, so nothing is shed). Both in one run, on one machine.
+Raw model: `AnomalyDetector.score_images` on decoded frames, at the batch size and torch threads the
+agent's inference actor chose for itself (its tuning table is reported), in this process, measured
+before and after the agent runs. Agent: the same model behind ingest → inference → scoring, fed by a
+PUSH camera as fast as it accepts frames (every-frame mode, so nothing is shed). Both in one run, on
+one machine. With --splits, the agent again for each thread split of the box's cores (torch threads
+of inference, decode threads of the ingest, scoring threads), at the tuned batch size.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import threading
@@ -98,6 +102,10 @@ def main() -> None:
     p.add_argument("--latency-seconds", type=float, default=20.0)
     p.add_argument("--set", action="append", default=[], help="agent setting override, e.g. inference.max_batch=16")
     p.add_argument("--no-readme", action="store_true")
+    p.add_argument("--no-hostile", action="store_true", help="skip the hostile-peer benchmark (bench_hostile.py)")
+    p.add_argument("--splits", default="2,2,1;2,1,1;1,1,1;1,2,1;2,1,2",
+                   help="thread splits to compare, 'torch,decode,scoring;…' ('' = none)")
+    p.add_argument("--split-frames", type=int, default=200)
     args = p.parse_args()
     model_dir = Path(args.model)
     if not (model_dir / "manifest.json").is_file():
@@ -106,18 +114,21 @@ def main() -> None:
         model_cfg = load_settings()
         train_model(model_cfg, load_dataset(args.data, model_cfg.data), model_dir, progress=False)
     cfg = load_settings(overrides=[*args.set, "http.enabled=false", "output.save_anomalies=false"], kind=AgentSettings)
-    threads = cfg.inference.torch_threads or torch.get_num_threads()
     paths = frames_of(args.data, model_dir, 200)
     frames = [frame_from_file(q) for q in paths]
     results: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     "machine": {"cpus": threads, "platform": platform.platform(), "torch": torch.__version__,
-                                 "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-                     "model": str(model_dir), "max_batch": cfg.inference.max_batch}
-    raw_before = raw_throughput(model_dir, paths, cfg.inference.max_batch, threads)
-    ray.init(num_cpus=max(2, threads), include_dashboard=False, log_to_driver=False)
+                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                                 "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                                 "load_average_start": os.getloadavg()},
+                     "model": str(model_dir), "settings": args.set}
+    ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     agent = Agent(model_dir, ["tcp://127.0.0.1:*"], "tcp://127.0.0.1:*", cfg).start()
     try:
-        agent_run(agent, "warm-up", frames, 3 * cfg.inference.max_batch)
+        inference = agent.snapshot()["inference"]
+        batch, threads = inference["max_batch"], inference["torch_threads"]
+        results.update(tuning=inference["tuning"], max_batch=batch, torch_threads=threads)
+        raw_before = raw_throughput(model_dir, paths, batch, threads)  # the agent's actors idle meanwhile
+        agent_run(agent, "warm-up", frames, 3 * batch)
         saturated = agent_run(agent, "saturation", frames, args.frames)
         capacity = saturated["frames_per_second"]
         latency = {}
@@ -128,41 +139,97 @@ def main() -> None:
         time.sleep(0.5)  # the last decisions reach the ingest's counters
         snap = agent.snapshot()
         accounting = totals([snap[k] for k in snap if k.startswith("ingest-")])
+        costs = frame_costs(snap)
     finally:
         agent.stop()
-        ray.shutdown()
-    raw_after = raw_throughput(model_dir, paths, cfg.inference.max_batch, threads)
+    raw_after = raw_throughput(model_dir, paths, batch, threads)
     raw = (raw_before + raw_after) / 2
     results.update({"raw_frames_per_second": raw, "raw_before": raw_before, "raw_after": raw_after,
                     "agent_saturation": saturated, "agent_vs_raw": capacity / raw, "latency": latency,
-                    "accounting": accounting})
+                    "accounting": accounting, "costs_ms": costs})
+    if args.splits:
+        results["splits"] = [run_split(model_dir, frames, args, batch, split) for split in args.splits.split(";")]
+    ray.shutdown()
+    results["machine"]["load_average_end"] = os.getloadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "agent.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({"raw_fps": round(raw, 1), "agent_fps": round(capacity, 1),
-                      "ratio": round(capacity / raw, 3), **{k: (round(v["latency_ms_p50"]), round(v["latency_ms_p99"]))
-                                                            for k, v in latency.items()}}))
+    print(json.dumps({"batch": batch, "threads": threads, "raw_fps": round(raw, 1), "agent_fps": round(capacity, 1),
+                      "ratio": round(capacity / raw, 3), "costs_ms": costs,
+                      **{k: (round(v["latency_ms_p50"]), round(v["latency_ms_p99"])) for k, v in latency.items()},
+                      "splits": [(s["split"], round(s["frames_per_second"] or 0, 1)) for s in results.get("splits", [])]}))
     if not args.no_readme:
         update_section(ROOT / "README.md", "agent-bench", render(results))
+    if not args.no_hostile:  # `make bench` runs this script: the hostile-peer benchmark comes with it
+        from bench_hostile import run as run_hostile
+
+        run_hostile(model_dir, args.data, out, readme=not args.no_readme, overrides=args.set)
+
+
+def frame_costs(snap: dict) -> dict:
+    """Mean decode (ingest) and scoring cost per frame, in ms, from the actors' own stats."""
+    ingests = [snap[k] for k in snap if k.startswith("ingest-") and snap[k]]
+    decode_n = sum(i["decode_seconds_count"] for i in ingests)
+    scoring = snap.get("scoring") or {}
+    return {"decode": 1000 * sum(i["decode_seconds_sum"] for i in ingests) / decode_n if decode_n else None,
+            "scoring": 1000 * scoring["seconds_sum"] / scoring["seconds_count"] if scoring.get("seconds_count") else None}
+
+
+def run_split(model_dir: Path, frames: list, args, batch: int, split: str) -> dict:
+    """The agent at saturation with one thread split: "T,D,S" = torch threads, decode threads, scoring threads."""
+    t, d, sc = (int(x) for x in split.split(","))
+    cfg = load_settings(overrides=[*args.set, "http.enabled=false", "output.save_anomalies=false",
+                                   f"inference.max_batch={batch}", f"inference.torch_threads={t}",
+                                   f"ingest.decode_threads={d}", f"scoring.threads={sc}"], kind=AgentSettings)
+    agent = Agent(model_dir, ["tcp://127.0.0.1:*"], "tcp://127.0.0.1:*", cfg).start()
+    try:
+        agent_run(agent, "warm-up", frames, 3 * batch)
+        run = agent_run(agent, f"split-{t}-{d}-{sc}", frames, args.split_frames)
+        costs = frame_costs(agent.snapshot())
+    finally:
+        agent.stop()
+    log.info("split", split=split, fps=run["frames_per_second"], costs_ms=costs)
+    return {"split": split, "torch_threads": t, "decode_threads": d, "scoring_threads": sc,
+            "frames_per_second": run["frames_per_second"], "latency_ms_p50": run["latency_ms_p50"], "costs_ms": costs}
 
 
 def render(r: dict) -> str:
-    s = r["agent_saturation"]
-    lines = [f"Measured by `make bench` on {r['date'][:10]} ({r['machine']['cpus']} CPU threads, "
-             f"{r['machine']['gpu'] or 'no GPU'}), model `{r['model']}`, batch {r['max_batch']}, "
-             "Magnetic Tile test frames as the camera's own JPEG bytes, every-frame mode.", "",
+    s, m, t = r["agent_saturation"], r["machine"], r["tuning"]
+    load = f"load average {m['load_average_start'][0]:.1f} → {m['load_average_end'][0]:.1f}"
+    lines = [f"Measured by `make bench` on {r['date'][:10]} ({m['cpus']} CPUs, {m['gpu'] or 'no GPU'}; {load} on this "
+             f"shared box), model `{r['model']}`, Magnetic Tile test frames as the camera's own JPEG bytes, "
+             "every-frame mode, default settings: the inference actor tuned itself to "
+             f"batch {r['max_batch']} × {r['torch_threads']} torch threads ({t.get('state')}, budget "
+             f"{t.get('budget_ms', '—')} ms).", "",
              "| | frames/s | ratio to raw model | p50 latency | p99 latency | mean batch |", "|---|---|---|---|---|---|",
-             f"| raw batched model (`score_images`, in-process) | {r['raw_frames_per_second']:.1f} | 1.00 | — | — | "
-             f"{r['max_batch']} |",
+             f"| raw model (`score_images`, in-process, batch {r['max_batch']}, {r['torch_threads']} threads) | "
+             f"{r['raw_frames_per_second']:.1f} | 1.00 | — | — | {r['max_batch']} |",
              f"| agent at saturation (camera → decision) | {s['frames_per_second']:.1f} | {r['agent_vs_raw']:.2f} | "
              f"{s['latency_ms_p50']:.0f} ms | {s['latency_ms_p99']:.0f} ms | {s['mean_batch']:.1f} |"]
     for share, v in r["latency"].items():
         lines.append(f"| agent at {share} of capacity ({v['offered_fps']:.1f} fps offered) | "
                      f"{v['frames_per_second']:.1f} | — | {v['latency_ms_p50']:.0f} ms | {v['latency_ms_p99']:.0f} ms | "
                      f"{v['mean_batch']:.1f} |")
+    costs = r["costs_ms"]
     lines += ["", f"The raw model was measured before and after the agent in the same run "
               f"({r['raw_before']:.1f} and {r['raw_after']:.1f} frames/s); the ratio uses their mean. Latency is "
-              "capture timestamp → decision received by a subscriber."]
+              "capture timestamp → decision received by a subscriber. Per frame, from the actors' own stats: decode + "
+              f"resize {costs['decode']:.1f} ms (ingest), scoring {costs['scoring']:.1f} ms.", "",
+              "The inference actor's tuning table (forward pass of frames at the model's size; frames/s from the "
+              "median of its passes):", "",
+              "| torch threads | batch | ms per batch | frames/s | within budget |", "|---|---|---|---|---|"]
+    for row in t.get("table", []):
+        lines.append(f"| {row['threads']} | {row['batch']} | {row['ms'] if row['ms'] is not None else '—'} | "
+                     f"{row['frames_per_second']:.1f} | {'yes' if row['within_budget'] else 'no'} |")
+    if r.get("splits"):
+        lines += ["", f"Thread splits of the box (each its own agent at batch {r['max_batch']}, saturation, "
+                  "same run):", "",
+                  "| torch threads (inference) | decode threads (ingest) | scoring threads | frames/s | "
+                  "decode ms/frame | scoring ms/frame |", "|---|---|---|---|---|---|"]
+        for sp in r["splits"]:
+            c = sp["costs_ms"]
+            lines.append(f"| {sp['torch_threads']} | {sp['decode_threads']} | {sp['scoring_threads']} | "
+                         f"{sp['frames_per_second']:.1f} | {c['decode']:.1f} | {c['scoring']:.1f} |")
     return "\n".join(lines)
 
 

@@ -1,9 +1,15 @@
-"""GPU benchmark of the inference path (run on a GPU box; `gpu_bench.sh` wraps it with the agent run).
+"""GPU benchmark of the inference path, in one process (gpu_bench.sh runs it, then the live agent).
 
-Raw model throughput of `actors.inference.BatchedModel` (what the InferenceActor runs) for each
-batch size, in fp32 and in fp16 autocast with channels-last, plus peak GPU memory. Needs no
-dataset and no trained model: throughput does not depend on pixel content or trained weights, so
-it uses the edge default architecture with random frames unless --model is given.
+1. The inference actor's own tuning (actors/tuning.py, run by `InferenceActor` itself) on the GPU, in fp32
+   and in fp16 autocast + channels-last: the table and the batch it chose.
+2. At the chosen batch: the full model (`embed` + `coarse_maps`, as the actor runs it) against the backbone
+   alone, the bound any model on these features has.
+3. JPEG decoding of real frames: batched on the GPU (actors/device_decode.py, nvJPEG) against the ingest's
+   CPU path (strict libjpeg-turbo + OpenCV resize), per frame.
+4. fp16 parity: the largest relative difference of the coarse maps, and of the image scores, against fp32.
+
+Each part records its error and the rest go on, so one run always leaves a JSON. `--device cpu` runs
+every part on the CPU (a dry run of this script on a machine without a GPU).
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -19,70 +26,140 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from actors.inference import BatchedModel  # noqa: E402
-from agent.settings import InferenceConfig, load_settings  # noqa: E402
-from model.backbone import Backbone  # noqa: E402
-from model.detector import AnomalyDetector, load_detector  # noqa: E402
-from model.reconstructor import Reconstructor  # noqa: E402
+from actors.config import InferenceConfig  # noqa: E402
+from actors.inference import InferenceActor  # noqa: E402
 
 
-def detector_for(model: str | None, overrides: list[str]) -> AnomalyDetector:
-    if model:
-        return load_detector(model)
-    cfg = load_settings(overrides=overrides)
-    backbone = Backbone(cfg.backbone)
-    return AnomalyDetector(cfg, backbone, Reconstructor(backbone.out_channels, cfg.backbone.feature_size,
-                                                        cfg.reconstructor), threshold=1.0)
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
-def throughput(model: BatchedModel, frames: list[np.ndarray], batch: int, seconds: float) -> dict:
-    for _ in range(3):  # warm-up: cuDNN autotuning, allocator
-        model.coarse_maps(frames[:batch])
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+def rate(fn, device: str, seconds: float) -> float:
+    fn()  # warm-up
+    sync(device)
     n, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        model.coarse_maps(frames[:batch])  # returns CPU numpy: includes the copy back, as in the actor
-        n += batch
-    elapsed = time.perf_counter() - started
-    return {"batch": batch, "frames_per_second": n / elapsed, "ms_per_batch": 1000 * elapsed / (n / batch),
-            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
+        n += fn()
+    sync(device)
+    return n / (time.perf_counter() - started)
+
+
+def part(results: dict, name: str, fn) -> None:
+    started = time.perf_counter()
+    try:
+        results[name] = fn()
+    except Exception as exc:  # noqa: BLE001 - a failed part is reported, the others still run
+        results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]}
+    print(f"[{time.perf_counter() - started:6.1f} s] {name}: {json.dumps(results[name], default=str)[:600]}",
+          flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", help="trained model folder (default: the edge architecture, random weights)")
-    p.add_argument("--batches", default="1,8,32,64,128")
-    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--model", required=True, help="trained model folder")
+    p.add_argument("--frames", help="a folder of JPEG frames (searched recursively) for the decode part")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--budget-ms", type=float, default=100.0)
+    p.add_argument("--tune-seconds", type=float, default=0.5)
+    p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--out", default="runs/bench/gpu.json")
-    p.add_argument("--set", action="append", default=[], help="model setting override (without --model)")
     args = p.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_bench: no CUDA device visible (torch.cuda.is_available() is False)")
     torch.backends.cudnn.benchmark = True
-    detector = detector_for(args.model, args.set)
-    size = detector.image_size
-    rng = np.random.default_rng(0)
-    batches = [int(b) for b in args.batches.split(",")]
-    frames = [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(max(batches))]
-    results = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "image_size": size, "runs": {}}
-    for name, half, channels_last in (("fp32", False, False), ("fp16+channels_last", True, True)):
-        model = BatchedModel(detector, InferenceConfig(device="cuda", half=half, channels_last=channels_last))
-        results["runs"][name] = [throughput(model, frames, b, args.seconds) for b in batches]
-        for r in results["runs"][name]:
-            print(f"{name:20s} batch {r['batch']:4d}: {r['frames_per_second']:8.1f} frames/s "
-                  f"{r['ms_per_batch']:7.2f} ms/batch  peak {r['peak_gpu_mb']:.0f} MB", flush=True)
-    fp32 = {r["batch"]: r["frames_per_second"] for r in results["runs"]["fp32"]}
-    fp16 = {r["batch"]: r["frames_per_second"] for r in results["runs"]["fp16+channels_last"]}
-    # Does half precision change the answer? Max relative difference of the coarse maps.
-    a = BatchedModel(detector, InferenceConfig(device="cuda", half=False)).coarse_maps(frames[:8])
-    b = BatchedModel(detector, InferenceConfig(device="cuda", half=True)).coarse_maps(frames[:8])
-    results["fp16_max_rel_diff"] = float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1e-6)))
-    results["fp16_speedup"] = {b_: fp16[b_] / fp32[b_] for b_ in batches}
+    results: dict = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+                     "torch": torch.__version__, "model": args.model, "budget_ms": args.budget_ms}
+    actors: dict[str, InferenceActor] = {}
+
+    def tune(half: bool):
+        cfg = InferenceConfig(device=args.device, half=half, channels_last=half, latency_budget_ms=args.budget_ms,
+                              tune_seconds=args.tune_seconds)
+        actor = InferenceActor(args.model, cfg)
+        actors["fp16" if half else "fp32"] = actor
+        t = actor.tuned
+        return {"batch": actor.max_batch, "threads": actor.threads, "seconds": t.get("seconds"), "table": t["table"]}
+
+    part(results, "tuning_fp32", lambda: tune(False))
+    part(results, "tuning_fp16_channels_last", lambda: tune(True))
+
+    def bound():
+        out = {}
+        for name, actor in actors.items():
+            det, batch = actor.serving.detector, actor.max_batch
+            size = det.image_size
+            frames = [np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8) for i in range(batch)]
+
+            def full():
+                det.coarse_maps(det.embed(frames))  # back on the CPU: includes the copy, as in the actor
+                return batch
+
+            def backbone():
+                with torch.inference_mode(), det._autocast():
+                    det.backbone(det.preprocess(frames))
+                return batch
+
+            f, b = rate(full, args.device, args.seconds), rate(backbone, args.device, args.seconds)
+            out[name] = {"batch": batch, "full_frames_per_second": f, "backbone_frames_per_second": b,
+                         "full_vs_backbone": f / b}
+        return out
+
+    part(results, "full_vs_backbone", bound)
+
+    def decode():
+        from actors.device_decode import decode_batch
+        from actors.protocol import decode_jpeg
+        from model.data import resize_image
+
+        paths = sorted(Path(args.frames).rglob("*.jpg"))[:256] if args.frames else []
+        if not paths:
+            raise RuntimeError("no JPEG frames given (--frames)")
+        payloads = [p.read_bytes() for p in paths]
+        actor = actors.get("fp16") or actors.get("fp32")
+        size, device = actor.serving.detector.image_size, torch.device(args.device)
+        out = {"frames": len(payloads), "mean_jpeg_bytes": float(np.mean([len(b) for b in payloads]))}
+        for batch in (1, 32, 128):
+            chunks = [payloads[i: i + batch] for i in range(0, len(payloads), batch)]
+            state = {"i": 0}
+
+            def on_device():
+                chunk = chunks[state["i"] % len(chunks)]
+                state["i"] += 1
+                decode_batch(chunk, size, device)
+                return len(chunk)
+
+            out[f"device_batch_{batch}_frames_per_second"] = rate(on_device, args.device, args.seconds)
+        state = {"i": 0}
+
+        def on_cpu():
+            resize_image(decode_jpeg(payloads[state["i"] % len(payloads)]), size)
+            state["i"] += 1
+            return 1
+
+        out["cpu_one_thread_frames_per_second"] = rate(on_cpu, "cpu", args.seconds)
+        return out
+
+    part(results, "jpeg_decode", decode)
+
+    def parity():
+        a, b = actors["fp32"].serving.detector, actors["fp16"].serving.detector
+        size = a.image_size
+        frames = [np.random.default_rng(100 + i).integers(0, 256, (size, size, 3), dtype=np.uint8) for i in range(8)]
+        if args.frames:
+            from model.data import read_image
+
+            frames = [read_image(q) for q in sorted(Path(args.frames).rglob("*.jpg"))[:8]] or frames
+        ma, mb = a.coarse_maps(a.embed(frames)), b.coarse_maps(b.embed(frames))
+        sa, sb = a.head.score(ma).scores, b.head.score(mb).scores
+        return {"max_rel_map_diff": float(((ma - mb).abs() / ma.abs().clamp_min(1e-6)).max()),
+                "max_rel_map_diff_vs_peak": float((ma - mb).abs().max() / ma.abs().max()),
+                "max_rel_score_diff": float(((sa - sb).abs() / sa.abs().clamp_min(1e-6)).max())}
+
+    part(results, "fp16_parity", parity)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(json.dumps({"fp16_speedup": {k: round(v, 2) for k, v in results["fp16_speedup"].items()},
-                      "fp16_max_rel_diff": results["fp16_max_rel_diff"]}))
+    Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    print(json.dumps({k: (v if not isinstance(v, dict) else {kk: vv for kk, vv in v.items() if kk != "table"})
+                      for k, v in results.items()}, default=str)[:3000])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,113 @@
+"""Self-tuning of the inference actor: forward time per (threads, batch size) at the model's input size,
+and the point with the highest throughput whose batch time stays within a latency budget.
+
+Measured, not assumed: on a 2-core CPU the edge model does ~1.9× more frames/s at batch 1 than at
+batch 8 (the issue's numbers), on a GPU large batches win. Triton ships a Model Analyzer for this; the
+agent measures itself, at start and after every model swap.
+
+A `Tuner` is a plan of timed passes, handed out one at a time (`next_probe`), so the actor can run
+them back to back before it serves, or one between two live batches after a swap (serving then waits
+for at most one pass, whose length the budget bounds). Per thread count it climbs the batch ladder
+and stops at the first batch over the budget: bigger ones only take longer.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Point:
+    """One (threads, batch) cell of the table: its timed passes (after one untimed warm-up pass)."""
+
+    threads: int
+    batch: int
+    seconds: list[float] = field(default_factory=list)
+    warmed: bool = False
+    failed: str | None = None
+
+    @property
+    def ms(self) -> float:
+        """The typical batch time (median of the timed passes)."""
+        return 1000.0 * statistics.median(self.seconds) if self.seconds else float("inf")
+
+    @property
+    def frames_per_second(self) -> float:
+        """From the median pass, not the fastest: with other work on the cores, a pass on several threads
+        waits at every barrier for its slowest thread, and that cost is the point's own, not noise to
+        filter out (on this 2-core box two threads were often several times slower than one)."""
+        return self.batch / statistics.median(self.seconds) if self.seconds else 0.0
+
+    def row(self, budget_ms: float) -> dict:
+        return {"threads": self.threads, "batch": self.batch, "ms": round(self.ms, 2) if self.seconds else None,
+                "frames_per_second": round(self.frames_per_second, 2), "passes": len(self.seconds),
+                "within_budget": self.failed is None and self.ms <= budget_ms, "failed": self.failed}
+
+
+def best_point(rows: list[dict], budget_ms: float) -> dict:
+    """The row with the most frames/s among those whose batch time is within the budget; when none is
+    (a box too slow for the budget), the fastest batch: the least latency there is."""
+    measured = [r for r in rows if r["failed"] is None and r["ms"] is not None]
+    if not measured:
+        raise ValueError("no measured point to choose from")
+    within = [r for r in measured if r["ms"] <= budget_ms]
+    if within:  # ties (equal throughput) go to the smaller batch, then to fewer threads
+        return max(within, key=lambda r: (r["frames_per_second"], -r["batch"], -r["threads"]))
+    return min(measured, key=lambda r: (r["ms"], r["batch"], r["threads"]))
+
+
+class Tuner:
+    """The table for one model: `next_probe()` → (threads, batch) to time, `record()` its seconds."""
+
+    def __init__(self, threads: list[int], batches: list[int], budget_ms: float, min_seconds: float = 0.3,
+                 min_passes: int = 3, max_passes: int = 30):
+        if not threads or not batches:
+            raise ValueError("a tuner needs at least one thread count and one batch size")
+        self.threads, self.batches = sorted(set(threads)), sorted(set(batches))
+        self.budget_ms, self.min_seconds = budget_ms, min_seconds
+        self.min_passes, self.max_passes = min_passes, max_passes
+        self.points: dict[tuple[int, int], Point] = {}
+        self._thread_i = self._batch_i = 0
+
+    def next_probe(self) -> tuple[int, int] | None:
+        """The next pass to time, or None once the table is complete."""
+        while self._thread_i < len(self.threads):
+            key = (self.threads[self._thread_i], self.batches[self._batch_i])
+            point = self.points.setdefault(key, Point(*key))
+            enough = len(point.seconds) >= self.max_passes or (
+                len(point.seconds) >= self.min_passes and sum(point.seconds) >= self.min_seconds)
+            if point.failed is None and not enough:
+                return key
+            if point.failed is None and point.ms <= self.budget_ms and self._batch_i + 1 < len(self.batches):
+                self._batch_i += 1  # within budget: climb
+            else:  # over budget, failed (e.g. out of memory) or the ladder's top: next thread count
+                self._thread_i, self._batch_i = self._thread_i + 1, 0
+        return None
+
+    def record(self, threads: int, batch: int, seconds: float | None = None, error: str | None = None) -> None:
+        point = self.points[(threads, batch)]
+        if error is not None:
+            point.failed = error
+        elif not point.warmed:
+            point.warmed = True  # the first pass of a point pays for allocations and kernel choice
+        else:
+            point.seconds.append(seconds)
+
+    @property
+    def done(self) -> bool:
+        return self._thread_i >= len(self.threads)
+
+    def table(self) -> list[dict]:
+        return [p.row(self.budget_ms) for p in sorted(self.points.values(), key=lambda p: (p.threads, p.batch))]
+
+    def best(self) -> dict:
+        return best_point(self.table(), self.budget_ms)
+
+
+def ladder(top: int) -> list[int]:
+    """1, 2, 4, … up to `top`, and `top` itself."""
+    out, n = [], 1
+    while n < top:
+        out.append(n)
+        n *= 2
+    return [*out, max(1, top)]

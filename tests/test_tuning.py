@@ -1,0 +1,137 @@
+"""Self-tuning of the inference actor: the choice from a table, the ladder it climbs, a real actor on the real
+model (at start, pinned, and again after a live model swap, while frames keep being served)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from actors.config import InferenceConfig
+from actors.inference import InferenceActor, cpu_cores
+from actors.tuning import Tuner, best_point, ladder
+from model.data import read_image, resize_image
+from model.registry import Registry
+
+
+def _row(threads, batch, ms, fps, failed=None):
+    return {"threads": threads, "batch": batch, "ms": ms, "frames_per_second": fps, "failed": failed}
+
+
+def test_the_choice_is_the_most_frames_per_second_within_the_latency_budget():
+    rows = [_row(1, 1, 20, 50), _row(1, 8, 90, 89), _row(2, 8, 60, 133), _row(2, 32, 240, 160),
+            _row(2, 64, None, 0, failed="OutOfMemoryError")]
+    assert best_point(rows, budget_ms=100) == rows[2]  # 160 f/s is faster, but 240 ms is over the budget
+    assert best_point(rows, budget_ms=300) == rows[3]
+    assert best_point(rows, budget_ms=10) == rows[0]  # nothing fits: the least latency there is
+
+
+def test_equal_throughput_goes_to_the_smaller_batch_then_fewer_threads():
+    rows = [_row(2, 4, 40, 100), _row(1, 2, 20, 100), _row(2, 2, 20, 100)]
+    assert best_point(rows, budget_ms=100) == rows[1]
+
+
+def test_the_tuner_climbs_each_thread_count_until_a_batch_is_over_budget():
+    def cost_s(threads, batch):  # a fixed cost plus a per-frame one, halved by a second thread
+        return (4.0 + 6.0 * batch) / threads / 1000.0
+
+    tuner = Tuner([1, 2], [1, 2, 4, 8, 16, 32], budget_ms=60, min_seconds=0.0, min_passes=2)
+    timed = []
+    while (probe := tuner.next_probe()) is not None:
+        timed.append(probe)
+        tuner.record(*probe, cost_s(*probe))
+    within = {(r["threads"], r["batch"]): r["within_budget"] for r in tuner.table()}
+    assert within[(1, 16)] is False and (1, 32) not in within  # 100 ms at 1 thread: 32 was never tried
+    assert within[(2, 16)] is True and within[(2, 32)] is False  # 50 ms fits at 2 threads, 98 ms does not
+    assert tuner.done and (tuner.best()["threads"], tuner.best()["batch"]) == (2, 16)
+    assert timed.count((1, 1)) == 3  # one warm-up pass, then min_passes timed ones
+
+
+def test_the_thread_ladder_ends_at_the_cores():
+    assert ladder(1) == [1] and ladder(2) == [1, 2] and ladder(6) == [1, 2, 4, 6] and ladder(8) == [1, 2, 4, 8]
+
+
+@pytest.fixture(scope="module")
+def frames(small_dataset):
+    return [resize_image(read_image(s.path), 128) for s in small_dataset.test[:12]]
+
+
+def test_a_real_actor_serves_with_the_best_point_of_its_own_table(trained_model, frames):
+    actor = InferenceActor(str(trained_model), InferenceConfig(tune_seconds=0.05, latency_budget_ms=200))
+    tuning = asyncio.run(actor.stats())["tuning"]
+    assert tuning["state"] == "tuned" and tuning["runs"] == 1
+    assert {r["threads"] for r in tuning["table"]} == set(ladder(cpu_cores()))
+    chosen = best_point(tuning["table"], 200)
+    assert (actor.max_batch, actor.threads) == (chosen["batch"], chosen["threads"])
+    results = asyncio.run(actor.infer_batch(frames))
+    assert len(results) == len(frames) and all(r.batch_size <= actor.max_batch for r in results)
+
+
+def test_pinned_settings_are_served_as_they_are(trained_model, frames):
+    pinned = InferenceActor(str(trained_model), InferenceConfig(max_batch=3, torch_threads=1))
+    assert (pinned.max_batch, pinned.threads) == (3, 1) and pinned.tuned["state"] == "pinned"
+    assert pinned.tuned["table"] == []
+    assert max(r.batch_size for r in asyncio.run(pinned.infer_batch(frames))) == 3
+    half = InferenceActor(str(trained_model), InferenceConfig(max_batch=2, tune_seconds=0.05))  # threads tuned
+    assert {r["batch"] for r in half.tuned["table"]} == {2} and half.max_batch == 2
+
+
+def test_after_a_live_swap_the_new_model_is_tuned_between_batches_while_frames_are_served(
+        trained_model, frames, tmp_path):
+    registry = Registry.create(tmp_path / "registry", trained_model, by="test")
+    v2_dir = tmp_path / "v2"
+    shutil.copytree(trained_model, v2_dir)
+    manifest = json.loads((v2_dir / "manifest.json").read_text())
+    manifest["model_version"] = "v2"
+    (v2_dir / "manifest.json").write_text(json.dumps(manifest))
+    v2 = registry.add_version(v2_dir, by="test")
+    actor = InferenceActor(str(registry.root), InferenceConfig(tune_seconds=0.2, max_wait_ms=1))
+
+    async def scenario():
+        await actor.activate(v2)
+        assert actor.tuned["state"] == "tuning" and actor.tuned["model_version"] == v2
+        served_while_tuning = 0
+        for _ in range(200):  # a camera keeps sending; each call must be answered while the table grows
+            tuning = actor.tuned["state"] == "tuning"
+            results = await asyncio.wait_for(actor.infer_batch(frames[:2]), timeout=30)
+            assert [r.model_version for r in results] == [v2, v2]
+            served_while_tuning += tuning
+            if actor.tuned["state"] == "tuned":
+                break
+        return served_while_tuning
+
+    served_while_tuning = asyncio.run(scenario())
+    assert served_while_tuning >= 1
+    assert actor.tuned["state"] == "tuned" and actor.tuned["model_version"] == v2 and actor.tuned["runs"] == 2
+    chosen = best_point(actor.tuned["table"], actor.cfg.latency_budget_ms)
+    assert (actor.max_batch, actor.threads) == (chosen["batch"], chosen["threads"])
+
+
+def test_jpeg_bytes_decoded_by_the_inference_actor_score_like_frames_decoded_by_the_ingest(
+        trained_model, small_dataset):
+    """jpeg_decode=device, run on this CPU (torchvision's decoder; nvJPEG on a GPU): same maps within a
+    gray level of the resize, and undecodable bytes come back refused instead of failing the batch."""
+    paths = [s.path for s in small_dataset.test[:6] if s.path.suffix.lower() == ".jpg"]
+    actor = InferenceActor(str(trained_model), InferenceConfig(max_batch=8, torch_threads=1))
+    decoded = [resize_image(read_image(p), 128) for p in paths]
+    payloads = [p.read_bytes() for p in paths]
+    broken = payloads[0][:600] + b"\x00" * 64  # a JPEG's header, then junk where its scan should be
+    host = asyncio.run(actor.infer_batch(decoded))
+    device = asyncio.run(actor.infer_batch([*payloads, broken]))
+    for a, b in zip(host, device):
+        assert b.refused is None
+        assert np.abs(a.coarse - b.coarse).max() <= 0.01 * np.abs(a.coarse).max()
+    assert device[-1].refused and device[-1].coarse.size == 0
+
+
+def test_a_restarted_actor_serves_with_its_previous_choice_and_a_new_agent_run_tunes_afresh(trained_model,
+                                                                                            tmp_path):
+    state = str(tmp_path / "inference.json")
+    cfg = InferenceConfig(tune_seconds=0.05)
+    first = InferenceActor(str(trained_model), cfg, state_file=state, run_id="run-1")
+    restarted = InferenceActor(str(trained_model), cfg, state_file=state, run_id="run-1")  # what Ray does
+    assert restarted.tuned["state"] == "reused" and restarted.tuned["table"] == first.tuned["table"]
+    assert (restarted.max_batch, restarted.threads) == (first.max_batch, first.threads)
+    assert InferenceActor(str(trained_model), cfg, state_file=state, run_id="run-2").tuned["state"] == "tuned"
