@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.scoring import NORMAL_PREFIX, AnomalyStore, heat_png, thumbnail_jpg
+from actors.scoring import NORMAL_PREFIX, AnomalyStore, frame_stem, heat_png, thumbnail_jpg
 from agent.console.auth import (Authenticator, LoginThrottle, Sessions, UserError, add_user, hash_password, read_users,
                                 remove_user, verify_password)
 from agent.console.frames import FrameIndex, MediaNotFound
@@ -115,6 +115,26 @@ def test_the_index_lists_frames_from_names_newest_first_with_filters_and_pages(t
     (tmp_path / "cam-a" / "20261129T100029_0000000029.jpg").unlink()
     total, page = index.query(limit=1)
     assert total == 30 and page[0].seq == 100
+
+
+def test_the_index_reads_the_names_the_scoring_actor_writes(tmp_path):
+    """Named by the agent's clock to the microsecond; a name taken twice (a camera whose sequence restarted)
+    gets `-1` from the store, and both frames are listed and served."""
+    store = AnomalyStore(tmp_path, max_bytes=1 << 20, normals_max_bytes=1 << 16)
+    at = 1_796_000_000.25
+    files = {".jpg": b"x", "_thumb.jpg": b"t", "_heat.png": b"h", ".json": b'{"ts": 1e306}'}
+    first = store.write("cam", frame_stem(at, 7), files)
+    second = store.write("cam", frame_stem(at, 7), files)  # the same name again: kept apart
+    store.write("cam", frame_stem(at + 1, 8, normal=True), files, normal=True)
+    assert first[".jpg"] != second[".jpg"] and second[".jpg"].endswith("-1_0000000007.jpg")
+    index = FrameIndex(tmp_path, min_refresh_s=0)
+    total, page = index.query(limit=10)
+    assert total == 3 and page[0].normal and page[0].seq == 8 and page[0].ts == pytest.approx(at + 1)
+    assert {f.stem for f in page[1:]} == {frame_stem(at, 7), frame_stem(at, 7).replace("_", "-1_", 1)}
+    for frame in page:
+        assert index.get("cam", frame.stem) == frame
+        assert index.media_path("cam", frame.stem + ".jpg").read_bytes() == b"x"
+    assert index.get("cam", frame_stem(at, 7) + "/../x") is None
 
 
 def test_the_file_guard_serves_only_saved_frames_inside_the_output_folder(tmp_path):

@@ -51,10 +51,14 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
        "font-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 
 
-def _fmt_time(ts: float | None) -> str:
-    if not ts:
+def _fmt_time(ts: Any) -> str:
+    """A UTC time, or "—" for anything that is not one (a camera's clock may send 1e306 or a ms count)."""
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not ts:
         return "—"
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):
+        return "—"
 
 
 def _num(value: Any, digits: int = 3) -> str:
@@ -254,7 +258,7 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
             if isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box):
                 regions.append([float(v) for v in box])
         return {"frame": frame, "key": frame.key, "camera": frame.camera, "stem": frame.stem, "seq": frame.seq,
-                "ts": side.get("ts") or frame.ts, "normal": frame.normal, "score": side.get("score"),
+                "ts": frame.ts, "captured": side.get("ts"), "normal": frame.normal, "score": side.get("score"),
                 "normalized": side.get("normalized_score"), "threshold": side.get("threshold"),
                 "version": side.get("model_version"), "width": width, "height": height, "regions": regions,
                 "payload": frame.stem + (frame.payload_suffix or ""),

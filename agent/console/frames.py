@@ -1,6 +1,8 @@
 """The saved frames (anomalies and sampled normals) in the agent's output folder, indexed for review.
 
-The index is built from file names alone (`<camera>/[ok_]<YYYYmmddTHHMMSS>_<seq>.<suffix>`), so it costs
+The index is built from file names alone (`<camera>/[ok_]<YYYYmmddTHHMMSS>[.<µs>][-<n>]_<seq>.<suffix>`: the
+agent's clock when the frame arrived, `-<n>` where that name was taken; names without the µs part come
+from agents before the hostile-camera hardening and are still read), so it costs
 one directory listing per camera, redone only when the folder's mtime changes: 10,000 saved frames
 need no JSON read until a page shows them (then only that page's sidecars are read, and cached).
 
@@ -26,9 +28,9 @@ from actors.protocol import CAMERA_ID_PATTERN
 NORMAL_PREFIX = "ok_"
 SUFFIXES = (".jpg", ".png", "_overlay.png", "_thumb.jpg", "_heat.png", ".json")
 PAYLOADS = (".jpg", ".png")
-_NAME = re.compile(r"^(?P<stem>(?P<ok>ok_)?(?P<time>\d{8}T\d{6})_(?P<seq>\d{10}))"
-                   r"(?P<suffix>_overlay\.png|_thumb\.jpg|_heat\.png|\.jpg|\.png|\.json)$")
-STEM_PATTERN = r"^(ok_)?\d{8}T\d{6}_\d{10}$"
+_STEM = r"(?P<ok>ok_)?(?P<time>\d{8}T\d{6})(?:\.(?P<us>\d{6}))?(?:-\d{1,9})?_(?P<seq>\d{10})"
+_NAME = re.compile(rf"^(?P<stem>{_STEM})(?P<suffix>_overlay\.png|_thumb\.jpg|_heat\.png|\.jpg|\.png|\.json)$")
+STEM_PATTERN = rf"^{_STEM}$"
 _CAMERA = re.compile(CAMERA_ID_PATTERN)
 
 
@@ -40,7 +42,7 @@ class MediaNotFound(LookupError):
 class Frame:
     camera: str
     stem: str
-    ts: int  # capture time, whole seconds (UTC), from the name
+    ts: float  # when the agent received it (UTC; whole seconds in older names), from the name
     seq: int
     normal: bool
     suffixes: set[str] = field(default_factory=set)
@@ -58,8 +60,8 @@ class Frame:
         return ".json" in self.suffixes and self.payload_suffix is not None
 
 
-def _epoch(stamp: str) -> int:
-    return calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%S"))
+def _epoch(stamp: str, micros: str | None = None) -> float:
+    return calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%S")) + (int(micros) / 1e6 if micros else 0.0)
 
 
 class FrameIndex:
@@ -105,7 +107,8 @@ class FrameIndex:
                 continue
             frame = frames.get(m["stem"])
             if frame is None:
-                frame = frames[m["stem"]] = Frame(camera, m["stem"], _epoch(m["time"]), int(m["seq"]), bool(m["ok"]))
+                frame = frames[m["stem"]] = Frame(camera, m["stem"], _epoch(m["time"], m["us"]), int(m["seq"]),
+                                                   bool(m["ok"]))
             frame.suffixes.add(m["suffix"])
         out = [f for f in frames.values() if f.complete]
         out.sort(key=lambda f: (f.ts, f.seq), reverse=True)

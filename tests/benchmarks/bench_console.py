@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from actors.scoring import heat_png, thumbnail_jpg  # noqa: E402
+from actors.scoring import frame_stem, heat_png, thumbnail_jpg  # noqa: E402
 from agent.console import start_console  # noqa: E402
 from agent.console.auth import add_user  # noqa: E402
 from agent.console.frames import FrameIndex  # noqa: E402
@@ -79,7 +79,7 @@ def fill(folder: Path, data: str, threshold: float, count: int) -> dict:
         ts = now - 7 * 86400 * (1 - n / (count + count // 10))
         i = n % len(sources)
         width, height = made[i]
-        stem = ("ok_" if normal else "") + f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(ts))}_{seq:010d}"
+        stem = frame_stem(ts, seq, normal=normal)  # the scoring actor's own names
         target = folder / camera
         target.mkdir(parents=True, exist_ok=True)
         for suffix in (".jpg", "_thumb.jpg", "_heat.png", *([] if normal else ["_overlay.png"])):
