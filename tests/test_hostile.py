@@ -7,7 +7,6 @@ computed from the settings. Waits are for progress (counters, decisions), never 
 from __future__ import annotations
 
 import json
-import os
 import random
 import socket
 import threading
