@@ -108,8 +108,9 @@ class LiveView:
                 "p50_ms": _ms(histogram_quantile(0.5, latency)), "p99_ms": _ms(histogram_quantile(0.99, latency)),
                 "latency_recent": sum(recent_latency) > 0,
                 "dropped": dict(sorted(t["dropped"].items())), "invalid": dict(sorted(t["invalid"].items())),
-                "drift": {"alarm": bool(d.get("alarm")), "psi": d.get("psi"), "n": d.get("n"),
-                          "median_ratio": d.get("median_ratio")} if d else None,
+                # the alarm threshold: alarm_psi or the window's noise floor, whichever is higher
+                "drift": {"alarm": bool(d.get("alarm")), "psi": d.get("psi"), "threshold": d.get("threshold"),
+                          "n": d.get("n"), "median_ratio": d.get("median_ratio")} if d else None,
             })
         store = scoring.get("store") or {}
         return {"taken_at": taken, "age_s": max(0.0, time.time() - taken) if taken else None,
