@@ -62,6 +62,17 @@ def trained_model(tmp_path_factory, small_config, small_dataset) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def test_images(small_dataset):
+    """24 real Magnetic Tile test images, normals and every defect type."""
+    import random
+
+    rng = random.Random(0)
+    samples = list(small_dataset.test)
+    rng.shuffle(samples)
+    return [s.path for s in samples[:24]]
+
+
 def write_png(path: Path, array: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     assert cv2.imwrite(str(path), array)

@@ -58,11 +58,12 @@ def corrupt_jpegs(jpeg: bytes, seed: int = 0) -> dict[str, bytes]:
     }
 
 
-def malformed(rng: random.Random, jpeg: bytes, w: int, h: int, camera: str = "fuzz") -> tuple[list[bytes], str]:
+def malformed(rng: random.Random, jpeg: bytes, w: int, h: int, camera: str = "fuzz",
+              kinds: int = 21) -> tuple[list[bytes], str]:
     """One bad message of many kinds and the reason it must be counted under (`decided` for the kinds
-    that are valid after all). A superset of test_agent's mix: its kinds, then the hostile ones."""
+    that are valid after all). Kinds 0-10 are test_agent's broken-camera mix (`kinds=11`), then the hostile ones."""
     good = {"v": 1, "camera_id": camera, "seq": 0, "ts": time.time(), "encoding": "jpeg", "width": w, "height": h}
-    kind = rng.randrange(21)
+    kind = rng.randrange(kinds)
     if kind == 0:
         return [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))), jpeg], "header_json"
     if kind == 1:

@@ -20,20 +20,12 @@ import zmq.auth
 
 from actors.protocol import frame_message
 from agent.publisher import FramePublisher, SourceFrame, frame_from_file, frames_from
+from hostile import malformed
 from live import Decisions, accounted, live_agent, settled_totals, wait_until
 from model.detector import load_detector
 from model.predict import predict_path
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-@pytest.fixture(scope="module")
-def test_images(small_dataset):
-    """24 real Magnetic Tile test images, normals and every defect type."""
-    rng = random.Random(0)
-    samples = list(small_dataset.test)
-    rng.shuffle(samples)
-    return [s.path for s in samples[:24]]
 
 
 def _send_all(endpoint: str, camera: str, paths, **kwargs) -> FramePublisher:
@@ -92,37 +84,6 @@ def test_decisions_carry_regions_and_anomalies_are_saved_with_overlay_and_sideca
         assert d["latency_ms"] > 0 and "files" not in d or d["is_anomaly"]
 
 
-def _malformed(rng: random.Random, jpeg: bytes, w: int, h: int) -> tuple[list[bytes], str]:
-    """One bad message and the reason the agent must count it under."""
-    good = {"v": 1, "camera_id": "fuzz", "seq": 0, "ts": time.time(), "encoding": "jpeg", "width": w, "height": h}
-    kind = rng.randrange(11)
-    if kind == 0:
-        return [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))), jpeg], "header_json"
-    if kind == 1:
-        field = rng.choice(["seq", "width", "ts", "v", "encoding"])
-        return [json.dumps(dict(good, **{field: [1, "x"]})).encode(), jpeg], "header_schema"
-    if kind == 2:
-        return [json.dumps(good).encode()], "parts"
-    if kind == 3:
-        cut = rng.randrange(100, len(jpeg) // 2)
-        return [json.dumps(good).encode(), jpeg[:cut] + bytes(rng.randrange(256) for _ in range(50))], "decode"
-    if kind == 4:
-        raw = dict(good, encoding="raw", channels=3, dtype="uint8")
-        return [json.dumps(raw).encode(), b"\0" * rng.randrange(1, 1000)], "payload_size"
-    if kind == 5:
-        return [json.dumps(dict(good, width=60000, height=60000)).encode(), jpeg], "too_large"
-    if kind == 6:
-        raw = dict(good, encoding="raw", channels=3, dtype=rng.choice(["float32", "int8", "object"]))
-        return [json.dumps(raw).encode(), b"\0" * (w * h * 3)], "header_schema"
-    if kind == 7:
-        return [json.dumps(good).encode(), jpeg, b"extra"], "parts"
-    if kind == 8:
-        return [json.dumps(dict(good, width=w + 3)).encode(), jpeg], "dimension_mismatch"
-    if kind == 9:
-        return [json.dumps(dict(good, encoding="png")).encode(), jpeg], "encoding_mismatch"
-    return [b"[]", jpeg], "header_json"
-
-
 def test_fuzz_thousands_of_malformed_messages_are_counted_and_every_valid_frame_is_decided(
         trained_model, tmp_path, test_images):
     rng = random.Random(1)
@@ -138,7 +99,7 @@ def test_fuzz_thousands_of_malformed_messages_are_counted_and_every_valid_frame_
             if i % 100 == 0:
                 camera.send(frame_from_file(test_images[valid % len(test_images)]))
                 valid += 1
-            parts, reason = _malformed(rng, jpeg, w, h)
+            parts, reason = malformed(rng, jpeg, w, h, kinds=11)
             camera.send_parts(parts)
             expected[reason] = expected.get(reason, 0) + 1
         assert decisions.wait_for(valid, timeout_s=180)

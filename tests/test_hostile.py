@@ -28,14 +28,6 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 @pytest.fixture(scope="module")
-def test_images(small_dataset):
-    rng = random.Random(0)
-    samples = list(small_dataset.test)
-    rng.shuffle(samples)
-    return [s.path for s in samples[:24]]
-
-
-@pytest.fixture(scope="module")
 def jpeg(test_images):
     data = test_images[0].read_bytes()
     height, width = cv2.imread(str(test_images[0])).shape[:2]
