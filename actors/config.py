@@ -162,7 +162,7 @@ class RetrainConfig(Section):
     policy: Literal["register", "shadow", "auto"] = "auto"
     auto_without_defects: bool = False  # let `auto` promote on a normals-only gate too
     warm_start: bool = True  # start from the serving version's weights (else from scratch)
-    epochs: int = Field(12, ge=1)  # warm-started; a from-scratch retrain uses the model's own train.epochs
+    epochs: int = Field(24, ge=1)  # warm-started; a from-scratch retrain uses the model's own train.epochs
     lr: float | None = Field(None, gt=0)  # None: the model's train.lr (× 0.3 when warm-started)
     max_minutes: float = Field(20.0, ge=0)  # training stops here with what it has (0: no limit)
     min_train_samples: int = Field(20, ge=1)

@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the learning loop: lighting drifts, false alarms are accepted, a retrain job runs, "
                         "the candidate is shadowed and promoted (--model may be a model or a registry)")
     p.add_argument("--normals-per-phase", type=int, default=48, help="with --loop")
-    p.add_argument("--epochs", type=int, default=12, help="with --loop: retrain epochs (warm-started)")
+    p.add_argument("--epochs", type=int, default=24, help="with --loop: retrain epochs (warm-started)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
 

@@ -122,7 +122,7 @@ class Phase:
 
 
 def run_loop_demo(model_dir: Path, data: str, out: Path, overrides: list[str] | None = None,
-                  normals_per_phase: int = 48, defects: int = 40, epochs: int = 12) -> dict[str, Any]:
+                  normals_per_phase: int = 48, defects: int = 40, epochs: int = 24) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     registry_dir = out / "registry"

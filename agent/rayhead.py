@@ -72,7 +72,8 @@ class LocalHead:
     """`ray start --head --block` as a child; `address` (GCS) and `dashboard` (Jobs API) once it is up."""
 
     def __init__(self, num_cpus: int | None = None, num_gpus: int | None = None, timeout_s: float = 120.0,
-                 labels: dict[str, str] | None = None, object_store_bytes: int | None = None):
+                 labels: dict[str, str] | None = None, object_store_bytes: int | None = None,
+                 memory_usage_threshold: float | None = None):
         ensure_token()
         self.temp_dir = tempfile.mkdtemp(prefix="adtr-ray-")  # short: Ray's socket paths have a length limit
         self.log_path = Path(self.temp_dir) / "head.log"
@@ -91,8 +92,11 @@ class LocalHead:
         if labels:
             args.append("--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))
         self.log = open(self.log_path, "w")
+        env = dict(os.environ, RAY_AUTH_MODE="token")
+        if memory_usage_threshold is not None:  # the share of the node's memory above which Ray kills workers
+            env["RAY_memory_usage_threshold"] = str(memory_usage_threshold)
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-                                        env=dict(os.environ, RAY_AUTH_MODE="token"))
+                                        env=env)
         self.address = self._wait_for_address(timeout_s)
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
 

@@ -41,6 +41,10 @@ def connect_ray(cfg: AgentConfig, jobs: bool) -> tuple[bool, str | None, LocalHe
         return False, _dashboard_of_current(), None
     options: dict[str, Any] = {"namespace": cfg.ray.namespace, "log_to_driver": True}
     head = None
+    if cfg.ray.address is None:  # read by the raylet this process starts (embedded or LocalHead)
+        os.environ["RAY_memory_usage_threshold"] = str(cfg.ray.memory_usage_threshold)
+        if cfg.ray.memory_usage_threshold >= 1.0:
+            os.environ["RAY_memory_monitor_refresh_ms"] = "0"
     if cfg.ray.address is None and jobs:
         head = LocalHead(num_cpus=cfg.ray.num_cpus)
         options["address"] = head.address

@@ -39,6 +39,10 @@ class RayConfig(_Section):
     namespace: str = "adtr-edge"
     num_cpus: int | None = None  # only for the embedded instance
     include_dashboard: bool = False  # Ray Jobs (retraining) need it
+    # Ray's memory monitor kills Ray workers (the agent's actors, a retrain job) once the *node's* memory use
+    # passes this share, whoever uses it (Ray's default, 0.95, killed the agent's actors and a retrain here
+    # when other programs filled the box). Only for a Ray the agent starts itself; 1.0 turns it off.
+    memory_usage_threshold: float = Field(0.98, gt=0.0, le=1.0)
 
 
 class HttpConfig(_Section):

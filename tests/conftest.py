@@ -102,7 +102,7 @@ def ray_cluster(ray_home):
 
     # 1 GiB of object store is ample for test frames, and keeps the session's footprint small: Ray's
     # memory monitor kills workers (the agent's actors among them) when the machine nears 95 % in use.
-    head = LocalHead(num_cpus=2, object_store_bytes=1 << 30)
+    head = LocalHead(num_cpus=2, object_store_bytes=1 << 30, memory_usage_threshold=0.98)
     ray.init(address=head.address, log_to_driver=False, namespace="adtr-edge-tests")
     yield head
     ray.shutdown()

@@ -254,6 +254,27 @@ def test_a_small_validation_set_raises_the_drift_threshold_to_its_noise_floor():
     assert shifted.state()["alarm"]
 
 
+def test_a_drift_alarm_clears_only_well_below_its_threshold():
+    """Hysteresis: a window whose PSI hovers at the threshold does not flip the alarm frame by frame."""
+    rng = np.random.default_rng(2)
+    reference = rng.normal(10, 1, 5000)
+    stats = {"n": 5000, "quantiles": [[p, float(np.quantile(reference, p))] for p in (0.1, 0.25, 0.5, 0.75, 0.9)]}
+    drift = ScoreDrift(reference_bins(stats), 200, 100, 0.25)
+    for value in rng.normal(12, 1, 200):
+        drift.observe(float(value))
+    assert drift.state()["alarm"]
+    flips, before, cleared_at, quiet_above = 0, True, None, False
+    for value in rng.normal(10, 1, 400):  # back to normal: PSI falls through the threshold band once
+        drift.observe(float(value))
+        state = drift.state()
+        if state["alarm"] != before:
+            flips, cleared_at = flips + 1, state["psi"]
+        quiet_above |= state["alarm"] and state["psi"] < state["threshold"]  # inside the band, still raised
+        before = state["alarm"]
+    assert flips == 1 and not before
+    assert cleared_at < 0.8 * drift.threshold() and quiet_above
+
+
 def test_drift_reference_comes_from_old_manifests_too():
     ref = reference_bins({"p50": 1.0, "p90": 2.0, "p95": 2.5, "p99": 3.0})
     assert ref.edges == [1.0, 2.0, 2.5, 3.0] and np.allclose(ref.expected, [0.5, 0.4, 0.05, 0.04, 0.01])

@@ -1,0 +1,102 @@
+"""Which warm-start retrain setting adapts best to a shifted line? A sweep over the loop demo's store.
+
+After `make demo-loop`, its registry holds the original model, the base normals and the relit normals the
+operator accepted. For each setting this trains the serving reconstructor on that store's training split
+exactly as the retrain job does (actors/retrain.py: warm start, operator normals repeated, the threshold
+calibrated on the store's validation normals), then counts false alarms on relit normals the demo streams
+after its retrain, and recall on relit defects, plus both on the original lighting (nothing may get worse
+there). One seed; minutes on a GPU, hours on 2 busy cores.
+
+    python tests/benchmarks/retrain_sweep.py --registry runs/demo/loop/registry \
+        --configs '[{"epochs": 12, "lr": 0.3, "rep": 4}, {"epochs": 24, "lr": 0.3, "rep": 4}]'
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from agent.demo_loop import GAIN, relit  # noqa: E402
+from model.checkpoint import load_checkpoint  # noqa: E402
+from model.data import BadFiles, Sample, load_dataset, read_image, to_rgb8  # noqa: E402
+from model.detector import AnomalyDetector, load_detector  # noqa: E402
+from model.features import FeatureCache  # noqa: E402
+from model.reconstructor import Reconstructor  # noqa: E402
+from model.registry import Registry  # noqa: E402
+from model.samples import SampleStore  # noqa: E402
+from model.train import calibrate_threshold, fit, seed_everything  # noqa: E402
+
+DEFAULT = [{"epochs": e, "lr": 0.3, "rep": 4} for e in (12, 24, 30)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--registry", default="runs/demo/loop/registry")
+    p.add_argument("--version", help="the model the retrain starts from (default: the registry's first version)")
+    p.add_argument("--data", default=str(ROOT.parent / "shared/data/magnetic-tile"))
+    p.add_argument("--configs", default=json.dumps(DEFAULT))
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    reg = Registry(args.registry)
+    version = args.version or reg.versions()[0]["version"]
+    serving = load_detector(reg.version_dir(version)).to(args.device)
+    snapshot = SampleStore(reg.store_dir).snapshot()
+    cache = FeatureCache(serving.backbone, tempfile.mkdtemp(), use_disk=False)
+
+    def features(rows):
+        return cache.extract([Sample(s.path, s.label, s.origin) for s in rows], BadFiles(), "skip", batch_size=32)
+
+    train_fs = features(snapshot.select(label=0, split="train"))
+    val = features(snapshot.select(label=0, split="val")).features
+    test = load_dataset(args.data, serving.cfg.data).test
+    rng = random.Random(0)  # the demo's own draw (agent/demo_loop.py): before, accepted, after
+    normals = [s.path for s in test if s.label == 0]
+    rng.shuffle(normals)
+    defects = [s.path for s in test if s.label == 1]
+    rng.shuffle(defects)
+    before, after, defects = normals[:48], normals[48 + 64:48 + 64 + 48], defects[:40]
+
+    def embed(images):
+        with torch.no_grad():
+            return torch.cat([serving.embed(images[i:i + 32]).float().cpu() for i in range(0, len(images), 32)])
+
+    sets = {"relit_normals": embed([to_rgb8(relit(p, GAIN).pixels) for p in after]),
+            "relit_defects": embed([to_rgb8(relit(p, GAIN).pixels) for p in defects]),
+            "normals": embed([read_image(p) for p in before]), "defects": embed([read_image(p) for p in defects])}
+
+    def flagged(det: AnomalyDetector) -> dict[str, float]:
+        return {k: round(float((det.score_features(v).scores.numpy() >= det.threshold).mean()), 3) for k, v in sets.items()}
+
+    print(json.dumps({"model": version, "threshold": round(serving.threshold, 3), **flagged(serving),
+                      "train": len(train_fs.samples),
+                      "operator": sum(s.defect_type == "operator" for s in train_fs.samples)}), flush=True)
+    for c in json.loads(args.configs):
+        seed_everything(0)
+        reps = [c["rep"] if s.defect_type == "operator" else 1 for s in train_fs.samples]
+        train = train_fs.features.repeat_interleave(torch.tensor(reps), dim=0)
+        model = Reconstructor(train.shape[1], serving.cfg.backbone.feature_size, serving.cfg.reconstructor)
+        model.load_state_dict(load_checkpoint(reg.version_dir(version))[1])
+        model.to(serving.device)
+        t0 = time.monotonic()
+        tcfg = serving.cfg.train.model_copy(update={"epochs": c["epochs"], "lr": serving.cfg.train.lr * c["lr"],
+                                                    "max_minutes": 0.0})
+        fit(model, (train,), None, tcfg, progress=False)
+        det = AnomalyDetector(serving.cfg, serving.backbone, model)
+        det.device = serving.device
+        det.threshold, _, _ = calibrate_threshold(det, val, np.zeros(len(val), int))
+        print(json.dumps({**c, **flagged(det), "threshold": round(det.threshold, 3),
+                          "train_seconds": round(time.monotonic() - t0, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
