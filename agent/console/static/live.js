@@ -16,7 +16,7 @@
       : c.drift.psi === null ? el("span", { class: "hint", text: "collecting (" + c.drift.n + " frames)" })
       : el("span", { class: c.drift.alarm ? "drift-alarm" : "drift-ok",
                      text: (c.drift.alarm ? "DRIFT " : "ok ") + "PSI " + fmt.num(c.drift.psi, 2) +
-                       (c.drift.threshold == null ? "" : " (alarm > " + fmt.num(c.drift.threshold, 2) + ")") });
+                       (c.drift.threshold == null ? "" : " (threshold " + fmt.num(c.drift.threshold, 2) + ")") });
     const cells = [
       el("td", { class: "mono cam", text: c.camera }),
       el("td", { class: "num fps", text: fmt.num(c.fps, 1) }),
