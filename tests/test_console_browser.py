@@ -159,7 +159,8 @@ def test_an_operator_triages_labels_retrains_promotes_and_rolls_back_in_the_brow
             assert page.text_content("#job-status") == "SUCCEEDED", page.text_content("#job-log")
             assert "retrain done" in page.text_content("#job-log")
             page.reload()
-            page.wait_for_selector("#job-panel[data-status='SUCCEEDED']", state="attached")  # the log tail is in
+            page.wait_for_selector("#job-panel[data-status='SUCCEEDED']", state="attached",
+                                   timeout=120_000)  # the log tail is in
             v2 = Registry(registry.root).pointers()["candidate"]
             assert v2 and v2 != v1
             row = page.locator(f'#versions tr[data-version="{v2}"]')
