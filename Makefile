@@ -7,7 +7,7 @@ DEMO   ?= runs/demo
 
 PEERS  := .venv-peers
 
-.PHONY: demo demo-loop test bench bench-peers install install-test clean
+.PHONY: demo demo-loop test screenshots bench bench-peers install install-test clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,13 +43,23 @@ demo-loop: $(VENV)/.installed
 	rm -rf $(DEMO)/loop
 	$(VENV)/bin/adtr-edge demo --loop --model $(DEMO)/model --data $(DATA) --out $(DEMO)/loop
 
+# The console's browser tests drive Debian's chromium (Playwright's Python API, the system browser; its
+# own browser download is never used): tests/install_browser.sh installs it where it can (root + apt).
 test: $(VENV)/.installed-test
+	bash tests/install_browser.sh
 	$(PY) -m pytest tests
+
+# The README's console screenshots, produced by the browser test itself.
+screenshots: $(VENV)/.installed-test
+	bash tests/install_browser.sh
+	ADTR_EDGE_SCREENSHOTS=docs/screenshots $(PY) -m pytest tests/test_console_browser.py
 
 bench: $(VENV)/.installed-test
 	$(PY) tests/benchmarks/bench_model.py --data $(DATA) --out runs/bench
 	$(PY) tests/benchmarks/bench_agent.py --data $(DATA) --model runs/bench/adtr-edge --out runs/bench
 	$(PY) tests/benchmarks/bench_learning.py --data $(DATA) --model runs/bench/adtr-edge --out runs/bench
+	bash tests/install_browser.sh
+	$(PY) tests/benchmarks/bench_console.py --data $(DATA) --model runs/bench/adtr-edge --out runs/bench
 
 # anomalib's PaDiM and PatchCore beside ADTR, in their own virtualenv (anomalib pins its own Lightning stack),
 # with the same offline backbone weights, split and resolution; rewrites the README's peers table.

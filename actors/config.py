@@ -110,10 +110,22 @@ class ScoringConfig(Section):
     threads: int = Field(1, ge=1, le=64)  # the scoring actor's torch and OpenCV threads (its CPU budget)
 
 
+class NormalSampleConfig(Section):
+    """A sample of frames decided normal, saved beside the anomalies for the operator console's review (a
+    missed defect is found there). Written by a thread off the decision path; what its queue cannot take
+    is shed and counted. Their own share of the folder, inside output.max_bytes. Only with save_anomalies
+    (off: the agent writes no frame files at all)."""
+
+    every_s: float = Field(30.0, ge=0)  # per camera: at most one normal frame per interval; 0 = none
+    max_bytes: int = Field(64 << 20, ge=0)  # normals beyond this go first (oldest first)
+    queue: int = Field(8, ge=1, le=1024)
+
+
 class OutputConfig(Section):
     save_anomalies: bool = True  # frame + heatmap overlay + JSON sidecar per anomalous frame
     dir: Path = Path("runs/agent/anomalies")
     max_bytes: int = Field(1 << 30, ge=1 << 20)  # oldest files are deleted beyond this
+    normals: NormalSampleConfig = NormalSampleConfig()
     min_region_area_px: int = Field(4, ge=1)  # at the model's image size
     max_regions: int = Field(20, ge=0)
     # The saved overlay (frame | heatmap) is drawn with the frame's longer side at most this many pixels
@@ -129,6 +141,17 @@ class GateConfig(Section):
     max_recall_drop: float = Field(0.05, ge=0, le=1)
     min_holdout_normals: int = Field(5, ge=1)
     alpha: float = Field(0.05, gt=0, lt=1)  # significance of a paired (McNemar) regression in rates
+
+
+class RetrainPlusConfig(Section):
+    """ADTR+ from the operators' labels: when the store's training split holds at least `min_defects`
+    confirmed defects, the retrain fine-tunes with the ADTR+ losses after the normal epochs (pixel
+    push-pull where a defect has a box or a mask, top-k where it has only its image label)."""
+
+    enabled: bool = True
+    min_defects: int = Field(1, ge=1)
+    epochs: int = Field(5, ge=1)
+    lr: float | None = Field(None, gt=0)  # None: the model's adtr_plus.lr
 
 
 class RetrainConfig(Section):
@@ -157,6 +180,7 @@ class RetrainConfig(Section):
     max_failures: int = Field(1, ge=0)  # worker crashes Ray Train recovers from (resuming its checkpoint)
     keep_versions: int = Field(10, ge=1)  # registry retention: the newest N, plus any a pointer names
     gate: GateConfig = GateConfig()
+    adtr_plus: RetrainPlusConfig = RetrainPlusConfig()
 
 
 class StoreConfig(Section):

@@ -8,6 +8,8 @@
    a GPU worker where the cluster has them), warm-started from the serving version or from scratch,
    checkpointing every epoch under a unique run name, so a crashed run resumes where it stopped.
    Workers run at a lower CPU priority with the threads they reserved: training never starves serving.
+   With confirmed defects in the store's training split, an ADTR+ phase follows (model.adtr_plus: pixel
+   push-pull where the operator drew a box or a mask, top-k where only the image is labelled).
 4. Calibrate the threshold on the store's validation normals; score the candidate and the serving
    model on the same holdout normals and labelled defects; gate (`model.gate`).
 5. Publish the version in the registry (with its gate result and the dataset list), then act by
@@ -32,6 +34,7 @@ import numpy as np
 import structlog
 import torch
 
+from model.adtr_plus import label_cell_masks, plus_loss, plus_training_data
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import AdtrConfig
 from model.data import BadFiles, Sample
@@ -47,6 +50,7 @@ from .config import RetrainConfig
 
 log = structlog.get_logger(__name__)
 STATE_FILE = "train_state.pt"
+PLUS_STATE_FILE = "train_state_plus.pt"  # the ADTR+ phase (labelled defects), after the normal epochs
 MANAGER_ACTOR = "models"
 
 
@@ -142,17 +146,22 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         model = ray.train.torch.prepare_model(model)
     shard = train[rank::world]
     local = Path(tempfile.mkdtemp(prefix="adtr-retrain-")) / STATE_FILE
+    local_plus = local.with_name(PLUS_STATE_FILE)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # resuming this run after a crash: continue from its last epoch
         with checkpoint.as_directory() as folder:
-            shutil.copy(Path(folder) / STATE_FILE, local)
+            for name, target in ((STATE_FILE, local), (PLUS_STATE_FILE, local_plus)):
+                if (Path(folder) / name).is_file():
+                    shutil.copy(Path(folder) / name, target)
     node = ray.get_runtime_context().get_node_id()
 
     def report(record: dict[str, float]) -> None:
         metrics = dict(record, node_id=node, rank=rank)
         if rank == 0:
             with tempfile.TemporaryDirectory() as folder:
-                shutil.copy(local, Path(folder) / STATE_FILE)
+                for path in (local, local_plus):
+                    if path.is_file():
+                        shutil.copy(path, Path(folder) / path.name)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics)
@@ -161,12 +170,26 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any]:
                                         "max_minutes": config["max_minutes"] if world == 1 else 0.0})
     result = fit(model, (shard,), (val,) if val is not None and len(val) else None, tcfg, state_path=local,
                  state_tag=config["run_name"], progress=False, on_epoch=report)
-    return {"node_id": node, "world_size": world, "seconds": result.seconds, "stopped_early": result.stopped_early,
-            "epochs": len(result.history), "resumed_from_epoch": result.resumed_from_epoch}
+    out = {"node_id": node, "world_size": world, "seconds": result.seconds, "stopped_early": result.stopped_early,
+           "epochs": len(result.history), "resumed_from_epoch": result.resumed_from_epoch}
+    plus = config.get("plus")
+    if plus:  # ADTR+ on the operators' confirmed defects: push-pull with a box/mask, top-k with a label only
+        defects = torch.from_numpy(np.load(plus["features"]))[rank::world]
+        masks = torch.from_numpy(np.load(plus["cell_masks"]))[rank::world]
+        has_mask = torch.from_numpy(np.load(plus["has_mask"]))[rank::world]
+        data = plus_training_data(shard, defects, masks, has_mask)
+        pcfg = tcfg.model_copy(update={"epochs": plus["epochs"], "lr": plus["lr"]})
+        fitted = fit(model, data, None, pcfg, loss_fn=plus_loss(plus["alpha"], plus["top_k"]), state_path=local_plus,
+                     state_tag=config["run_name"] + "/adtr+", progress=False,
+                     on_epoch=lambda record: report(dict(record, phase="adtr+")))
+        out.update(plus_epochs=len(fitted.history), plus_seconds=fitted.seconds,
+                   plus_resumed_from_epoch=fitted.resumed_from_epoch)
+    return out
 
 
 def _train_with_ray(cfg: RetrainConfig, model_cfg: AdtrConfig, run_dir: Path, storage: Path, run_name: str,
-                    train_path: Path, val_path: Path | None, warm_start: Path | None, epochs: int, lr: float):
+                    train_path: Path, val_path: Path | None, warm_start: Path | None, epochs: int, lr: float,
+                    plus: dict[str, Any] | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -180,6 +203,7 @@ def _train_with_ray(cfg: RetrainConfig, model_cfg: AdtrConfig, run_dir: Path, st
             "val_features": str(val_path) if val_path else "", "warm_start": str(warm_start) if warm_start else "",
             "epochs": epochs, "lr": lr, "max_minutes": cfg.max_minutes, "nice": cfg.nice,
             "threads": max(1, int(cfg.cpus_per_worker)), "use_gpu": cfg.use_gpu, "run_name": run_name,
+            "plus": plus,
         },
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
@@ -199,7 +223,11 @@ def _train_with_ray(cfg: RetrainConfig, model_cfg: AdtrConfig, run_dir: Path, st
         raise RetrainError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
-    return state, result.return_value or {}, list(json.loads(state["history"]))
+        history = list(json.loads(state["history"]))
+        if plus and (Path(folder) / PLUS_STATE_FILE).is_file():  # the weights after the ADTR+ phase
+            state = torch.load(Path(folder) / PLUS_STATE_FILE, map_location="cpu", weights_only=True)
+            history += [dict(record, phase="adtr+") for record in json.loads(state["history"])]
+    return state, result.return_value or {}, history
 
 
 def retrain(registry_path: str | Path, cfg: RetrainConfig, run_name: str | None = None, by: str = "cli",
@@ -247,6 +275,14 @@ def retrain(registry_path: str | Path, cfg: RetrainConfig, run_name: str | None 
         val = features(snapshot.select(label=0, split="val"), "val")
         holdout_normals = features(snapshot.select(label=0, split="holdout"), "holdout normals")
         holdout_defects = features(snapshot.select(label=1, split="holdout"), "holdout defects")
+        defect_rows = snapshot.select(label=1, split="train")
+        plus, plus_info = None, {"defects": len(defect_rows), "used": False}
+        if cfg.adtr_plus.enabled and len(defect_rows) >= cfg.adtr_plus.min_defects:
+            fs = cache.extract(_samples(defect_rows), bad, "skip", serving.cfg.train.feature_batch_size, progress,
+                               "train defects")
+            kept = {s.path for s in fs.samples}  # an unreadable image is skipped (and listed): keep rows in step
+            plus, plus_info = _plus_inputs(cfg, serving.cfg, run_dir, fs.features,
+                                           [r for r in defect_rows if r.path in kept])
         timings["features_s"] = time.monotonic() - t0
         computed = cache.misses - misses_before
         np.save(run_dir / "train_features.npy", train.numpy())
@@ -261,7 +297,8 @@ def retrain(registry_path: str | Path, cfg: RetrainConfig, run_name: str | None 
         epochs = cfg.epochs if cfg.warm_start else model_cfg.train.epochs
         lr = cfg.lr or (model_cfg.train.lr * (0.3 if cfg.warm_start else 1.0))
         state, worker_info, history = _train_with_ray(cfg, model_cfg, run_dir, paths.runs / "ray", run_name,
-                                                      run_dir / "train_features.npy", val_path, warm, epochs, lr)
+                                                      run_dir / "train_features.npy", val_path, warm, epochs, lr,
+                                                      plus)
         timings["train_s"] = time.monotonic() - t0
 
         t0 = time.monotonic()
@@ -285,7 +322,7 @@ def retrain(registry_path: str | Path, cfg: RetrainConfig, run_name: str | None 
                   "fingerprint": snapshot.fingerprint, "counts": snapshot.counts(), "skipped_files": bad.items},
             training={"history": history, "seconds": timings["train_s"], "feature_seconds": timings["features_s"],
                       "features_computed": computed, "run": run_name, "warm_start": serving_version if warm else None,
-                      "epochs": epochs, "lr": lr, "workers": worker_info, "by": by})
+                      "epochs": epochs, "lr": lr, "workers": worker_info, "by": by, "adtr_plus": plus_info})
         manifest["parent_model_version"] = serving_version
         staging = registry.versions_dir / f".staging-{run_name}"
         shutil.rmtree(staging, ignore_errors=True)
@@ -296,17 +333,38 @@ def retrain(registry_path: str | Path, cfg: RetrainConfig, run_name: str | None 
             "dataset.json": snapshot.to_json()})
         outcome = {"run": run_name, "version": version, "serving": serving_version, "gate": result.to_json(),
                    "features_computed": computed, "samples": snapshot.counts(), "node_id": worker_info.get("node_id"),
+                   "adtr_plus": plus_info,
                    "timings": {k: round(v, 2) for k, v in timings.items()}}
         outcome["action"] = _act(registry, cfg, version, result, by, namespace)
         registry.retain(cfg.keep_versions)
         timings["total_s"] = time.monotonic() - started
         outcome["timings"]["total_s"] = round(timings["total_s"], 2)
         (run_dir / "outcome.json").write_text(json.dumps(outcome, indent=2))
-        for name in ("train_features.npy", "val_features.npy"):
+        for name in ("train_features.npy", "val_features.npy", *PLUS_FILES):
             (run_dir / name).unlink(missing_ok=True)
         log.info("retrain done", **{k: outcome[k] for k in ("run", "version", "action")},
                  passed=result.passed, reasons=result.reasons)
         return outcome
+
+
+PLUS_FILES = ("plus_features.npy", "plus_cell_masks.npy", "plus_has_mask.npy")
+
+
+def _plus_inputs(cfg: RetrainConfig, model_cfg: AdtrConfig, run_dir: Path, features: torch.Tensor,
+                 rows: list[StoredSample]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ADTR+ phase's inputs, saved beside the run: the confirmed defects' features and cell masks
+    (from the operator's box or brush mask; none: the image label alone)."""
+    masks, has_mask = label_cell_masks([(r.path, r.box, r.mask_path) for r in rows], model_cfg.backbone.feature_size)
+    for name, array in zip(PLUS_FILES, (features.numpy(), masks.numpy(), has_mask.numpy()), strict=True):
+        np.save(run_dir / name, array)
+    plus = {"features": str(run_dir / PLUS_FILES[0]), "cell_masks": str(run_dir / PLUS_FILES[1]),
+            "has_mask": str(run_dir / PLUS_FILES[2]), "epochs": cfg.adtr_plus.epochs,
+            "lr": cfg.adtr_plus.lr or model_cfg.adtr_plus.lr, "alpha": model_cfg.adtr_plus.alpha,
+            "top_k": model_cfg.adtr_plus.top_k}
+    info = {"defects": len(rows), "used": True, "pixel_labelled": int(has_mask.sum()),
+            "image_labelled": int((~has_mask).sum()), "epochs": plus["epochs"], "lr": plus["lr"]}
+    log.info("ADTR+ on confirmed defects", **info)
+    return plus, info
 
 
 def _load_snapshot(run_dir: Path) -> Snapshot:
@@ -317,7 +375,8 @@ def _load_snapshot(run_dir: Path) -> Snapshot:
     for s in data["samples"]:
         path = store.blobs / s["sha256"][:2] / s["file"]
         samples.append(StoredSample(s["sha256"], path, s["origin"], s["label"], s["split"], s.get("camera_id"),
-                                    s.get("seq"), 0.0))
+                                    s.get("seq"), 0.0, s.get("box"),
+                                    store.blobs / s["mask"][:2] / s["mask"] if s.get("mask") else None))
     return Snapshot(samples, data["fingerprint"], data["taken_at"])
 
 

@@ -6,7 +6,8 @@ serving model's validation scores, the recent anomaly rate per model version (th
 reads it), the shadow model's agreement with the serving one (shadow decisions are never published),
 and a sample of confidently normal frames for the accepted-sample store (written by a thread, off
 the decision path; what does not fit its queue is shed and counted). Anomalous frames are written
-to disk: the original payload, a heatmap overlay and a JSON sidecar, under a size cap.
+to disk: the original payload, a heatmap overlay, a thumbnail, the heatmap alone and a JSON sidecar,
+under a size cap; so is a sample of normal frames (by a thread, for review in the operator console).
 """
 from __future__ import annotations
 
@@ -45,53 +46,184 @@ PAYLOAD_SUFFIX = {"jpeg": ".jpg", "png": ".png", "raw": ".png"}
 MAX_HEADS = 8  # score heads kept (serving, shadow, recent versions)
 
 
+NORMAL_PREFIX = "ok_"  # saved normal frames: ok_<time>_<seq>.*; anomalies: <time>_<seq>.*
+THUMB_WIDTH = 240
+
+
 class AnomalyStore:
-    """Files for anomalous frames in `<dir>/<camera>/`, total size kept under `max_bytes` (oldest go first).
+    """Files for anomalous frames (and a sample of normal ones) in `<dir>/<camera>/`, total size kept under
+    `max_bytes`, the normals' share under `normals_max_bytes`; the oldest go first. Thread-safe (the
+    normals are written by their own thread).
 
     A write never replaces a file: a stem already taken (the same camera, seq and time twice, e.g. a
     camera whose sequence restarted) gets a `-1`, `-2`… before its `_<seq>` end. Each path is counted
     once, so `total` is what is on disk."""
 
-    def __init__(self, root: Path, max_bytes: int):
-        self.root, self.max_bytes = Path(root), max_bytes
+    def __init__(self, root: Path, max_bytes: int, normals_max_bytes: int = 0):
+        self.root, self.max_bytes, self.normals_max_bytes = Path(root), max_bytes, normals_max_bytes
         self.root.mkdir(parents=True, exist_ok=True)
-        existing = sorted((p for p in self.root.rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime)
-        self.files: OrderedDict[Path, int] = OrderedDict((p, p.stat().st_size) for p in existing)
-        self.total = sum(self.files.values())
+        self.lock = threading.Lock()
+        existing = sorted(((p, p.stat()) for p in self.root.rglob("*") if p.is_file()), key=lambda e: e[1].st_mtime)
+        # path → (size, written at): one map for anomalies, one for normals, each oldest first
+        self.files: OrderedDict[Path, tuple[int, float]] = OrderedDict()
+        self.normals: OrderedDict[Path, tuple[int, float]] = OrderedDict()
+        for path, st in existing:
+            (self.normals if path.name.startswith(NORMAL_PREFIX) else self.files)[path] = (st.st_size, st.st_mtime)
+        self.normals_total = sum(size for size, _ in self.normals.values())
+        self.total = sum(size for size, _ in self.files.values()) + self.normals_total
         self.deleted = 0
 
     def _free_stem(self, folder: Path, stem: str, suffixes) -> str:
         head, sep, tail = stem.rpartition("_")  # keep `_<seq>` last: readers glob `*_<seq>.json`
         head, tail = (head, sep + tail) if sep else (stem, "")
         candidate, n = stem, 0
-        while any((folder / f"{candidate}{suffix}") in self.files or (folder / f"{candidate}{suffix}").exists()
+        while any((path := folder / f"{candidate}{suffix}") in self.files or path in self.normals or path.exists()
                   for suffix in suffixes):
             n += 1
             candidate = f"{head}-{n}{tail}"
         return candidate
 
-    def write(self, camera: str, stem: str, files: dict[str, bytes]) -> dict[str, str]:
+    def _forget(self, path: Path) -> None:
+        """`path` is about to be (re)written: its old size is no longer on disk."""
+        for normal, entries in ((False, self.files), (True, self.normals)):
+            if path in entries:
+                size, _ = entries.pop(path)
+                self.total -= size
+                self.normals_total -= size if normal else 0
+
+    def write(self, camera: str, stem: str, files: dict[str, bytes], normal: bool = False) -> dict[str, str]:
         folder = self.root / camera
         folder.mkdir(parents=True, exist_ok=True)
-        stem = self._free_stem(folder, stem, files)
         written = {}
-        for suffix, data in files.items():
-            path = folder / f"{stem}{suffix}"
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
-            self.total += len(data) - self.files.pop(path, 0)
-            self.files[path] = len(data)
-            written[suffix] = str(path)
-        self._trim()
+        with self.lock:
+            stem = self._free_stem(folder, stem, files)
+            entries = self.normals if normal else self.files
+            for suffix, data in files.items():
+                path = folder / f"{stem}{suffix}"
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_bytes(data)
+                tmp.replace(path)
+                self._forget(path)
+                entries[path] = (len(data), time.time())
+                self.total += len(data)
+                self.normals_total += len(data) if normal else 0
+                written[suffix] = str(path)
+            self._trim()
         return written
 
+    def _drop(self, normal: bool) -> None:
+        path, (size, _) = (self.normals if normal else self.files).popitem(last=False)
+        path.unlink(missing_ok=True)
+        self.total -= size
+        self.normals_total -= size if normal else 0
+        self.deleted += 1
+
+    def _oldest(self, entries: OrderedDict[Path, tuple[int, float]]) -> float:
+        return next(iter(entries.values()))[1]
+
     def _trim(self) -> None:
-        while self.total > self.max_bytes and self.files:
-            path, size = self.files.popitem(last=False)
-            path.unlink(missing_ok=True)
-            self.total -= size
-            self.deleted += 1
+        while self.normals and self.normals_total > self.normals_max_bytes:
+            self._drop(True)
+        while self.total > self.max_bytes and (self.files or self.normals):
+            # the oldest file of either kind
+            self._drop(bool(self.normals) and (not self.files or self._oldest(self.normals) <= self._oldest(self.files)))
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            return {"bytes": self.total, "files": len(self.files) + len(self.normals), "deleted": self.deleted,
+                    "normal_bytes": self.normals_total, "normal_files": len(self.normals)}
+
+
+def heat_png(amap: np.ndarray, threshold: float) -> bytes:
+    """The anomaly map alone, as a transparent JET heatmap (BGRA PNG at the map's resolution; colours over
+    [0, 2 × threshold] like the overlay; clear below 0.75 × threshold, 75 % opaque from 1.25 × threshold):
+    the console lays it over the frame and can switch it off."""
+    t = max(threshold, 1e-12)
+    scaled = np.clip(amap / (2.0 * t), 0.0, 1.0)
+    heat = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    alpha = (np.clip((amap / t - 0.75) * 1.5, 0.0, 0.75) * 255).astype(np.uint8)
+    return cv2.imencode(".png", np.dstack([heat, alpha]))[1].tobytes()
+
+
+def thumbnail_jpg(frame_rgb: np.ndarray, width: int = THUMB_WIDTH) -> bytes:
+    height, w = frame_rgb.shape[:2]
+    size = (width, max(1, round(height * width / w)))
+    small = cv2.resize(frame_rgb, size, interpolation=cv2.INTER_AREA)
+    if small.ndim == 2:
+        small = cv2.cvtColor(small, cv2.COLOR_GRAY2RGB)
+    return cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes()
+
+
+def frame_stem(received_at: float, seq: int, normal: bool = False) -> str:
+    """`[ok_]<YYYYmmddTHHMMSS.ffffff>_<seq>`: named by the agent's clock when the frame arrived (a camera's
+    may be wrong); the store keeps equal stems apart."""
+    stamp = time.strftime('%Y%m%dT%H%M%S', time.gmtime(received_at)) + f".{int(received_at % 1 * 1e6):06d}"
+    stem = f"{stamp}_{seq:010d}"
+    return NORMAL_PREFIX + stem if normal else stem
+
+
+def bounded_frame(header: dict[str, Any], payload: bytes, limit: int) -> np.ndarray:
+    """The frame for an overlay or thumbnail, its longer side at most `limit` (output.overlay_max_side): a
+    JPEG is decoded at the smallest DCT scale that is still large enough (a 6000×6000 frame costs 1/64 of
+    a full decode), anything else decoded and shrunk."""
+    long_side, short_side = max(header["width"], header["height"]), min(header["width"], header["height"])
+    if header["encoding"] == "jpeg" and long_side > limit:  # the long side still ≥ limit after scaling
+        frame = decode_jpeg(payload, min_side=math.ceil(limit * short_side / long_side))
+    else:
+        frame = decode_payload(FrameHeader.model_validate(header), payload)
+    height, width = frame.shape[:2]
+    if max(height, width) > limit:
+        factor = limit / max(height, width)
+        frame = cv2.resize(frame, (max(1, round(width * factor)), max(1, round(height * factor))),
+                           interpolation=cv2.INTER_AREA)
+    return frame
+
+
+class NormalSaver:
+    """A sample of normal decisions → the output folder (payload, thumbnail, heatmap, sidecar), at most one
+    per camera per `every_s`, on a thread with a bounded queue: the decision path only enqueues. The frame
+    is decoded no larger than `max_side` for its thumbnail (a camera of huge frames cannot stall it)."""
+
+    def __init__(self, store: AnomalyStore, cfg, log_, max_side: int = 1024):
+        self.store, self.cfg, self.log, self.max_side = store, cfg, log_, max_side
+        self.queue: queue.Queue = queue.Queue(maxsize=cfg.queue)
+        self.last: dict[str, float] = {}
+        self.saved = self.shed = self.errors = 0
+        threading.Thread(target=self._write_loop, name="normal-saver", daemon=True).start()
+
+    def consider(self, header: dict, decision: dict, amap: np.ndarray, payload: bytes, received_at: float) -> None:
+        camera, now = header["camera_id"], time.monotonic()
+        if now - self.last.get(camera, -math.inf) < self.cfg.every_s:
+            return
+        self.last[camera] = now
+        try:
+            self.queue.put_nowait((header, decision, amap.copy(), payload, received_at))
+        except queue.Full:
+            self.shed += 1
+
+    def _write_loop(self) -> None:
+        while True:
+            header, decision, amap, payload, received_at = self.queue.get()
+            try:
+                frame = bounded_frame(header, payload, self.max_side)
+                if header["encoding"] == "raw":  # raw pixels are stored as a lossless PNG
+                    full = decode_payload(FrameHeader.model_validate(header), payload)
+                    payload = cv2.imencode(".png", cv2.cvtColor(full, cv2.COLOR_RGB2BGR))[1].tobytes()
+                self.store.write(header["camera_id"], frame_stem(received_at, header["seq"], normal=True), {
+                    PAYLOAD_SUFFIX[header["encoding"]]: payload,
+                    "_thumb.jpg": thumbnail_jpg(frame),
+                    "_heat.png": heat_png(amap, decision["threshold"]),
+                    ".json": strict_json(dict(decision, source_encoding=header["encoding"], sampled="normal"),
+                                         indent=1),
+                }, normal=True)
+                self.saved += 1
+            except Exception as exc:  # noqa: BLE001 - a full disk must not stop decisions
+                self.errors += 1
+                if self.errors <= 10 or self.errors % 1000 == 0:
+                    self.log.error("normal sample not saved", camera_id=header["camera_id"], error=str(exc)[:200])
+
+    def stats(self) -> dict[str, int]:
+        return {"saved": self.saved, "shed": self.shed, "errors": self.errors, "queued": self.queue.qsize()}
 
 
 @dataclass
@@ -196,7 +328,10 @@ class ScoringActor:
         self.socket.linger = 1000
         self.socket.bind(results_endpoint)
         self.bound = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.store = AnomalyStore(cfg.dir, cfg.max_bytes) if cfg.save_anomalies else None
+        self.store = AnomalyStore(cfg.dir, cfg.max_bytes, cfg.normals.max_bytes) if cfg.save_anomalies else None
+        # Normals are sampled into the same folder: only where it is in use (save_anomalies off = no files).
+        self.normal_saver = NormalSaver(self.store, cfg.normals, log, cfg.overlay_max_side) \
+            if self.store is not None and cfg.normals.every_s > 0 and cfg.normals.max_bytes > 0 else None
         self.decisions = self.anomalies = self.write_errors = 0
         self.drift: dict[str, tuple[str, ScoreDrift | None]] = {}
         self.drift_alarms: dict[str, bool] = {}
@@ -278,6 +413,8 @@ class ScoringActor:
         self._watch(header["camera_id"], head.model_version, score, is_anomaly)
         if self.sampler is not None and not is_anomaly:
             self.sampler.consider(header, payload, head.model_version, score, decision["normalized_score"])
+        if self.normal_saver is not None and not is_anomaly:
+            self.normal_saver.consider(header, decision, amap, payload, received_at)
         return {"is_anomaly": is_anomaly, "latency_ms": decision["latency_ms"], "score": score,
                 "normalized_score": decision["normalized_score"]}
 
@@ -324,21 +461,8 @@ class ScoringActor:
                               bool(scored.is_anomaly[j]))
 
     def _overlay_frame(self, header, payload: bytes) -> np.ndarray:
-        """The frame for the overlay, its longer side at most output.overlay_max_side: a JPEG is decoded
-        at the smallest DCT scale that is still large enough (a 6000×6000 frame costs 1/64 of a full
-        decode), anything else decoded and shrunk."""
-        limit = self.cfg.overlay_max_side
-        long_side, short_side = max(header["width"], header["height"]), min(header["width"], header["height"])
-        if header["encoding"] == "jpeg" and long_side > limit:  # the long side still ≥ limit after scaling
-            frame = decode_jpeg(payload, min_side=math.ceil(limit * short_side / long_side))
-        else:
-            frame = decode_payload(FrameHeader.model_validate(header), payload)
-        height, width = frame.shape[:2]
-        if max(height, width) > limit:
-            factor = limit / max(height, width)
-            frame = cv2.resize(frame, (max(1, round(width * factor)), max(1, round(height * factor))),
-                               interpolation=cv2.INTER_AREA)
-        return frame
+        """The frame for the overlay, its longer side at most output.overlay_max_side (see bounded_frame)."""
+        return bounded_frame(header, payload, self.cfg.overlay_max_side)
 
     def _save(self, header, decision, amap, payload: bytes, received_at: float) -> dict[str, str]:
         try:
@@ -350,12 +474,12 @@ class ScoringActor:
                 payload = cv2.imencode(".png", cv2.cvtColor(full, cv2.COLOR_RGB2BGR))[1].tobytes()
             caption = f"ANOMALY {decision['normalized_score']:.2f}x thr  {header['camera_id']} #{header['seq']}"
             overlay = heatmap_overlay(frame, big, 2 * decision["threshold"], big >= decision["threshold"], caption)
-            # Named by the agent's clock (a camera's may be wrong); the store keeps equal stems apart.
-            stamp = time.strftime('%Y%m%dT%H%M%S', time.gmtime(received_at)) + f".{int(received_at % 1 * 1e6):06d}"
             sidecar = dict(decision, source_encoding=header["encoding"])
-            return self.store.write(header["camera_id"], f"{stamp}_{header['seq']:010d}", {
+            return self.store.write(header["camera_id"], frame_stem(received_at, header["seq"]), {
                 PAYLOAD_SUFFIX[header["encoding"]]: payload,
                 "_overlay.png": cv2.imencode(".png", overlay)[1].tobytes(),
+                "_thumb.jpg": thumbnail_jpg(frame),  # for the console: a small frame and the map alone
+                "_heat.png": heat_png(amap, decision["threshold"]),
                 ".json": strict_json(sidecar, indent=1),
             })
         except Exception as exc:  # noqa: BLE001 - a full disk (or any save failure) must not stop decisions
@@ -365,7 +489,7 @@ class ScoringActor:
 
     # ------------------------------------------------------------------ observation
     async def stats(self) -> dict[str, Any]:
-        store = {"bytes": self.store.total, "files": len(self.store.files), "deleted": self.store.deleted} \
+        store = dict(self.store.stats(), normals=self.normal_saver.stats() if self.normal_saver else None) \
             if self.store else None
         return {"model_version": self.serving_version, "decisions": self.decisions, "anomalies": self.anomalies,
                 "seconds": self.seconds.cumulative(), "seconds_sum": self.seconds.total,

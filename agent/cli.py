@@ -145,6 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retrain setting, e.g. --set retrain.epochs=5 --set retrain.policy=shadow")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("console", help="the operator console's users: add-user, remove-user, list-users")
+    csub = p.add_subparsers(dest="console_command", required=True)
+    for name, text in (("add-user", "add a user (or set a user's password and role)"),
+                       ("remove-user", "remove a user (their sessions end)"), ("list-users", "users and roles")):
+        q = csub.add_parser(name, help=text)
+        where = q.add_mutually_exclusive_group(required=True)
+        where.add_argument("--registry", type=Path, help="the agent's model registry (users in REG/console/)")
+        where.add_argument("--users-file", type=Path, help="or the console.users_file the agent is set to")
+        if name != "list-users":
+            q.add_argument("name")
+        if name == "add-user":
+            q.add_argument("--role", default="operator", choices=["operator", "viewer"],
+                           help="operator: review, label, retrain, promote, roll back; viewer: read only")
+            q.add_argument("--password-stdin", action="store_true",
+                           help="read the password from the first line of stdin (else: asked twice)")
+
     p = sub.add_parser("demo", help="agent + camera replaying a dataset's test split + live summary")
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--data", required=True)
@@ -369,9 +385,38 @@ def cmd_retrain(args) -> int:
     return 0
 
 
+def cmd_console(args) -> int:
+    import getpass
+
+    from .console.auth import UserError, add_user, read_users, remove_user
+
+    path = args.users_file or Path(args.registry) / "console" / "users.json"
+    if args.registry is not None:
+        from model.registry import Registry
+
+        Registry(args.registry)  # a clear error when it is not a registry
+    try:
+        if args.console_command == "list-users":
+            print(json.dumps({name: u["role"] for name, u in sorted(read_users(path).items())}))
+        elif args.console_command == "remove-user":
+            print(json.dumps(remove_user(path, args.name)))
+        else:
+            if args.password_stdin:
+                password = sys.stdin.readline().rstrip("\n")
+            else:
+                password = getpass.getpass(f"password for {args.name}: ")
+                if getpass.getpass("again: ") != password:
+                    raise UserError("the two passwords differ")
+            print(json.dumps(add_user(path, args.name, password, args.role)))
+    except UserError as exc:
+        raise SettingsError(str(exc)) from None
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "predict": cmd_predict,
             "run": cmd_run, "publish": cmd_publish, "keys": cmd_keys, "watch": cmd_watch, "demo": cmd_demo,
-            "models": cmd_models, "accept": cmd_accept, "retrain": cmd_retrain}
+            "models": cmd_models, "accept": cmd_accept, "retrain": cmd_retrain,
+            "console": cmd_console}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 Used by the agent's HTTP API (`POST /v1/samples`) and by `adtr-edge accept` when no agent runs.
 A saved frame is one the scoring actor wrote for an anomaly: `<anomalies>/<camera>/<time>_<seq>.<ext>`
-with a `.json` sidecar (the decision). "Accept as normal" files it as origin `operator`; "confirm
+with a `.json` sidecar (the decision), or a sampled normal one (`ok_<time>_<seq>.<ext>`). "Accept as normal" files it as origin `operator`; "confirm
 defect" as `confirmed_defect`, with an optional box.
 """
 from __future__ import annotations
@@ -44,8 +44,9 @@ def find_saved_frame(anomalies: Path, camera_id: str | None = None, seq: int | N
             payload = sidecar.with_suffix(suffix)
             if payload.is_file():
                 return payload, _sidecar(payload)
-    raise FrameNotFound(f"no saved frame for camera {camera_id} seq {seq} in {folder} (only anomalies are "
-                        "saved, and the oldest are deleted past output.max_bytes)")
+    raise FrameNotFound(f"no saved frame for camera {camera_id} seq {seq} in {folder} (anomalies are saved, "
+                        "normals only one per output.normals.every_s, and the oldest are deleted past "
+                        "output.max_bytes)")
 
 
 def _sidecar(payload: Path) -> dict[str, Any]:
@@ -56,8 +57,9 @@ def _sidecar(payload: Path) -> dict[str, Any]:
 
 
 def accept_frame(store: SampleStore, payload: Path, decision: dict[str, Any], label: str, by: str,
-                 box: list[int] | None = None, note: str | None = None) -> dict[str, Any]:
-    """File a saved frame in the store: label "normal" (origin operator) or "defect" (confirmed_defect)."""
+                 box: list[int] | None = None, note: str | None = None, mask: bytes | None = None) -> dict[str, Any]:
+    """File a saved frame in the store: label "normal" (origin operator) or "defect" (confirmed_defect,
+    optionally with a box or a mask: a PNG the frame's size, nonzero = defect)."""
     if label not in ("normal", "defect"):
         raise ValueError(f"label must be normal or defect, not {label!r}")
     if box is not None and (len(box) != 4 or any(not isinstance(v, int) or v < 0 for v in box) or box[2] < 1
@@ -66,6 +68,7 @@ def accept_frame(store: SampleStore, payload: Path, decision: dict[str, Any], la
     result = store.add(payload.read_bytes(), "operator" if label == "normal" else "confirmed_defect", by,
                        payload.suffix, decision.get("camera_id"), decision.get("seq"), source=str(payload),
                        model_version=decision.get("model_version"), score=decision.get("score"),
-                       normalized_score=decision.get("normalized_score"), box=box, note=note)
+                       normalized_score=decision.get("normalized_score"), box=box, note=note,
+                       mask=mask if label == "defect" else None)
     return dict(result.as_dict(), label=label, file=str(payload), camera_id=decision.get("camera_id"),
                 seq=decision.get("seq"))

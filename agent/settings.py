@@ -61,6 +61,31 @@ class HttpConfig(_Section):
     snapshot_s: float = Field(1.0, gt=0)  # /metrics and /readyz answer from actor stats at most this old
 
 
+class ConsoleConfig(_Section):
+    """The operator console (agent/console): a web page on its own port to watch the line, review decisions,
+    label frames and manage model versions. It starts only once a user exists (`adtr-edge console
+    add-user`); passwords are stored as scrypt hashes."""
+
+    enabled: bool = True
+    # 127.0.0.1: this box only. Anything else is a deliberate setting (then serve it behind TLS and set
+    # secure_cookies).
+    host: str = "127.0.0.1"
+    port: int = Field(9109, ge=0, le=65535)  # 0 = any free port
+    # Users and roles (operator: everything; viewer: read only). Default: console/users.json in the model
+    # registry, or in state_dir when the agent serves a plain model folder.
+    users_file: Path | None = None
+    # Every console action (who, when, what, result), one JSON line each. Default: beside users_file.
+    audit_file: Path | None = None
+    session_hours: float = Field(12.0, gt=0, le=24 * 30)  # a login lasts this long
+    secure_cookies: bool = False  # the cookie only travels over HTTPS (set when a TLS proxy fronts it)
+    max_login_failures: int = Field(5, ge=1)  # per user name and per client address…
+    lockout_s: float = Field(60.0, ge=0)  # …then logins from there wait this long
+    page_size: int = Field(48, ge=1, le=500)  # thumbnails per review page
+    threads: int = Field(8, ge=1, le=256)
+    connection_limit: int = Field(100, ge=1)
+    request_timeout_s: float = Field(10.0, gt=0)
+
+
 class AgentConfig(_Section):
     ingest: IngestConfig = IngestConfig()
     inference: InferenceConfig = InferenceConfig()
@@ -68,6 +93,7 @@ class AgentConfig(_Section):
     output: OutputConfig = OutputConfig()
     ray: RayConfig = RayConfig()
     http: HttpConfig = HttpConfig()
+    console: ConsoleConfig = ConsoleConfig()
     learning: LearningConfig = LearningConfig()
     # The agent's own books (ingest counters that survive an actor restart).
     state_dir: Path = Path("runs/agent/state")

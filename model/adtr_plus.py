@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import structlog
 import torch
@@ -163,3 +164,53 @@ def finetune_adtr_plus(model_dir: Path, dataset: Dataset, out_dir: Path, progres
     log.info("ADTR+ model saved", path=str(out_dir), synthetic=n_synthetic, labelled=n_labelled,
              threshold=round(threshold, 5))
     return manifest
+
+
+# ------------------------------------------------------------------ ADTR+ from operators' labels (the retrain job)
+def label_cell_masks(labels: list[tuple[Path, list[int] | None, Path | None]],
+                     feature_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per labelled defect (image path, box [x, y, w, h] in frame pixels or None, mask PNG or None):
+    the fraction of each feature cell that is defect, (N, S, S), and whether the sample has a pixel-level
+    label, (N,). A mask (nonzero = defect, the frame's size) wins over a box; a defect with neither has
+    only its image label (the top-k loss). A mask or box that does not fit the frame is a DataError."""
+    from PIL import Image
+
+    cells, has = [], []
+    for image, box, mask_path in labels:
+        with Image.open(image) as im:
+            width, height = im.size
+        mask = None
+        if mask_path is not None:
+            pixels = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+            if pixels is None:
+                raise DataError(f"{mask_path}: the defect mask cannot be read")
+            if pixels.shape != (height, width):
+                raise DataError(f"{mask_path}: mask is {pixels.shape[1]}x{pixels.shape[0]}, its frame {image} is "
+                                f"{width}x{height}")
+            mask = pixels > 0
+        elif box is not None:
+            x, y, w, h = (int(v) for v in box)
+            if w < 1 or h < 1 or x < 0 or y < 0 or x >= width or y >= height:
+                raise DataError(f"{image}: box {box} is outside the {width}x{height} frame")
+            mask = np.zeros((height, width), bool)
+            mask[y : min(height, y + h), x : min(width, x + w)] = True
+        if mask is not None and mask.any():
+            cells.append(cell_fraction(mask[None], feature_size)[0])
+            has.append(True)
+        else:
+            cells.append(torch.zeros(feature_size, feature_size))
+            has.append(False)
+    if not cells:
+        return torch.zeros(0, feature_size, feature_size), torch.zeros(0, dtype=torch.bool)
+    return torch.stack(cells), torch.tensor(has, dtype=torch.bool)
+
+
+def plus_training_data(normals: torch.Tensor, defects: torch.Tensor, cell_masks: torch.Tensor,
+                       has_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The (features, cell masks, labels, has_mask) tuple `plus_loss` trains on: normals as all-normal
+    pixel-labelled samples (pull only), defects with their masks (push-pull) or image labels (top-k)."""
+    s = normals.shape[-1]
+    return (torch.cat([normals, defects]),
+            torch.cat([torch.zeros(len(normals), s, s), cell_masks.float()]),
+            torch.cat([torch.zeros(len(normals)), torch.ones(len(defects))]),
+            torch.cat([torch.ones(len(normals), dtype=torch.bool), has_mask.bool()]))

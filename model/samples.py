@@ -119,7 +119,9 @@ class Snapshot:
     def to_json(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "taken_at": self.taken_at, "counts": self.counts(),
                 "samples": [{"sha256": s.sha256, "origin": s.origin, "label": s.label, "split": s.split,
-                             "camera_id": s.camera_id, "seq": s.seq, "file": s.path.name} for s in self.samples]}
+                             "camera_id": s.camera_id, "seq": s.seq, "file": s.path.name,
+                             **({"box": s.box} if s.box else {}),
+                             **({"mask": s.mask_path.name} if s.mask_path else {})} for s in self.samples]}
 
 
 class SampleStore:
