@@ -3,8 +3,27 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 
 import structlog
+
+
+class StderrLogger:
+    """Writes each line to the process's stderr *of the moment*. structlog's PrintLogger keeps the stream it
+    was given, and a stream captured at configure time can be closed later (pytest's capture of a test
+    that ran the CLI in-process: every later log line then raised "I/O operation on closed file")."""
+
+    _lock = threading.Lock()
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warning = warn = error = err = critical = exception = fatal = failure = msg
+
+
+def _stderr_logger(*_args) -> StderrLogger:
+    return StderrLogger()
 
 
 def configure_logging(level: str = "info", json_output: bool | None = None) -> None:
@@ -19,6 +38,6 @@ def configure_logging(level: str = "info", json_output: bool | None = None) -> N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
