@@ -23,7 +23,8 @@ from .detector import AnomalyDetector, load_detector
 from .evaluate import load_masks
 from .features import FeatureCache
 from .losses import image_topk_loss, pixel_push_pull_loss, pseudo_huber_distance
-from .train import calibrate_threshold, fit, score_stats, seed_everything
+from .scorer import fit_scorer
+from .train import calibrate_localization, calibrate_threshold, fit, score_stats, seed_everything
 
 log = structlog.get_logger(__name__)
 
@@ -144,7 +145,12 @@ def finetune_adtr_plus(model_dir: Path, dataset: Dataset, out_dir: Path, progres
                  loss_fn=plus_loss(plus.alpha, plus.top_k), progress=progress)
     val = cache.extract(dataset.val, bad, policy, desc="val features")
     labels = np.array([x.label for x in val.samples])
+    # The reconstruction changed, so do the residual statistics: refit the scorer, then the threshold.
+    scorer, scoring_fit = fit_scorer(cfg.scoring, model, normal, val.features[torch.from_numpy(labels == 0)],
+                                     cfg.train.seed)
+    detector.set_scorer(scorer, scoring_fit)
     threshold, method, scores = calibrate_threshold(detector, val.features, labels)
+    scoring_fit = calibrate_localization(detector, val.features[torch.from_numpy(labels == 0)])
     manifest = dict(detector.manifest)
     for key in ("weights_sha256", "model_version"):
         manifest.pop(key, None)
@@ -152,13 +158,13 @@ def finetune_adtr_plus(model_dir: Path, dataset: Dataset, out_dir: Path, progres
         "created_at": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
         "settings": json.loads(cfg.model_dump_json()),
         "parent_model_version": detector.model_version,
-        "threshold": threshold, "threshold_method": method,
+        "threshold": threshold, "threshold_method": method, "scoring_fit": scoring_fit,
         "validation_scores": score_stats(scores[labels == 0]),
         "adtr_plus": {"synthetic": n_synthetic, "labelled": n_labelled, "history": fitted.history,
                       "seconds": fitted.seconds, "skipped_files": bad.items},
         "metrics": {},
     })
-    manifest = save_checkpoint(out_dir, model.state_dict(), manifest)
+    manifest = save_checkpoint(out_dir, {**model.state_dict(), **scorer.checkpoint_tensors()}, manifest)
     log.info("ADTR+ model saved", path=str(out_dir), synthetic=n_synthetic, labelled=n_labelled,
              threshold=round(threshold, 5))
     return manifest

@@ -27,6 +27,7 @@ from .data import BadFiles, Dataset
 from .detector import AnomalyDetector
 from .features import FeatureCache
 from .reconstructor import Reconstructor, reconstruction_loss
+from .scorer import fit_scorer
 from .scoring import threshold_f1_optimal, threshold_from_normals
 
 log = structlog.get_logger(__name__)
@@ -170,6 +171,18 @@ def calibrate_threshold(detector: AnomalyDetector, features: torch.Tensor, label
     return threshold_from_normals(scores[labels == 0], detector.cfg.threshold.normal_quantile), "normal_quantile", scores
 
 
+def calibrate_localization(detector: AnomalyDetector, val_normal: torch.Tensor) -> dict[str, Any]:
+    """The localization map's own threshold (same quantile of validation normals as the image
+    score's), which puts it on the image score's scale; stored in, and returned as, the scoring fit."""
+    fit = dict(detector.head.fit)
+    if fit["localization"] != fit["image"]:
+        peaks = np.concatenate([detector.head.localization_peaks(detector.coarse_maps(val_normal[i : i + 32])).numpy()
+                                for i in range(0, len(val_normal), 32)])
+        fit["localization_threshold"] = threshold_from_normals(peaks, detector.cfg.threshold.normal_quantile)
+    detector.set_scorer(detector.scorer, fit)
+    return fit
+
+
 def train_model(cfg: AdtrConfig, dataset: Dataset, out_dir: Path, progress: bool = True,
                 cache: FeatureCache | None = None,
                 on_epoch: Callable[[Reconstructor, dict[str, float]], None] | None = None) -> dict[str, Any]:
@@ -193,9 +206,13 @@ def train_model(cfg: AdtrConfig, dataset: Dataset, out_dir: Path, progress: bool
                  state_path=out_dir / STATE_FILE, state_tag=_settings_hash(cfg), progress=progress,
                  on_epoch=(lambda record: on_epoch(model, record)) if on_epoch else None)
 
-    detector = AnomalyDetector(cfg, backbone, model)
+    t_fit = time.monotonic()
+    scorer, scoring_fit = fit_scorer(cfg.scoring, model, train.features, val_normal, cfg.train.seed)
+    detector = AnomalyDetector(cfg, backbone, model, manifest={"scoring_fit": scoring_fit}, scorer=scorer)
     val_labels = np.array([s.label for s in val.samples])
     threshold, method, val_scores = calibrate_threshold(detector, val.features, val_labels)
+    scoring_fit = calibrate_localization(detector, val_normal)
+    scoring_fit["seconds"] = time.monotonic() - t_fit
     created = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     manifest = {
         "created_at": created,
@@ -209,6 +226,7 @@ def train_model(cfg: AdtrConfig, dataset: Dataset, out_dir: Path, progress: bool
         "threshold": threshold,
         "threshold_method": method,
         "validation_scores": score_stats(val_scores[val_labels == 0]),
+        "scoring_fit": scoring_fit,
         "data": {"name": dataset.name, "root": dataset.root, "layout": dataset.layout,
                  "fingerprint": data_fingerprint(train.digests), **dataset.summary(),
                  "skipped_files": bad.items},
@@ -216,7 +234,7 @@ def train_model(cfg: AdtrConfig, dataset: Dataset, out_dir: Path, progress: bool
                      "feature_seconds": feature_seconds, "stopped_early": fitted.stopped_early},
         "metrics": {},
     }
-    manifest = save_checkpoint(out_dir, model.state_dict(), manifest)
+    manifest = save_checkpoint(out_dir, {**model.state_dict(), **scorer.checkpoint_tensors()}, manifest)
     (out_dir / STATE_FILE).unlink(missing_ok=True)
     log.info("model saved", path=str(out_dir), threshold=round(threshold, 5),
              model_version=manifest["model_version"], seconds=round(fitted.seconds, 1))
