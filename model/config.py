@@ -89,7 +89,7 @@ class ScoringConfig(_Strict):
     # spread on validation normals, into the map the image score comes from and into the map shown
     # to operators (heatmap, regions, pixel metrics). [l2] in both is the paper's scoring.
     # l2: reconstruction error in the normalized space; l2_raw: the same in backbone units;
-    # mahalanobis: the error whitened per grid cell; memory: distance to the nearest training
+    # mahalanobis: the raw-unit error whitened per grid cell; memory: distance to the nearest training
     # feature seen at the same cell (no network involved).
     image_terms: list[ScoreTerm] = Field(default_factory=lambda: ["mahalanobis", "memory"])
     localization_terms: list[ScoreTerm] = Field(default_factory=lambda: ["l2_raw", "memory"])

@@ -205,9 +205,12 @@ def _load_scorer(model_dir: Path, manifest: dict[str, Any], tensors: dict[str, t
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{model_dir}: the fitted scorer does not fit its manifest: {exc}") from exc
     cells = feature_size * feature_size
+    expected = {"gauss_mean": (cells, channels), "gauss_basis": (cells, channels), "memory": (cells, None, channels),
+                "gauss_inv_eig": (cells,), "gauss_inv_rest": (cells,)}
     for name, buf in scorer.named_buffers():
-        if buf.shape[0] != cells or (buf.dim() > 1 and buf.shape[-1 if name != "gauss_basis" else 1] != channels
-                                     and name in ("gauss_mean", "gauss_basis", "memory")):
+        want = expected.get(name, ())
+        got = tuple(buf.shape[: len(want)])
+        if any(w is not None and w != g for w, g in zip(want, got)) or len(got) < len(want):
             raise CheckpointError(f"{model_dir}: scorer tensor {name} has shape {tuple(buf.shape)}, "
                                   f"the model has {cells} cells of {channels} channels")
     return scorer

@@ -26,8 +26,9 @@ from .scoring import (
 
 PREFIX = "scorer."
 # l2: the paper's ||f − f̂||₂ in the reconstructor's normalized space; l2_raw: the same residual in
-# the backbone's own units; mahalanobis: the residual whitened per grid cell; memory: distance of
-# the raw feature to the nearest training feature seen at the same cell.
+# the backbone's own units; mahalanobis: that raw-unit residual whitened per grid cell (measured:
+# whitening in raw units beats whitening the normalized residual, whose shrinkage then weighs every
+# channel alike); memory: distance of the raw feature to the nearest training feature at that cell.
 TERMS = ("l2", "l2_raw", "mahalanobis", "memory")
 # What a checkpoint written before fitted scoring existed means: the paper's map, unscaled.
 LEGACY_FIT = {"terms": ["l2"], "scales": [1.0], "image": [0], "localization": [0]}
@@ -69,17 +70,18 @@ class FittedScorer(nn.Module):
     def forward(self, features: Tensor, target: Tensor, reconstruction: Tensor, feature_std: Tensor) -> Tensor:
         b, _, s, _ = features.shape
         residual = target - reconstruction  # (B, C, S, S), the reconstructor's normalized space
+        raw = residual * feature_std  # the same residual in backbone units
         maps = []
         for term in self.terms:
             if term == "l2":
                 m = residual.pow(2).sum(dim=1)
                 maps.append(m.sqrt())
             elif term == "l2_raw":
-                maps.append((residual * feature_std).pow(2).sum(dim=1).sqrt())
+                maps.append(raw.pow(2).sum(dim=1).sqrt())
             elif term == "mahalanobis":
                 fit = {"mean": self.gauss_mean, "basis": self.gauss_basis,
                        "inv_eig": self.gauss_inv_eig, "inv_rest": self.gauss_inv_rest}
-                maps.append(mahalanobis_distance(cell_tokens(residual), fit).view(b, s, s))
+                maps.append(mahalanobis_distance(cell_tokens(raw), fit).view(b, s, s))
             else:
                 maps.append(memory_distance(cell_tokens(features), self.memory).view(b, s, s))
         return torch.stack(maps, dim=1)  # (B, K, S, S)
@@ -90,8 +92,8 @@ def _residual_tokens(reconstructor: Reconstructor, features: Tensor, batch: int)
     out = []
     for i in range(0, len(features), batch):
         target, recon = reconstructor(features[i : i + batch])
-        out.append(cell_tokens(target - recon))
-    return torch.cat(out)  # (N, P, C)
+        out.append(cell_tokens((target - recon) * reconstructor.feature_std))
+    return torch.cat(out)  # (N, P, C), backbone units
 
 
 @torch.no_grad()
