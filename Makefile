@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 DATA   ?= ../shared/data/magnetic-tile
 DEMO   ?= runs/demo
 
-.PHONY: demo test bench install install-test clean
+.PHONY: demo demo-loop test bench install install-test clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,12 +32,22 @@ demo: $(VENV)/.installed
 	fi
 	$(VENV)/bin/adtr-edge demo --model $(DEMO)/model --data $(DATA) --out $(DEMO)/live
 
+# Learning on the line: the same model in a registry, the lighting drifts, false alarms are accepted, a
+# retrain runs as a Ray job, the candidate is shadowed and promoted, false alarms fall.
+demo-loop: $(VENV)/.installed
+	@if [ ! -f $(DEMO)/model/manifest.json ]; then \
+		$(VENV)/bin/adtr-edge train --data $(DATA) --out $(DEMO)/model; \
+	fi
+	rm -rf $(DEMO)/loop
+	$(VENV)/bin/adtr-edge demo --loop --model $(DEMO)/model --data $(DATA) --out $(DEMO)/loop
+
 test: $(VENV)/.installed-test
 	$(PY) -m pytest tests
 
 bench: $(VENV)/.installed-test
 	$(PY) tests/benchmarks/bench_model.py --data $(DATA) --out runs/bench
 	$(PY) tests/benchmarks/bench_agent.py --data $(DATA) --model runs/bench/adtr-edge --out runs/bench
+	$(PY) tests/benchmarks/bench_learning.py --data $(DATA) --model runs/bench/adtr-edge --out runs/bench
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,15 +1,32 @@
 """IngestActor: one ZeroMQ endpoint in, validated frames out to inference and scoring, every frame counted.
 
-Two threads: the receiver (socket → header and size checks → per-camera queue) and the dispatcher
-(queue → decode → resize → inference → scoring, in chunks, at most `max_in_flight` frames per
-camera). Ray calls (stats, drain) run on the actor's own thread pool, so they answer while frames flow.
+Threads: the receiver (socket → header and size checks → per-camera queue) and `decode_threads`
+dispatchers (queue → decode → resize → inference → scoring, in chunks of at most
+`decode_budget_pixels`, one chunk per camera at a time, at most `max_in_flight` frames per camera), so
+a camera of huge frames holds one decoder while the others serve the rest. Ray calls (stats, drain)
+run on the actor's own thread pool, so they answer while frames flow.
+
+What a peer sends cannot poison the books: ZeroMQ drops a peer that sends a message part over
+`max_payload_bytes` before reading it (ZMQ_MAXMSGSIZE; counted as a peer event), a refused frame never
+claims a camera label (only a valid frame, or a camera in `allowed_cameras`, does), and a sequence
+that goes back, repeats or leaps beyond `max_seq_gap` is counted as a sequence event, not as lost
+frames. Every warning about a peer is logged in samples (the first 10, then every 1000th).
+
+The books survive a crash of this actor: a third thread writes the per-camera counters to `state_file`
+twice a second, and a restarted actor (same `run_id`) reloads them and binds the same endpoint again.
+What was queued or in flight at the last save, and the sequence numbers between the last one saved
+and the first one the new actor sees, are counted as `dropped{ingest_restart}`: sent = processed +
+dropped + invalid still holds across the restart (a frame decided in the instant before the crash
+may be counted as lost; none is counted twice or missed).
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -18,15 +35,24 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from agent.logs import configure_logging
-from agent.settings import IngestConfig
 from model.data import resize_image
 
-from .protocol import UNKNOWN_CAMERA, FrameError, FrameLimits, Message, check_message
+from .config import IngestConfig
+from .logs import configure_logging
+from .protocol import MAX_HEADER_BYTES, UNKNOWN_CAMERA, FrameError, FrameLimits, Message, check_message
 from .stats import CameraStats
 
 log = structlog.get_logger(__name__)
 OVERFLOW_CAMERA = "_overflow"  # cameras beyond max_cameras share this label
+SHARED_LABELS = (UNKNOWN_CAMERA, OVERFLOW_CAMERA)
+PEER_EVENTS = {zmq.EVENT_ACCEPTED: "accepted", zmq.EVENT_DISCONNECTED: "disconnected",
+               zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
+               zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed", zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth_failed"}
+
+
+def sampled(count: int) -> bool:
+    """Log the first 10 of a kind, then every 1000th: a flood is counted in full, logged in samples."""
+    return count <= 10 or count % 1000 == 0
 
 
 def _curve_server(socket: zmq.Socket, context: zmq.Context, cfg: IngestConfig) -> ThreadAuthenticator:
@@ -46,9 +72,10 @@ def _curve_server(socket: zmq.Socket, context: zmq.Context, cfg: IngestConfig) -
 
 class IngestActor:
     def __init__(self, endpoint: str, cfg: IngestConfig, image_size: int, inference: str, scoring: str,
-                 chunk: int = 8):
+                 chunk: int = 8, state_file: str | None = None, run_id: str = ""):
         configure_logging("info", json_output=True)  # worker stderr reaches the driver
         self.endpoint, self.cfg, self.image_size = endpoint, cfg, image_size
+        self.state_file, self.run_id = (Path(state_file) if state_file else None), run_id
         self.chunk = chunk  # frames per inference call at most (= the inference batch size)
         # By name, not by handle: a restarted ingest finds the live actors again.
         namespace = ray.get_runtime_context().namespace
@@ -59,26 +86,44 @@ class IngestActor:
         self.cameras: dict[str, CameraStats] = {}
         self.queues: OrderedDict[str, deque[Message]] = OrderedDict()
         self.in_flight: dict[str, int] = {}
+        self.decoding: set[str] = set()  # cameras whose chunk a dispatcher is decoding (one at a time)
+        self.blocked_on: str | None = None  # the camera whose full queue the receiver waits on
+        self.peers: Counter = Counter()  # ZeroMQ connection events (accepted, disconnected, …)
+        self.unexpected = 0
         self.lock = threading.Condition()
         self.stopping = threading.Event()
         self.inference_up = threading.Event()  # cleared when a frame fails in inference, set again by a ping
         self.inference_up.set()
         self.receiving = True
+        self.restored: set[str] = set()  # cameras whose next seq closes the gap a restart left
+        self.changes = 0
+        bind_to = self._restore() or endpoint
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.PULL if cfg.mode == "every" else zmq.SUB)
         self.socket.rcvhwm = cfg.rcv_hwm
+        # No message part larger than a payload is ever read: ZeroMQ drops the peer when the part's size
+        # arrives, before allocating it (a 256 MiB message used to be received whole, then refused).
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max(cfg.max_payload_bytes, MAX_HEADER_BYTES))
         if cfg.socket_buffer_bytes:
             self.socket.rcvbuf = cfg.socket_buffer_bytes
         self.socket.linger = 0
         self.auth = _curve_server(self.socket, self.context, cfg) if cfg.curve.enabled else None
         if cfg.mode == "latest":
             self.socket.setsockopt(zmq.SUBSCRIBE, b"")
-        self.socket.bind(endpoint)
+        self.monitor = self.socket.get_monitor_socket(sum(PEER_EVENTS))
+        self.socket.bind(bind_to)
         self.bound = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.receiver = threading.Thread(target=self._receive_loop, name="ingest-receive", daemon=True)
-        self.dispatcher = threading.Thread(target=self._dispatch_loop, name="ingest-dispatch", daemon=True)
+        self.dispatchers = [threading.Thread(target=self._dispatch_loop, name=f"ingest-dispatch-{i}", daemon=True)
+                            for i in range(cfg.decode_threads)]
         self.receiver.start()
-        self.dispatcher.start()
+        for thread in self.dispatchers:
+            thread.start()
+        self.monitor_thread = threading.Thread(target=self._monitor_loop, name="ingest-peers", daemon=True)
+        self.monitor_thread.start()
+        if self.state_file is not None:
+            self._save_state()
+            threading.Thread(target=self._save_loop, name="ingest-books", daemon=True).start()
         self.log.info("ingest listening", mode=cfg.mode, curve=cfg.curve.enabled, bound=self.bound)
 
     # ------------------------------------------------------------------ Ray-callable
@@ -87,9 +132,11 @@ class IngestActor:
 
     def stats(self) -> dict[str, Any]:
         with self.lock:
-            return {"endpoint": self.endpoint, "mode": self.cfg.mode, "pid": os.getpid(),
+            return {"endpoint": self.endpoint, "bound": self.bound, "mode": self.cfg.mode, "pid": os.getpid(),
+                    "restarted": self.restarted, "peers": dict(self.peers),
                     "cameras": {cam: {"received": s.received, "processed": s.processed, "anomalies": s.anomalies,
                                       "dropped": dict(s.dropped), "invalid": dict(s.invalid),
+                                      "events": dict(s.events),
                                       "in_flight": self.in_flight.get(cam, 0),
                                       "queued": len(self.queues.get(cam, ())),
                                       "latency": s.latency.cumulative(), "latency_sum": s.latency.total,
@@ -113,20 +160,96 @@ class IngestActor:
                     queue.clear()
             self.stopping.set()
             self.lock.notify_all()
+        self.monitor_thread.join(timeout=2)
+        self.socket.disable_monitor()
         self.socket.close(linger=0)
         if self.auth is not None:
             self.auth.stop()
+        if self.state_file is not None:
+            self._save_state()
         stats = self.stats()
         self.log.info("ingest drained", cameras=list(stats["cameras"]))
         return stats
 
+    # ------------------------------------------------------------------ the books across a restart
+    def _restore(self) -> str | None:
+        """Counters and endpoint of this actor's previous incarnation in the same agent run, if any."""
+        self.restarted = False
+        if self.state_file is None or not self.state_file.is_file():
+            return None
+        try:
+            saved = json.loads(self.state_file.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            self.log.error("ingest books unreadable; starting from zero", path=str(self.state_file), error=str(exc))
+            return None
+        if saved.get("run_id") != self.run_id:
+            return None  # a file from an earlier agent run: counters start at zero
+        for camera, data in saved["cameras"].items():
+            stats = CameraStats.from_json(data)
+            pending = data.get("queued", 0) + data.get("in_flight", 0)
+            if pending:
+                stats.dropped["ingest_restart"] += pending
+            self.cameras[camera] = stats
+            if camera not in SHARED_LABELS:
+                self.restored.add(camera)
+        self.restarted = True
+        self.log.warning("ingest restarted: counters restored", cameras=len(self.cameras),
+                         lost_in_flight={c: d.get("queued", 0) + d.get("in_flight", 0)
+                                         for c, d in saved["cameras"].items()})
+        return saved.get("bound")
+
+    def _save_state(self) -> None:
+        with self.lock:
+            books = {"run_id": self.run_id, "bound": self.bound, "saved_at": time.time(),
+                     "cameras": {cam: dict(s.to_json(), queued=len(self.queues.get(cam, ())),
+                                           in_flight=self.in_flight.get(cam, 0))
+                                 for cam, s in self.cameras.items()}}
+        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+        tmp.write_text(json.dumps(books))
+        tmp.replace(self.state_file)
+
+    def _save_loop(self) -> None:
+        saved = -1
+        while not self.stopping.wait(0.5):
+            if self.changes != saved:
+                saved = self.changes
+                try:
+                    self._save_state()
+                except OSError as exc:
+                    self.log.error("cannot save ingest books", path=str(self.state_file), error=str(exc))
+
     # ------------------------------------------------------------------ receiver thread
-    def _label(self, camera: str) -> str:
-        """Under self.lock: the metric label of a camera. Cameras beyond max_cameras share one label
-        so metrics stay bounded."""
-        if camera not in self.cameras and len(self.cameras) >= self.cfg.max_cameras + 2:  # + _unknown, _overflow
+    def _label(self, camera: str, claim: bool) -> str:
+        """Under self.lock: the metric label of a camera. A camera gets its own label from a valid frame
+        (`claim`), never from a refused one: refusals of a camera without a label count under _unknown,
+        so junk naming 5,000 cameras cannot fill max_cameras. Beyond max_cameras, cameras share
+        _overflow, so metrics stay bounded."""
+        if camera in self.cameras or camera in SHARED_LABELS:
+            return camera
+        if not claim:
+            return UNKNOWN_CAMERA
+        if sum(1 for c in self.cameras if c not in SHARED_LABELS) >= self.cfg.max_cameras:
             return OVERFLOW_CAMERA
         return camera
+
+    def _unlabel_if_refused(self, camera: str) -> None:
+        """Under self.lock, after a frame of `camera` was refused at decode time. A frame gets its camera a
+        label once its header and sizes pass; if it is refused when decoded and the camera has nothing
+        else (nothing decided, dropped, waiting or in flight), the label goes and its counts move to
+        _unknown: a stream of cut JPEGs naming new cameras cannot fill max_cameras either."""
+        stats = self.cameras.get(camera)
+        if camera in SHARED_LABELS or camera in self.cfg.allowed_cameras or stats is None or stats.processed \
+                or stats.dropped or self.queues.get(camera) or self.in_flight.get(camera, 0) \
+                or camera in self.restored or camera == self.blocked_on:  # a frame counted in, not yet queued
+            return
+        unknown = self._stats(UNKNOWN_CAMERA)
+        unknown.received += stats.received
+        unknown.invalid.update(stats.invalid)
+        unknown.events.update(stats.events)
+        del self.cameras[camera]
+        self.queues.pop(camera, None)
+        self.in_flight.pop(camera, None)
+        self.changes += 1
 
     def _stats(self, label: str) -> CameraStats:
         """Under self.lock: the counters of a label from `_label`."""
@@ -150,37 +273,83 @@ class IngestActor:
             except FrameError as exc:
                 self._refuse(exc)
             except Exception as exc:  # noqa: BLE001 - one bad frame must never stop the camera
-                self._refuse(FrameError("decode", f"unexpected {type(exc).__name__}: {exc}"))
+                self._unexpected("unexpected error on a received message")
+                self._refuse(FrameError("unexpected", f"{type(exc).__name__}: {exc}"))
 
-    def _refuse(self, exc: FrameError, received: bool = True) -> None:
-        """Count a bad frame; `received=False` when it was already counted in (refused at decode time)."""
+    def _unexpected(self, event: str, **fields) -> None:
+        """A bug of ours that a peer can trigger at will: its traceback, in samples."""
+        self.unexpected += 1
+        if sampled(self.unexpected):
+            self.log.exception(event, count=self.unexpected, **fields)
+
+    def _monitor_loop(self) -> None:
+        """Counts the socket's connection events: a peer that breaks the protocol (a message part over
+        max_payload_bytes, a bad handshake) is disconnected by ZeroMQ, and only shows here."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while not self.stopping.is_set():
+            if not self.monitor.poll(200):
+                continue
+            kind = PEER_EVENTS.get(recv_monitor_message(self.monitor)["event"])
+            if kind is not None:
+                with self.lock:
+                    self.peers[kind] += 1
+                    self.changes += 1
+        self.monitor.close(linger=0)  # a socket is closed by the thread that uses it
+
+    def _refuse(self, exc: FrameError, label: str | None = None) -> None:
+        """Count a bad frame. `label`: the frame was received (and counted) under it already, and is
+        refused at decode time; otherwise it was just received."""
         with self.lock:
-            label = self._label(exc.camera_id)
-            stats = self._stats(label)
-            stats.invalid[exc.reason] += 1
-            if received:
+            if label is None:
+                known = exc.camera_id in self.cfg.allowed_cameras
+                label = self._label(exc.camera_id, claim=known)
+                stats = self._stats(label)
                 stats.received += 1
                 if exc.seq is not None:
                     self._note_seq(label, stats, exc.seq)
+            else:
+                stats = self._stats(label)
+            stats.invalid[exc.reason] += 1
+            self.changes += 1
             count = stats.invalid[exc.reason]
-        if count <= 10 or count % 1000 == 0:  # a flood of bad frames is counted in full, logged in samples
-            self.log.warning("invalid frame", camera_id=exc.camera_id, seq=exc.seq, reason=exc.reason,
+        if sampled(count):
+            self.log.warning("invalid frame", camera_id=exc.camera_id, label=label, seq=exc.seq, reason=exc.reason,
                              detail=exc.detail, count=count, note="logs the first 10, then every 1000th")
 
     def _note_seq(self, camera: str, stats: CameraStats, seq: int) -> None:
-        """Under self.lock. A gap in a camera's sequence = frames lost before they reached us. The shared
-        labels (_unknown, _overflow) mix many cameras' seqs, which say nothing there."""
-        if camera in (UNKNOWN_CAMERA, OVERFLOW_CAMERA):
+        """Under self.lock. A gap of up to max_seq_gap in a camera's sequence = frames lost before they
+        reached us. A seq that goes back is a `restart` (the camera's counter began again), the same
+        seq again a `repeat`, a leap beyond max_seq_gap a `jump`: counted once each, no frame counted
+        lost, and the sequence goes on from there. The shared labels (_unknown, _overflow) mix many
+        cameras' seqs, which say nothing there."""
+        if camera in SHARED_LABELS:
             return
-        if stats.last_seq is not None:
-            gap = seq - stats.last_seq - 1
-            if gap > 0:
+        self.changes += 1
+        last = stats.last_seq
+        kind = None
+        if last is not None:
+            gap = seq - last - 1
+            if 0 < gap <= self.cfg.max_seq_gap and camera in self.restored:  # lost with our previous incarnation
+                stats.dropped["ingest_restart"] += gap
+            elif 0 < gap <= self.cfg.max_seq_gap:
                 stats.dropped["upstream_gap"] += gap
                 stats.gaps += 1
-                if stats.gaps <= 10 or stats.gaps % 1000 == 0:
+                if sampled(stats.gaps):
                     self.log.warning("sequence gap", camera_id=camera, seq=seq, lost=gap, gaps=stats.gaps)
-            elif gap < 0:
-                self.log.warning("sequence restarted", camera_id=camera, seq=seq, previous=stats.last_seq)
+            elif gap > self.cfg.max_seq_gap:
+                kind = "jump"
+            elif seq == last:
+                kind = "repeat"
+            elif seq < last:
+                kind = "restart"
+        if kind is not None:
+            stats.events[kind] += 1
+            if sampled(stats.events[kind]):
+                self.log.warning(f"sequence {kind}", camera_id=camera, seq=seq, previous=last,
+                                 count=stats.events[kind], max_seq_gap=self.cfg.max_seq_gap,
+                                 note="logs the first 10, then every 1000th")
+        self.restored.discard(camera)
         stats.last_seq = seq
 
     def _accept(self, item: Message) -> None:
@@ -188,15 +357,22 @@ class IngestActor:
         camera = header.camera_id
         if self.cfg.allowed_cameras and camera not in self.cfg.allowed_cameras:
             raise FrameError("unknown_camera", f"camera {camera!r} is not in ingest.allowed_cameras", camera, header.seq)
+        clock_problem = False
         with self.lock:
-            camera = self._label(camera)
+            camera = self._label(camera, claim=True)
             stats = self._stats(camera)
             stats.received += 1
             self._note_seq(camera, stats, header.seq)
+            if abs(item.received_at - header.ts) > self.cfg.max_clock_skew_s:
+                item.clock_ok, clock_problem = False, True
+                stats.events["clock"] += 1
+                clock_count = stats.events["clock"]
             queue = self.queues.setdefault(camera, deque())
             if self.cfg.mode == "every":
+                self.blocked_on = camera  # its label and queue must outlive the wait (see _unlabel_if_refused)
                 while len(queue) >= self.cfg.queue_depth and self.receiving:
                     self.lock.wait(0.1)  # back-pressure: stop reading, ZeroMQ then blocks the camera
+                self.blocked_on = None
                 if not self.receiving:
                     stats.dropped["shutdown"] += 1
                     return
@@ -205,6 +381,10 @@ class IngestActor:
                 stats.dropped["stale"] += 1
             queue.append(item)
             self.lock.notify_all()
+        if clock_problem and sampled(clock_count):
+            self.log.warning("implausible capture time", camera_id=header.camera_id, seq=header.seq, ts=header.ts,
+                             received_at=item.received_at, max_clock_skew_s=self.cfg.max_clock_skew_s,
+                             count=clock_count, note="decided; latency not measured")
 
     # ------------------------------------------------------------------ dispatcher thread
     def _next_chunk(self) -> tuple[str, list[Message]] | None:
@@ -213,11 +393,17 @@ class IngestActor:
         for camera in list(self.queues):
             queue = self.queues[camera]
             free = self.cfg.max_in_flight - self.in_flight.get(camera, 0)
-            if queue and free > 0:
+            if queue and free > 0 and camera not in self.decoding:
                 self.queues.move_to_end(camera)  # round robin between cameras
-                chunk = [queue.popleft() for _ in range(min(free, len(queue), self.chunk))]
+                most = min(free, len(queue), self.chunk)
+                chunk = [queue.popleft()]
+                pixels = chunk[0].pixels
+                while len(chunk) < most and pixels + queue[0].pixels <= self.cfg.decode_budget_pixels:
+                    pixels += queue[0].pixels
+                    chunk.append(queue.popleft())
                 # In flight from now on (also while decoding), so a drain never misses them.
                 self.in_flight[camera] = self.in_flight.get(camera, 0) + len(chunk)
+                self.decoding.add(camera)
                 return camera, chunk
         return None
 
@@ -242,31 +428,41 @@ class IngestActor:
                     continue
                 camera, chunk = job
                 self.lock.notify_all()  # queue slots are free: a blocked receiver may read again
-            frames, items = [], []
-            for item in chunk:
-                try:  # decoded only now: frames dropped while queued never cost a decode
-                    frames.append(resize_image(item.decode().image, self.image_size))
-                    items.append(item)
-                except FrameError as exc:
-                    self._refuse(exc, received=False)
-                except Exception as exc:  # noqa: BLE001 - one bad frame must never stop the dispatcher
-                    self._refuse(FrameError("decode", f"unexpected {type(exc).__name__}: {exc}", camera,
-                                            item.header.seq), received=False)
-            if len(items) < len(chunk):
-                with self.lock:
-                    self.in_flight[camera] -= len(chunk) - len(items)
-                    self.lock.notify_all()
-            if not items:
-                continue
             try:
-                self._submit(camera, frames, items)
-            except Exception as exc:  # noqa: BLE001 - e.g. an actor gone for good: count, keep the thread
-                self.log.error("cannot submit frames", camera_id=camera, error=f"{type(exc).__name__}: {exc}")
+                self._dispatch(camera, chunk)
+            finally:
                 with self.lock:
-                    self._stats(camera).dropped["inference_failed"] += len(items)
-                    self.in_flight[camera] -= len(items)
-                    self.inference_up.clear()
+                    self.decoding.discard(camera)  # the camera's next chunk may go (after this one: in order)
                     self.lock.notify_all()
+
+    def _dispatch(self, camera: str, chunk: list[Message]) -> None:
+        frames, items = [], []
+        for item in chunk:
+            try:  # decoded only now: frames dropped while queued never cost a decode
+                frames.append(resize_image(item.decode().image, self.image_size))
+                items.append(item)
+            except FrameError as exc:
+                self._refuse(exc, label=camera)
+            except Exception as exc:  # noqa: BLE001 - one bad frame must never stop the dispatcher
+                self._unexpected("unexpected error decoding a frame", camera_id=camera, seq=item.header.seq)
+                self._refuse(FrameError("unexpected", f"{type(exc).__name__}: {exc}", item.header.camera_id,
+                                        item.header.seq), label=camera)
+        if len(items) < len(chunk):
+            with self.lock:
+                self.in_flight[camera] -= len(chunk) - len(items)
+                self._unlabel_if_refused(camera)
+                self.lock.notify_all()
+        if not items:
+            return
+        try:
+            self._submit(camera, frames, items)
+        except Exception as exc:  # noqa: BLE001 - e.g. an actor gone for good: count, keep the thread
+            self.log.error("cannot submit frames", camera_id=camera, error=f"{type(exc).__name__}: {exc}")
+            with self.lock:
+                self._stats(camera).dropped["inference_failed"] += len(items)
+                self.in_flight[camera] -= len(items)
+                self.inference_up.clear()
+                self.lock.notify_all()
 
     def _submit(self, camera: str, frames: list, items: list[Message]) -> None:
         """One inference call and one scoring call for a chunk of one camera's frames. Frames and payloads
@@ -275,7 +471,7 @@ class IngestActor:
         result_ref = self.inference.infer_batch.remote(frames)
         decisions_ref = self.scoring.score_batch.remote(
             [item.header.model_dump() for item in items], result_ref, [item.payload for item in items],
-            [item.received_at for item in items])
+            [item.received_at for item in items], [item.clock_ok for item in items])
         decisions_ref.future().add_done_callback(
             lambda fut, cam=camera, its=items, res=result_ref: self._decided(cam, its, res, fut))
 
@@ -298,8 +494,10 @@ class IngestActor:
                 for decision in decisions:
                     stats.processed += 1
                     stats.anomalies += int(decision["is_anomaly"])
-                    stats.latency.observe(decision["latency_ms"] / 1000.0)
+                    if decision["latency_ms"] is not None:  # None: the camera's clock is implausible
+                        stats.latency.observe(decision["latency_ms"] / 1000.0)
             self.in_flight[camera] -= len(items)
+            self.changes += 1
             self.lock.notify_all()
 
     @staticmethod

@@ -1,14 +1,22 @@
-"""ScoringActor: coarse maps → decisions (the model's own ScoreHead), published on a ZeroMQ PUB socket.
+"""ScoringActor: coarse maps → decisions (each map by its own model version's ScoreHead), published on a
+ZeroMQ PUB socket.
 
-Anomalous frames are also written to disk: the original payload, a heatmap overlay and a JSON
-sidecar, under a size cap with oldest-first cleanup.
+Beside each decision it keeps what the learning loop watches: per camera, the score drift against the
+serving model's validation scores, the recent anomaly rate per model version (the promotion guard
+reads it), the shadow model's agreement with the serving one (shadow decisions are never published),
+and a sample of confidently normal frames for the accepted-sample store (written by a thread, off
+the decision path; what does not fit its queue is shed and counted). Anomalous frames are written
+to disk: the original payload, a heatmap overlay and a JSON sidecar, under a size cap.
 """
 from __future__ import annotations
 
-import json
+import math
 import os
+import queue
+import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,57 +26,164 @@ import structlog
 import torch
 import zmq
 
-from agent.logs import configure_logging
-from agent.settings import OutputConfig
+from model.checkpoint import read_manifest
 from model.detector import ScoreHead, load_score_head
+from model.drift import Reference, ScoreDrift, reference_bins
+from model.registry import resolve_model
+from model.samples import SampleStore, StoreLimits
 from model.scoring import defect_regions
 from model.visualize import heatmap_overlay
 
-from .protocol import FrameHeader, decision_message, decode_payload
+from .config import LearningConfig, OutputConfig
+from .inference import InferenceResult
+from .logs import configure_logging
+from .protocol import FrameHeader, decision_message, decode_jpeg, decode_payload, finite_or_none, strict_json
 
 log = structlog.get_logger(__name__)
 PAYLOAD_SUFFIX = {"jpeg": ".jpg", "png": ".png", "raw": ".png"}
+MAX_HEADS = 8  # score heads kept (serving, shadow, recent versions)
 
 
 class AnomalyStore:
-    """Files for anomalous frames in `<dir>/<camera>/`, total size kept under `max_bytes` (oldest go first)."""
+    """Files for anomalous frames in `<dir>/<camera>/`, total size kept under `max_bytes` (oldest go first).
+
+    A write never replaces a file: a stem already taken (the same camera, seq and time twice, e.g. a
+    camera whose sequence restarted) gets a `-1`, `-2`… before its `_<seq>` end. Each path is counted
+    once, so `total` is what is on disk."""
 
     def __init__(self, root: Path, max_bytes: int):
         self.root, self.max_bytes = Path(root), max_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         existing = sorted((p for p in self.root.rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime)
-        self.files: deque[tuple[Path, int]] = deque((p, p.stat().st_size) for p in existing)
-        self.total = sum(size for _, size in self.files)
+        self.files: OrderedDict[Path, int] = OrderedDict((p, p.stat().st_size) for p in existing)
+        self.total = sum(self.files.values())
         self.deleted = 0
+
+    def _free_stem(self, folder: Path, stem: str, suffixes) -> str:
+        head, sep, tail = stem.rpartition("_")  # keep `_<seq>` last: readers glob `*_<seq>.json`
+        head, tail = (head, sep + tail) if sep else (stem, "")
+        candidate, n = stem, 0
+        while any((folder / f"{candidate}{suffix}") in self.files or (folder / f"{candidate}{suffix}").exists()
+                  for suffix in suffixes):
+            n += 1
+            candidate = f"{head}-{n}{tail}"
+        return candidate
 
     def write(self, camera: str, stem: str, files: dict[str, bytes]) -> dict[str, str]:
         folder = self.root / camera
         folder.mkdir(parents=True, exist_ok=True)
+        stem = self._free_stem(folder, stem, files)
         written = {}
         for suffix, data in files.items():
             path = folder / f"{stem}{suffix}"
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_bytes(data)
             tmp.replace(path)
-            self.files.append((path, len(data)))
-            self.total += len(data)
+            self.total += len(data) - self.files.pop(path, 0)
+            self.files[path] = len(data)
             written[suffix] = str(path)
         self._trim()
         return written
 
     def _trim(self) -> None:
         while self.total > self.max_bytes and self.files:
-            path, size = self.files.popleft()
+            path, size = self.files.popitem(last=False)
             path.unlink(missing_ok=True)
             self.total -= size
             self.deleted += 1
 
 
+@dataclass
+class VersionHead:
+    head: ScoreHead
+    drift_reference: Reference | None
+
+
+@dataclass
+class ShadowStats:
+    """The shadow model against the serving one on the same frames (one camera, one shadow version)."""
+
+    serving_version: str = ""
+    n: int = 0
+    agree: int = 0
+    serving_anomalies: int = 0
+    shadow_anomalies: int = 0
+    sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # Σx Σy Σx² Σy² Σxy of log scores
+
+    def observe(self, serving_score: float, shadow_score: float, serving_anomaly: bool, shadow_anomaly: bool):
+        self.n += 1
+        self.agree += int(serving_anomaly == shadow_anomaly)
+        self.serving_anomalies += int(serving_anomaly)
+        self.shadow_anomalies += int(shadow_anomaly)
+        x, y = math.log(max(serving_score, 1e-12)), math.log(max(shadow_score, 1e-12))
+        for i, v in enumerate((x, y, x * x, y * y, x * y)):
+            self.sums[i] += v
+
+    def summary(self) -> dict[str, Any]:
+        n = self.n
+        sx, sy, sxx, syy, sxy = self.sums
+        var_x, var_y = n * sxx - sx * sx, n * syy - sy * sy
+        corr = (n * sxy - sx * sy) / math.sqrt(var_x * var_y) if n > 2 and var_x > 0 and var_y > 0 else None
+        return {"serving_version": self.serving_version, "frames": n,
+                "agreement": self.agree / n if n else None,
+                "serving_anomaly_rate": self.serving_anomalies / n if n else None,
+                "shadow_anomaly_rate": self.shadow_anomalies / n if n else None,
+                "score_correlation": corr}
+
+
+class AutoSampler:
+    """Confidently normal frames → the sample store, on a thread with a bounded queue (never blocks)."""
+
+    def __init__(self, store_dir: Path, limits: StoreLimits, cfg, log_):
+        self.cfg, self.log = cfg, log_
+        self.store = SampleStore(store_dir, limits)
+        self.queue: queue.Queue = queue.Queue(maxsize=cfg.queue)
+        self.last: dict[str, float] = {}
+        self.offered = self.written = self.duplicates = self.shed = self.errors = 0
+        threading.Thread(target=self._write_loop, name="auto-sampler", daemon=True).start()
+
+    def consider(self, header: dict, payload: bytes, version: str, score: float, normalized: float) -> None:
+        camera, now = header["camera_id"], time.monotonic()
+        if normalized >= self.cfg.max_normalized_score or now - self.last.get(camera, -math.inf) < self.cfg.min_interval_s:
+            return
+        self.last[camera] = now
+        self.offered += 1
+        try:
+            self.queue.put_nowait((header, payload, version, score, normalized))
+        except queue.Full:
+            self.shed += 1
+
+    def _write_loop(self) -> None:
+        while True:
+            header, payload, version, score, normalized = self.queue.get()
+            try:
+                ext = PAYLOAD_SUFFIX[header["encoding"]]
+                if header["encoding"] == "raw":
+                    frame = decode_payload(FrameHeader.model_validate(header), payload)
+                    payload = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))[1].tobytes()
+                result = self.store.add(payload, "auto", f"agent:auto:{version}", ext, header["camera_id"],
+                                        header["seq"], model_version=version, score=score, normalized_score=normalized)
+                self.written += int(result.added)
+                self.duplicates += int(result.duplicate)
+            except Exception as exc:  # noqa: BLE001 - a full disk must not stop decisions
+                self.errors += 1
+                if self.errors <= 10 or self.errors % 1000 == 0:
+                    self.log.error("auto sample not stored", camera_id=header["camera_id"], error=str(exc)[:200])
+
+    def stats(self) -> dict[str, int]:
+        return {"offered": self.offered, "written": self.written, "duplicates": self.duplicates, "shed": self.shed,
+                "errors": self.errors, "queued": self.queue.qsize()}
+
+
 class ScoringActor:
-    def __init__(self, model_dir: str, results_endpoint: str, cfg: OutputConfig):
+    def __init__(self, model_path: str, results_endpoint: str, cfg: OutputConfig,
+                 learning: LearningConfig | None = None):
         configure_logging("info", json_output=True)  # worker stderr reaches the driver
-        self.model_dir, self.cfg = model_dir, cfg
-        self.head: ScoreHead = load_score_head(model_dir)
+        self.model_path, self.cfg = model_path, cfg
+        self.learning = learning or LearningConfig()
+        model_dir, registry = resolve_model(model_path)
+        self.heads: OrderedDict[str, VersionHead] = OrderedDict()
+        self.serving_version = self._head(str(read_manifest(model_dir)["model_version"]), model_dir).head.model_version
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.PUB)
         self.socket.sndhwm = 10_000
@@ -77,35 +192,54 @@ class ScoringActor:
         self.bound = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.store = AnomalyStore(cfg.dir, cfg.max_bytes) if cfg.save_anomalies else None
         self.decisions = self.anomalies = self.write_errors = 0
-        self.log = log.bind(model_version=self.head.model_version)
-        self.log.info("scoring ready", results=self.bound, output=str(cfg.dir) if self.store else None)
+        self.drift: dict[str, tuple[str, ScoreDrift | None]] = {}
+        self.drift_alarms: dict[str, bool] = {}
+        self.recent: dict[str, deque[tuple[str, bool]]] = {}
+        self.shadow: dict[tuple[str, str], ShadowStats] = {}
+        self.log = log.bind(model_version=self.serving_version)
+        self.sampler = None
+        if registry is not None and self.learning.auto_sample.enabled:
+            limits = StoreLimits(**self.learning.store.model_dump())
+            self.sampler = AutoSampler(registry.store_dir, limits, self.learning.auto_sample, self.log)
+        self.log.info("scoring ready", results=self.bound, output=str(cfg.dir) if self.store else None,
+                      auto_sample=self.sampler is not None)
 
-    def _head_for(self, version: str) -> ScoreHead:
-        """The threshold must be the one of the model that made the map."""
-        if version != self.head.model_version:
-            head = load_score_head(self.model_dir)
-            if head.model_version != version:
-                raise RuntimeError(f"map from model {version}, but {self.model_dir} holds {head.model_version}")
-            self.head = head
-            self.log = log.bind(model_version=version)
-        return self.head
+    def _head(self, version: str, model_dir: Path | None = None) -> VersionHead:
+        """The threshold and drift reference must be those of the model that made the map."""
+        if version in self.heads:
+            self.heads.move_to_end(version)
+            return self.heads[version]
+        model_dir = model_dir or resolve_model(self.model_path, version)[0]
+        head = load_score_head(model_dir)
+        if head.model_version != version:
+            raise RuntimeError(f"map from model {version}, but {model_dir} holds {head.model_version}")
+        entry = VersionHead(head, reference_bins(read_manifest(model_dir).get("validation_scores", {})))
+        self.heads[version] = entry
+        while len(self.heads) > MAX_HEADS:
+            self.heads.popitem(last=False)
+        return entry
 
-    async def score_batch(self, headers: list[dict[str, Any]], results: list[dict[str, Any]],
-                          payloads: list[bytes], received_at: list[float]) -> list[dict[str, Any]]:
+    async def score_batch(self, headers: list[dict[str, Any]], results: list[InferenceResult],
+                          payloads: list[bytes], received_at: list[float],
+                          clock_ok: list[bool] | None = None) -> list[dict[str, Any]]:
         """Decide frames from their coarse maps, publish each decision, save anomalies (payloads are
-        the camera's bytes). Returns what the ingest counts: is_anomaly and latency per frame."""
+        the camera's bytes). Returns what the ingest counts: is_anomaly and latency per frame.
+        `clock_ok[i]` False: the frame's capture ts is implausible, so its latency_ms is null."""
+        clock_ok = clock_ok or [True] * len(results)
         out: list[dict[str, Any]] = [{}] * len(results)
         # One ScoreHead call per model version (there is one, except across a model swap).
-        for version in dict.fromkeys(r["model_version"] for r in results):
-            idx = [i for i, r in enumerate(results) if r["model_version"] == version]
-            head = self._head_for(version)
-            coarse = torch.from_numpy(np.stack([np.asarray(results[i]["coarse"], np.float32) for i in idx]))
-            scored = head.score(coarse)
+        for version in dict.fromkeys(r.model_version for r in results):
+            idx = [i for i, r in enumerate(results) if r.model_version == version]
+            head = self._head(version).head
+            scored = head.score(torch.from_numpy(np.stack([np.asarray(results[i].coarse, np.float32) for i in idx])))
             for j, i in enumerate(idx):
-                out[i] = self._decide(head, headers[i], results[i], payloads[i], received_at[i], scored, j)
+                out[i] = self._decide(head, headers[i], results[i], payloads[i], received_at[i], scored, j,
+                                      clock_ok[i])
+        self._compare_shadow(headers, results, out)
         return out
 
-    def _decide(self, head: ScoreHead, header, result, payload: bytes, received_at: float, scored, j: int) -> dict:
+    def _decide(self, head: ScoreHead, header, result: InferenceResult, payload: bytes, received_at: float,
+                scored, j: int, clock_ok: bool = True) -> dict:
         amap = scored.maps[j].numpy()
         score, threshold = float(scored.scores[j]), head.decision_threshold
         is_anomaly = bool(scored.is_anomaly[j])
@@ -116,47 +250,133 @@ class ScoringActor:
             "camera_id": header["camera_id"], "seq": header["seq"], "ts": header["ts"],
             "score": score, "normalized_score": float(scored.normalized[j]), "threshold": threshold,
             "is_anomaly": is_anomaly, "regions": regions, "model_version": head.model_version,
-            "latency_ms": (now - header["ts"]) * 1000.0, "agent_ms": (now - received_at) * 1000.0,
-            "inference_ms": result["inference_ms"], "batch_size": result["batch_size"],
+            # capture → published, only when the camera's clock is plausible (a ms clock, 1e306: null)
+            "latency_ms": (now - header["ts"]) * 1000.0 if clock_ok else None,
+            "agent_ms": (now - received_at) * 1000.0,
+            "inference_ms": result.inference_ms, "batch_size": result.batch_size,
             "width": header["width"], "height": header["height"],
         }
+        decision = finite_or_none(decision)  # strict JSON out: a non-finite number is null
         if is_anomaly and self.store is not None:
-            decision["files"] = self._save(header, decision, amap, payload)
+            decision["files"] = self._save(header, decision, amap, payload, received_at)
         self.socket.send_multipart(decision_message(decision))
         self.decisions += 1
         self.anomalies += int(is_anomaly)
-        return {"is_anomaly": is_anomaly, "latency_ms": decision["latency_ms"]}
+        self._watch(header["camera_id"], head.model_version, score, is_anomaly)
+        if self.sampler is not None and not is_anomaly:
+            self.sampler.consider(header, payload, head.model_version, score, decision["normalized_score"])
+        return {"is_anomaly": is_anomaly, "latency_ms": decision["latency_ms"], "score": score,
+                "normalized_score": decision["normalized_score"]}
 
-    def _save(self, header, decision, amap, payload: bytes) -> dict[str, str]:
-        try:
-            # The overlay at the camera's own resolution: decode the original payload (anomalies only).
+    def _watch(self, camera: str, version: str, score: float, is_anomaly: bool) -> None:
+        """Per camera: recent decisions by version (the guard), and score drift against this version."""
+        self.serving_version = version
+        recent = self.recent.setdefault(camera, deque(maxlen=self.learning.guard.window))
+        recent.append((version, is_anomaly))
+        if not self.learning.drift.enabled:
+            return
+        monitored, monitor = self.drift.get(camera, (None, None))
+        if monitored != version:  # a new model has its own validation scores: start over
+            reference = self.heads[version].drift_reference if version in self.heads else None
+            d = self.learning.drift
+            monitor = ScoreDrift(reference, d.window, d.min_samples, d.alarm_psi) if reference else None
+            self.drift[camera] = (version, monitor)
+        if monitor is None:
+            return
+        monitor.observe(score)
+        state = monitor.state()  # O(bins): cheap enough for every frame
+        alarm = state["alarm"]
+        if alarm != self.drift_alarms.get(camera, False):
+            if alarm:
+                self.log.warning("score drift", camera_id=camera, psi=round(state["psi"], 3),
+                                 median_ratio=state["median_ratio"], window=state["n"],
+                                 hint="the line's normals changed: review this camera's recent frames, accept the "
+                                      "false alarms as normal, then retrain (adtr-edge retrain --submit)")
+            else:
+                self.log.info("score drift cleared", camera_id=camera, psi=state["psi"])
+        self.drift_alarms[camera] = alarm
+
+    def _compare_shadow(self, headers, results: list[InferenceResult], decided: list[dict]) -> None:
+        idx = [i for i, r in enumerate(results) if r.shadow_coarse is not None]
+        for version in dict.fromkeys(results[i].shadow_version for i in idx):
+            rows = [i for i in idx if results[i].shadow_version == version]
+            head = self._head(version).head
+            scored = head.score(torch.from_numpy(np.stack([np.asarray(results[i].shadow_coarse, np.float32)
+                                                           for i in rows])))
+            for j, i in enumerate(rows):
+                camera = headers[i]["camera_id"]
+                stats = self.shadow.setdefault((camera, version), ShadowStats())
+                stats.serving_version = results[i].model_version
+                stats.observe(decided[i]["normalized_score"], float(scored.normalized[j]), decided[i]["is_anomaly"],
+                              bool(scored.is_anomaly[j]))
+
+    def _overlay_frame(self, header, payload: bytes) -> np.ndarray:
+        """The frame for the overlay, its longer side at most output.overlay_max_side: a JPEG is decoded
+        at the smallest DCT scale that is still large enough (a 6000×6000 frame costs 1/64 of a full
+        decode), anything else decoded and shrunk."""
+        limit = self.cfg.overlay_max_side
+        long_side, short_side = max(header["width"], header["height"]), min(header["width"], header["height"])
+        if header["encoding"] == "jpeg" and long_side > limit:  # the long side still ≥ limit after scaling
+            frame = decode_jpeg(payload, min_side=math.ceil(limit * short_side / long_side))
+        else:
             frame = decode_payload(FrameHeader.model_validate(header), payload)
+        height, width = frame.shape[:2]
+        if max(height, width) > limit:
+            factor = limit / max(height, width)
+            frame = cv2.resize(frame, (max(1, round(width * factor)), max(1, round(height * factor))),
+                               interpolation=cv2.INTER_AREA)
+        return frame
+
+    def _save(self, header, decision, amap, payload: bytes, received_at: float) -> dict[str, str]:
+        try:
+            frame = self._overlay_frame(header, payload)
             height, width = frame.shape[:2]
             big = cv2.resize(amap, (width, height), interpolation=cv2.INTER_LINEAR)
             if header["encoding"] == "raw":  # raw pixels are stored as a lossless PNG
-                payload = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))[1].tobytes()
+                full = decode_payload(FrameHeader.model_validate(header), payload)
+                payload = cv2.imencode(".png", cv2.cvtColor(full, cv2.COLOR_RGB2BGR))[1].tobytes()
             caption = f"ANOMALY {decision['normalized_score']:.2f}x thr  {header['camera_id']} #{header['seq']}"
             overlay = heatmap_overlay(frame, big, 2 * decision["threshold"], big >= decision["threshold"], caption)
-            stem = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(header['ts']))}_{header['seq']:010d}"
+            # Named by the agent's clock (a camera's may be wrong); the store keeps equal stems apart.
+            stamp = time.strftime('%Y%m%dT%H%M%S', time.gmtime(received_at)) + f".{int(received_at % 1 * 1e6):06d}"
             sidecar = dict(decision, source_encoding=header["encoding"])
-            return self.store.write(header["camera_id"], stem, {
+            return self.store.write(header["camera_id"], f"{stamp}_{header['seq']:010d}", {
                 PAYLOAD_SUFFIX[header["encoding"]]: payload,
                 "_overlay.png": cv2.imencode(".png", overlay)[1].tobytes(),
-                ".json": json.dumps(sidecar, indent=1).encode(),
+                ".json": strict_json(sidecar, indent=1),
             })
         except Exception as exc:  # noqa: BLE001 - a full disk (or any save failure) must not stop decisions
             self.write_errors += 1
             self.log.error("cannot save anomaly", camera_id=header["camera_id"], seq=header["seq"], error=str(exc))
             return {}
 
+    # ------------------------------------------------------------------ observation
     async def stats(self) -> dict[str, Any]:
         store = {"bytes": self.store.total, "files": len(self.store.files), "deleted": self.store.deleted} \
             if self.store else None
-        return {"model_version": self.head.model_version, "decisions": self.decisions, "anomalies": self.anomalies,
-                "write_errors": self.write_errors, "store": store, "results": self.bound, "pid": os.getpid()}
+        return {"model_version": self.serving_version, "decisions": self.decisions, "anomalies": self.anomalies,
+                "write_errors": self.write_errors, "store": store, "results": self.bound, "pid": os.getpid(),
+                "drift": {camera: dict(monitor.state(), model_version=version)
+                          for camera, (version, monitor) in self.drift.items() if monitor is not None},
+                "shadow": [dict(stats.summary(), camera_id=camera, shadow_version=version)
+                           for (camera, version), stats in self.shadow.items()],
+                "auto_samples": self.sampler.stats() if self.sampler else None}
+
+    async def anomaly_rates(self) -> dict[str, dict[str, list[int]]]:
+        """Per camera, per model version: [decisions, anomalies] among the camera's last `guard.window`."""
+        out: dict[str, dict[str, list[int]]] = {}
+        for camera, recent in self.recent.items():
+            for version, is_anomaly in recent:
+                pair = out.setdefault(camera, {}).setdefault(version, [0, 0])
+                pair[0] += 1
+                pair[1] += int(is_anomaly)
+        return out
+
+    async def reset_shadow(self) -> None:
+        self.shadow.clear()
 
     async def ping(self) -> str:
-        return self.head.model_version
+        return self.serving_version
 
     async def close(self) -> None:
         self.socket.close(linger=1000)

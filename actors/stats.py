@@ -46,6 +46,25 @@ class CameraStats:
     latency: Histogram = field(default_factory=Histogram)
     last_seq: int | None = None
     gaps: int = 0
+    # Things a camera did that lose no frame, counted once each: its sequence went back (`restart`),
+    # repeated a seq (`repeat`) or leapt beyond max_seq_gap (`jump`); a capture ts far from our clock
+    # (`clock`).
+    events: Counter = field(default_factory=Counter)
 
     def accounted(self) -> int:
         return self.processed + sum(self.dropped.values()) + sum(self.invalid.values())
+
+    def to_json(self) -> dict:
+        return {"received": self.received, "processed": self.processed, "anomalies": self.anomalies,
+                "dropped": dict(self.dropped), "invalid": dict(self.invalid), "last_seq": self.last_seq,
+                "gaps": self.gaps, "events": dict(self.events),
+                "latency": {"counts": self.latency.counts, "total": self.latency.total, "n": self.latency.n}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> CameraStats:
+        latency = data.get("latency", {})
+        return cls(data["received"], data["processed"], data["anomalies"], Counter(data["dropped"]),
+                   Counter(data["invalid"]),
+                   Histogram(counts=list(latency.get("counts", [])), total=latency.get("total", 0.0),
+                             n=latency.get("n", 0)), data.get("last_seq"), data.get("gaps", 0),
+                   Counter(data.get("events", {})))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import structlog
 
-from .logs import configure_logging
+from actors.logs import configure_logging
 from .settings import SettingsError, load_settings, merge
 
 log = structlog.get_logger("adtr_edge")
@@ -24,6 +24,11 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the networks run (auto: the GPU when there is one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--report", required=True, type=Path, help="JSON report to write")
     p.add_argument("--out", type=Path, help="folder for overlays and the ROC curve (default: beside the report)")
+    _device(p)
     _common(p, config=False)
 
     p = sub.add_parser("predict", help="score an image or a folder of images")
@@ -56,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder for results.csv/json and overlays")
     p.add_argument("--no-overlays", action="store_true")
     p.add_argument("--batch-size", type=int, default=8)
+    _device(p)
     _common(p, config=False)
 
     p = sub.add_parser("run", help="run the streaming inspection agent until SIGINT/SIGTERM")
@@ -92,11 +99,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anomalies-only", action="store_true")
     p.add_argument("--json", action="store_true", help="print each decision's JSON as it arrived")
 
+    p = sub.add_parser("models", help="a model registry: versions, pointers, promotion, rollback, events")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    q = msub.add_parser("init", help="create a registry serving a trained model")
+    q.add_argument("--registry", required=True, type=Path)
+    q.add_argument("--from", dest="source", required=True, type=Path, help="trained model folder")
+    q.add_argument("--base-data", help="the model's dataset: its training normals go to the store as origin base")
+    q.add_argument("--by", default=None)
+    for name, text in (("list", "versions, oldest first, with their gate results and pointers"),
+                       ("events", "the registry's event log"), ("rollback", "serve the previous version again")):
+        q = msub.add_parser(name, help=text)
+        q.add_argument("--registry", required=True, type=Path)
+        q.add_argument("--json", action="store_true")
+        q.add_argument("--by", default=None)
+        q.add_argument("--reason", default="")
+        q.add_argument("--limit", type=int, default=50)
+    for name, text in (("show", "one version: manifest, gate, dataset, events"), ("promote", "serve a version")):
+        q = msub.add_parser(name, help=text)
+        q.add_argument("--registry", required=True, type=Path)
+        q.add_argument("version")
+        q.add_argument("--by", default=None)
+        q.add_argument("--reason", default="")
+
+    p = sub.add_parser("accept", help="file a saved frame in the sample store: normal (default) or --defect")
+    p.add_argument("--registry", required=True, type=Path)
+    p.add_argument("--camera", help="camera id of the saved frame")
+    p.add_argument("--seq", type=int, help="its sequence number")
+    p.add_argument("--file", help="or: the saved frame's file (inside the anomaly folder), or any image")
+    p.add_argument("--defect", action="store_true", help="confirm a defect instead of accepting a normal")
+    p.add_argument("--box", help="defect box x,y,w,h in frame pixels (with --defect)")
+    p.add_argument("--anomalies", type=Path, help="the agent's anomaly folder (when no agent runs)")
+    p.add_argument("--note")
+    p.add_argument("--by", default=None)
+
+    p = sub.add_parser("retrain", help="retrain on the sample store (a Ray job's entrypoint), or --submit one")
+    p.add_argument("--registry", required=True, type=Path)
+    p.add_argument("--submit", action="store_true", help="submit as a Ray job (to the agent's Ray, or --address)")
+    p.add_argument("--wait", action="store_true", help="with --submit: follow the job's log until it ends")
+    p.add_argument("--address", help="Ray: with --submit the Jobs address (http://HEAD:8265); else the cluster "
+                                     "to join (default: auto, or a local Ray)")
+    p.add_argument("--namespace", help="the agent's Ray namespace (to find its model manager)")
+    p.add_argument("--run-name", help="resume this run (after a crash) instead of starting a new one")
+    p.add_argument("--by", default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="retrain setting, e.g. --set retrain.epochs=5 --set retrain.policy=shadow")
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("demo", help="agent + camera replaying a dataset's test split + live summary")
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, type=Path, help="folder for the agent's anomaly files and summary")
     p.add_argument("--fps", type=float, default=0.0)
+    p.add_argument("--loop", action="store_true",
+                   help="the learning loop: lighting drifts, false alarms are accepted, a retrain job runs, "
+                        "the candidate is shadowed and promoted (--model may be a model or a registry)")
+    p.add_argument("--normals-per-phase", type=int, default=48, help="with --loop")
+    p.add_argument("--epochs", type=int, default=12, help="with --loop: retrain epochs (warm-started)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
@@ -128,10 +186,10 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-def _detector_with_overrides(model_dir: Path, overrides: list[str]):
+def _detector_with_overrides(model_dir: Path, overrides: list[str], device: str = "auto"):
     from model.detector import load_detector
 
-    detector = load_detector(model_dir)
+    detector = load_detector(model_dir).to(device)
     if overrides:
         detector.reconfigure(merge(detector.cfg, overrides))
     return detector
@@ -142,7 +200,7 @@ def cmd_eval(args) -> int:
     from model.data import load_dataset
     from model.evaluate import evaluate, write_report
 
-    detector = _detector_with_overrides(args.model, args.overrides)
+    detector = _detector_with_overrides(args.model, args.overrides, args.device)
     dataset = load_dataset(args.data, detector.cfg.data)
     out_dir = args.out or args.report.parent / (args.report.stem + "-pictures")
     report = evaluate(detector, dataset, out_dir, progress=not args.no_progress)
@@ -173,7 +231,7 @@ def format_metrics(report: dict) -> str:
 def cmd_predict(args) -> int:
     from model.predict import predict_path
 
-    detector = _detector_with_overrides(args.model, args.overrides)
+    detector = _detector_with_overrides(args.model, args.overrides, args.device)
     summary = predict_path(detector, args.path, args.out, batch_size=args.batch_size,
                            overlays=not args.no_overlays, progress=not args.no_progress)
     print(json.dumps(summary))
@@ -219,12 +277,101 @@ def cmd_watch(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    if args.loop:
+        from .demo_loop import run_loop_demo
+
+        summary = run_loop_demo(args.model, args.data, args.out, args.overrides, args.normals_per_phase,
+                                epochs=args.epochs)
+        return 0 if summary["versions"]["after"] != summary["versions"]["before"] else 1
+
     summary = run_demo(args.model, args.data, args.out, args.fps, args.overrides)
     return 0 if summary["frames_decided"] == summary["frames_sent"] else 1
 
 
+def cmd_models(args) -> int:
+    from model.registry import Registry
+
+    from . import operate
+
+    by = args.by or operate.default_by()
+    if args.models_command == "init":
+        print(json.dumps(operate.models_init(args.registry, args.source, args.base_data, by)))
+        return 0
+    registry = Registry(args.registry)
+    command = args.models_command
+    if command == "list":
+        versions = operate.models_list(registry)
+        if args.json:
+            print(json.dumps(versions, indent=2))
+        for v in [] if args.json else versions:
+            gate = v["gate"] or {}
+            verdict = "—" if not gate else ("passed" if gate.get("passed") else "REJECTED") + f" ({gate.get('mode')})"
+            print(f"{v['version']:40s} {','.join(v['pointers']) or '-':18s} threshold {v['threshold']:.4f}  "
+                  f"gate {verdict}")
+    elif command == "show":
+        print(json.dumps(registry.show(args.version), indent=2, default=str))
+    elif command == "events":
+        for event in registry.events(args.limit):
+            print(json.dumps(event) if args.json else
+                  f"{event['at']} {event['event']:11s} {event.get('version') or '-'} by {event['by']}"
+                  f"{': ' + event['reason'] if event.get('reason') else ''}")
+    elif command == "promote":
+        print(json.dumps(operate.models_promote(registry, args.version, by, args.reason)))
+    elif command == "rollback":
+        print(json.dumps(operate.models_rollback(registry, by, args.reason)))
+    return 0
+
+
+def cmd_accept(args) -> int:
+    from model.registry import Registry
+
+    from . import operate
+
+    if args.file is None and (args.camera is None or args.seq is None):
+        raise SettingsError("name the frame: --camera and --seq, or --file")
+    box = [int(v) for v in args.box.split(",")] if args.box else None
+    result = operate.accept(Registry(args.registry), args.camera, args.seq, args.file,
+                            "defect" if args.defect else "normal", box, args.by or operate.default_by(),
+                            args.anomalies, args.note)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_retrain(args) -> int:
+    from actors.retrain import retrain
+    from model.registry import Registry
+
+    from . import operate
+
+    registry = Registry(args.registry)
+    by = args.by or operate.default_by()
+    if args.submit:
+        job = operate.retrain_submit(registry, args.address if args.address else None, args.namespace, by,
+                                     operate.retrain_overrides(args.overrides))
+        print(json.dumps(job), flush=True)
+        if args.wait:
+            address = args.address or operate.agent_info(registry).get("jobs")
+            info = operate.retrain_wait(address, job["submission_id"])
+            print(json.dumps({k: info[k] for k in ("submission_id", "status", "message")}))
+            return 0 if info["status"] == "SUCCEEDED" else 1
+        return 0
+    import ray
+
+    cfg = operate.retrain_config(args.overrides)
+    if not ray.is_initialized():
+        try:
+            ray.init(address=args.address or "auto", log_to_driver=False)
+        except ConnectionError:
+            ray.init(num_cpus=None, log_to_driver=False)  # no cluster: a local one for this run
+    outcome = retrain(registry.root, cfg, run_name=args.run_name, by=by, namespace=args.namespace,
+                      progress=not args.no_progress)
+    print(json.dumps({"event": "retrain done", **outcome}), flush=True)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "predict": cmd_predict,
-            "run": cmd_run, "publish": cmd_publish, "keys": cmd_keys, "watch": cmd_watch, "demo": cmd_demo}
+            "run": cmd_run, "publish": cmd_publish, "keys": cmd_keys, "watch": cmd_watch, "demo": cmd_demo,
+            "models": cmd_models, "accept": cmd_accept, "retrain": cmd_retrain}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,13 +379,15 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_json)
     from model.checkpoint import CheckpointError
     from model.data import DataError
+    from model.samples import StoreError
     from model.weights import WeightsError
 
     from .errors import agent_input_errors
 
     try:
         return COMMANDS[args.command](args)
-    except (SettingsError, DataError, CheckpointError, WeightsError, FileNotFoundError, *agent_input_errors()) as exc:
+    except (SettingsError, DataError, CheckpointError, WeightsError, StoreError, FileNotFoundError,
+            *agent_input_errors()) as exc:
         print(f"adtr-edge {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from model.data import load_dataset
 from model.metrics import auroc
 
 from .errors import AgentError
+from .watch import subscribe
 
 
 def free_port() -> int:
@@ -42,6 +44,17 @@ def _event(path: Path, name: str) -> dict | None:
         if line.startswith("{") and f'"{name}"' in line:
             return json.loads(line)
     return None
+
+
+def stop_agent(agent: subprocess.Popen, *logs) -> None:
+    """SIGTERM (the agent drains and prints its books), then the kill if it does not end in 2 minutes."""
+    agent.send_signal(signal.SIGTERM)
+    try:
+        agent.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        agent.kill()
+    for log_file in logs:
+        log_file.close()
 
 
 def _wait_ready(agent: subprocess.Popen, stdout: Path, timeout_s: float) -> dict:
@@ -75,15 +88,9 @@ def run_demo(model_dir: Path, data: str, out: Path, fps: float = 0.0, overrides:
         _wait_ready(agent, out / "agent.out", 300)
         print(f"agent ready: cameras → {ingest}, decisions → {results}, metrics → http://127.0.0.1:{http}/metrics",
               flush=True)
-        summary = dict(_stream(test, labels, ingest, results, out, fps), fps=fps)
+        summary = dict(_stream(test, labels, ingest, results, out, fps, http), fps=fps)
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-        agent_log.close()
-        agent_out.close()
+        stop_agent(agent, agent_log, agent_out)
     stopped = _event(out / "agent.out", "agent stopped")
     summary["agent_accounting"] = stopped["cameras"] if stopped else None
     summary["anomaly_folder"] = str(out / "anomalies")
@@ -92,33 +99,62 @@ def run_demo(model_dir: Path, data: str, out: Path, fps: float = 0.0, overrides:
     return summary
 
 
-def _stream(test, labels, ingest: str, results: str, out: Path, fps: float) -> dict:
+def agent_counts(http_port: int, camera: str) -> dict[str, float]:
+    """A camera's counters from the agent's own /metrics (received, processed, dropped, invalid)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10).read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("camera") == camera and sample.name.endswith("_total"):
+                key = sample.name.removeprefix("adtr_frames_").removeprefix("adtr_").removesuffix("_total")
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+def _stream(test, labels, ingest: str, results: str, out: Path, fps: float, http_port: int,
+            camera_id: str = "demo-cam", stall_s: float = 180.0) -> dict:
+    """Replay the frames, print each decision, and wait for progress, not for a fixed time: until the
+    agent's own books say every frame the camera sent is accounted for, giving up only when neither the
+    camera nor the agent has moved for `stall_s`."""
     context = zmq.Context()
-    sub = context.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.rcvhwm = 0
-    sub.connect(results)
-    time.sleep(0.5)  # the subscription must reach the agent before the first decision (slow joiner)
+    sub = subscribe(context, results)
     camera = subprocess.Popen(_cli("--log-json", "publish", "--source", str(out / "frames.txt"), "--endpoint", ingest,
-                                   "--camera-id", "demo-cam", "--fps", str(fps), "--sent-log", str(out / "sent.jsonl")),
+                                   "--camera-id", camera_id, "--fps", str(fps), "--sent-log", str(out / "sent.jsonl")),
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     decisions: dict[int, dict] = {}
     first = last = None
-    idle_deadline = time.monotonic() + 120
-    while len(decisions) < len(test) and time.monotonic() < idle_deadline:
-        if not sub.poll(1000):
-            continue
-        d = parse_decision(sub.recv_multipart())
-        now = time.time()
-        first, last = first or now, now
-        decisions[d["seq"]] = dict(d, received_ms=(now - d["ts"]) * 1000.0)
-        idle_deadline = time.monotonic() + 60
-        sample = test[d["seq"]]
-        verdict = "ANOMALY" if d["is_anomaly"] else "ok     "
-        truth = sample.defect_type if sample.label else "normal"
-        print(f"#{d['seq']:4d} {verdict} {d['normalized_score']:5.2f}x thr  {d['latency_ms']:6.0f} ms  "
-              f"{len(d['regions'])} region(s)  [{truth}] {sample.path.name}", flush=True)
-    sent_summary = camera.communicate(timeout=60)[0].strip().splitlines()
+    sent = None
+    progress_at, seen, next_check = time.monotonic(), (0, 0.0), 0.0
+    while time.monotonic() - progress_at < stall_s:
+        if sub.poll(500):
+            d = parse_decision(sub.recv_multipart())
+            now = time.time()
+            first, last = first or now, now
+            decisions[d["seq"]] = dict(d, received_ms=(now - d["ts"]) * 1000.0)
+            progress_at = time.monotonic()
+            sample = test[d["seq"]]
+            verdict = "ANOMALY" if d["is_anomaly"] else "ok     "
+            truth = sample.defect_type if sample.label else "normal"
+            print(f"#{d['seq']:4d} {verdict} {d['normalized_score']:5.2f}x thr  {d['latency_ms']:6.0f} ms  "
+                  f"{len(d['regions'])} region(s)  [{truth}] {sample.path.name}", flush=True)
+        if sent is None and camera.poll() is not None:
+            lines = camera.stdout.read().strip().splitlines()
+            sent = json.loads(lines[-1])["sent"] if lines else 0
+        if time.monotonic() >= next_check:
+            next_check = time.monotonic() + 2.0
+            counts = agent_counts(http_port, camera_id)
+            accounted = counts.get("processed", 0) + counts.get("dropped", 0) + counts.get("invalid", 0)
+            if (len(decisions), accounted) != seen or camera.poll() is None:
+                seen, progress_at = (len(decisions), accounted), time.monotonic()
+            if sent is not None and accounted >= sent and len(decisions) >= counts.get("processed", 0):
+                break
+    if camera.poll() is None:
+        camera.kill()
     sub.close(linger=0)
     context.term()
     seqs = sorted(decisions)
@@ -127,7 +163,7 @@ def _stream(test, labels, ingest: str, results: str, out: Path, fps: float) -> d
     flagged = np.array([decisions[s]["is_anomaly"] for s in seqs])
     latency = np.array([decisions[s]["received_ms"] for s in seqs])
     return {
-        "frames_sent": json.loads(sent_summary[-1])["sent"] if sent_summary else None,
+        "frames_sent": sent,
         "frames_decided": len(decisions),
         "anomalies": int(flagged.sum()),
         "live_image_auroc": float(auroc(y, scores)) if 0 < y.sum() < len(y) else None,

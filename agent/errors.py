@@ -13,4 +13,9 @@ class PublishError(ValueError):
 def agent_input_errors() -> tuple[type[Exception], ...]:
     import zmq
 
-    return AgentError, PublishError, zmq.ZMQError
+    from actors.retrain import RetrainError
+    from actors.models import PromotionError
+
+    from .learning import FrameNotFound
+
+    return AgentError, PublishError, zmq.ZMQError, RetrainError, PromotionError, FrameNotFound

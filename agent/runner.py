@@ -1,7 +1,10 @@
 """The agent: Ray bootstrap, the named actors of one pipeline, supervision and a clean drain on stop."""
 from __future__ import annotations
 
+import json
+import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -10,82 +13,134 @@ import structlog
 
 from actors.inference import InferenceActor
 from actors.ingest import IngestActor
+from actors.models import ModelManager
+from actors.retrain import MANAGER_ACTOR
 from actors.scoring import ScoringActor
 from model.detector import load_score_head
+from model.registry import resolve_model
 
 from .errors import AgentError
+from .rayhead import LocalHead
 from .settings import AgentConfig
 
 log = structlog.get_logger(__name__)
+AGENT_FILE = "agent.json"  # in the registry: how the CLI finds the running agent (HTTP, Ray Jobs)
 
 
-def connect_ray(cfg: AgentConfig) -> bool:
-    """Join the configured Ray cluster, or start an embedded one. Returns True when we started it."""
+def tighten_ray_token() -> None:
+    """Ray writes its auth token world-readable (0644); only this user may read it."""
+    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), os.path.expanduser("~/.ray/auth_token")):
+        if path and os.path.isfile(path):
+            os.chmod(path, 0o600)
+
+
+def connect_ray(cfg: AgentConfig, jobs: bool) -> tuple[bool, str | None, LocalHead | None]:
+    """Join the configured Ray cluster, or start one: in-process, or (when retraining needs Ray Jobs) a
+    local head node of its own (see agent.rayhead). Returns (we started it, Jobs address, head)."""
     if ray.is_initialized():
-        return False
-    options: dict[str, Any] = {"namespace": cfg.ray.namespace, "include_dashboard": cfg.ray.include_dashboard,
-                               "log_to_driver": True}
-    if cfg.ray.address is None:
+        return False, _dashboard_of_current(), None
+    options: dict[str, Any] = {"namespace": cfg.ray.namespace, "log_to_driver": True}
+    head = None
+    if cfg.ray.address is None and jobs:
+        head = LocalHead(num_cpus=cfg.ray.num_cpus)
+        options["address"] = head.address
+    elif cfg.ray.address is None:
+        options["include_dashboard"] = cfg.ray.include_dashboard
+        if cfg.ray.include_dashboard:
+            options["dashboard_host"] = "127.0.0.1"
         if cfg.ray.num_cpus is not None:
             options["num_cpus"] = cfg.ray.num_cpus
     else:
-        options = {"address": cfg.ray.address, "namespace": cfg.ray.namespace}
+        options["address"] = cfg.ray.address
     try:
-        ray.init(**options)
+        context = ray.init(**options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
+        if head is not None:
+            head.stop()
         raise AgentError(f"cannot connect to Ray at {cfg.ray.address or '(embedded)'}: {exc}") from exc
-    return cfg.ray.address is None
+    tighten_ray_token()
+    dashboard = head.dashboard if head else getattr(context, "dashboard_url", None)
+    if dashboard and not dashboard.startswith("http"):
+        dashboard = f"http://{dashboard}"
+    return cfg.ray.address is None, dashboard or None, head
+
+
+def _dashboard_of_current() -> str | None:
+    """The Jobs address of the cluster this process is already connected to (tests, notebooks)."""
+    try:
+        url = ray._private.worker.get_dashboard_url()
+    except Exception:  # noqa: BLE001 - no dashboard: no Jobs
+        return None
+    return f"http://{url}" if url and not url.startswith("http") else (url or None)
 
 
 class Agent:
-    """One inspection pipeline: N ingest actors → one inference actor → one scoring actor."""
+    """One inspection pipeline: N ingest actors → one inference actor → one scoring actor, and with a
+    model registry the model manager (promotions, shadow, guard, reconcile, retrain schedule)."""
 
-    def __init__(self, model_dir: str | Path, ingest: list[str], results: str, cfg: AgentConfig):
+    def __init__(self, model_path: str | Path, ingest: list[str], results: str, cfg: AgentConfig):
         if not ingest:
             raise AgentError("at least one --ingest endpoint is needed")
-        self.model_dir, self.ingest_endpoints, self.results_endpoint = str(Path(model_dir)), ingest, results
-        self.cfg = cfg
+        self.ingest_endpoints, self.results_endpoint, self.cfg = ingest, results, cfg
+        self.model_path = str(Path(model_path).expanduser().resolve())
+        model_dir, self.registry = resolve_model(self.model_path)  # a bad registry fails here, before Ray
         self.head = load_score_head(model_dir)  # a bad checkpoint fails here, clearly, before Ray starts
         if self.head.threshold is None:
             raise AgentError(f"{model_dir}: the model has no threshold; train or finetune it first")
         self.owns_ray = False
-        self.inference = self.scoring = None
+        self.ray_head: LocalHead | None = None
+        self.jobs_address: str | None = None
+        self.inference = self.scoring = self.manager = None
         self.ingests: list = []
         self.bound_ingest: list[str] = []
         self.bound_results = ""
         self.started_at = 0.0
         self.stopped = False
+        self.run_id = uuid.uuid4().hex
+
+    @property
+    def model_version(self) -> str:
+        return self.head.model_version
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout_s: float = 180.0) -> Agent:
-        self.owns_ray = connect_ray(self.cfg)
+        self.owns_ray, self.jobs_address, self.ray_head = connect_ray(self.cfg, jobs=self.registry is not None)
         namespace = ray.get_runtime_context().namespace
         restarts = self.cfg.actor_max_restarts
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = self.cfg.inference.device == "cuda" or (self.cfg.inference.device == "auto" and gpus >= 1)
         if self.cfg.inference.device == "cuda" and gpus < 1:
             raise AgentError("inference.device=cuda, but the Ray cluster has no GPU")
+        state_dir = Path(self.cfg.state_dir).expanduser().resolve()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        learning = self.cfg.learning
         try:
             self.inference = ray.remote(InferenceActor).options(
                 name="inference", namespace=namespace, max_restarts=restarts, max_task_retries=0,
                 num_cpus=self.cfg.inference.num_cpus, num_gpus=1 if use_gpu else 0, max_concurrency=1000,
-            ).remote(self.model_dir, self.cfg.inference)
+            ).remote(self.model_path, self.cfg.inference, learning.shadow.sample)
             self.scoring = ray.remote(ScoringActor).options(
                 name="scoring", namespace=namespace, max_restarts=restarts, max_task_retries=0, num_cpus=0,
-            ).remote(self.model_dir, self.results_endpoint, self.cfg.output)
+            ).remote(self.model_path, self.results_endpoint, self.cfg.output, learning)
             self.ingests = [
                 ray.remote(IngestActor).options(
                     name=f"ingest-{i}", namespace=namespace, max_restarts=restarts, max_task_retries=0,
                     num_cpus=0, max_concurrency=4,
                 ).remote(endpoint, self.cfg.ingest, self.head.image_size, "inference", "scoring",
-                          self.cfg.inference.max_batch)
+                          self.cfg.inference.max_batch, str(state_dir / f"ingest-{i}.json"), self.run_id)
                 for i, endpoint in enumerate(self.ingest_endpoints)
             ]
+            if self.registry is not None:
+                self.manager = ray.remote(ModelManager).options(
+                    name=MANAGER_ACTOR, namespace=namespace, max_restarts=restarts, max_task_retries=0, num_cpus=0,
+                ).remote(str(self.registry.root), learning, namespace, self.jobs_address)
         except ValueError as exc:  # a name already taken in this namespace
             raise AgentError(f"cannot create the agent's actors in namespace {namespace!r}: {exc}") from exc
         try:
             ready = ray.get([self.scoring.stats.remote(), *[actor.ready.remote() for actor in self.ingests],
                              self.inference.ping.remote()], timeout=timeout_s)
+            if self.manager is not None:
+                ray.get(self.manager.start.remote(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError as exc:
             self.stop(drain=False)
             raise AgentError(f"the agent's actors were not ready within {timeout_s:.0f} s") from exc
@@ -96,9 +151,22 @@ class Agent:
         # What was really bound (a `tcp://host:*` endpoint gets a free port).
         self.bound_results, self.bound_ingest = ready[0]["results"], ready[1:-1]
         self.started_at = time.time()
-        log.info("agent running", model=self.model_dir, model_version=self.head.model_version,
-                 ingest=self.ingest_endpoints, results=self.results_endpoint, gpu=use_gpu, namespace=namespace)
+        log.info("agent running", model=self.model_path, model_version=self.model_version,
+                 registry=bool(self.registry), ingest=self.ingest_endpoints, results=self.results_endpoint,
+                 gpu=use_gpu, namespace=namespace, jobs=self.jobs_address)
         return self
+
+    def announce(self, http_url: str | None, token_file: Path | None) -> None:
+        """Tell the CLI (`adtr-edge accept`, `models promote`, `retrain --submit`) where this agent is."""
+        if self.registry is None:
+            return
+        info = {"pid": os.getpid(), "http": http_url, "jobs": self.jobs_address, "token_file": str(token_file) if
+                token_file else None, "namespace": ray.get_runtime_context().namespace, "started_at": self.started_at,
+                "anomalies": str(Path(self.cfg.output.dir).expanduser().resolve())}
+        path = self.registry.root / AGENT_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(path)
 
     def stop(self, drain: bool = True) -> dict[str, Any]:
         """Drain frames in flight (up to drain_timeout_s), flush the results socket, release the actors."""
@@ -118,11 +186,15 @@ class Agent:
                 ray.get(self.scoring.close.remote(), timeout=10)
             except ray.exceptions.RayError:
                 pass
-        for actor in [*self.ingests, self.scoring, self.inference]:
+        for actor in [*self.ingests, self.scoring, self.inference, self.manager]:
             if actor is not None:
                 ray.kill(actor, no_restart=True)
+        if self.registry is not None:
+            (self.registry.root / AGENT_FILE).unlink(missing_ok=True)
         if self.owns_ray:
             ray.shutdown()
+        if self.ray_head is not None:
+            self.ray_head.stop()
         log.info("agent stopped", totals=totals(final.get("ingest", [])))
         return final
 
@@ -131,8 +203,11 @@ class Agent:
         """Stats from every actor; an actor that does not answer in time is reported as down."""
         actors = {"inference": self.inference, "scoring": self.scoring,
                   **{f"ingest-{i}": a for i, a in enumerate(self.ingests)}}
-        refs = {name: actor.stats.remote() for name, actor in actors.items()}
-        out: dict[str, Any] = {"up": {}, "model_version": self.head.model_version}
+        if self.manager is not None:
+            actors["models"] = self.manager
+        refs = {name: actor.stats.remote() if name != "models" else actor.status.remote()
+                for name, actor in actors.items()}
+        out: dict[str, Any] = {"up": {}, "model_version": self.model_version, "taken_at": time.time()}
         deadline = time.monotonic() + timeout_s
         for name, ref in refs.items():
             try:
@@ -141,10 +216,6 @@ class Agent:
             except (ray.exceptions.RayError, TimeoutError):
                 out["up"][name] = False
         return out
-
-    def ready(self) -> tuple[bool, dict[str, bool]]:
-        up = self.snapshot(timeout_s=1.0)["up"]
-        return (not self.stopped and all(up.values())), up
 
 
 def totals(ingest_stats: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

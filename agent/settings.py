@@ -6,12 +6,13 @@ Nested keys use `__` in the environment (ADTR_EDGE_TRAIN__EPOCHS=5) and dots on 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
+from actors.config import InferenceConfig, IngestConfig, LearningConfig, OutputConfig, Section as _Section
 from model.config import AdtrConfig
 
 
@@ -26,60 +27,6 @@ class Settings(AdtrConfig, BaseSettings):
 # ------------------------------------------------------------------ the streaming agent (`adtr-edge run`)
 # The model's own settings travel in its checkpoint; these say how the agent runs it.
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class CurveConfig(_Section):
-    """ZeroMQ CURVE on the ingest sockets: only cameras whose public key is in `allowed_keys_dir` get in."""
-
-    enabled: bool = False
-    server_secret_key: Path | None = None  # the agent's `<name>.key_secret` from `adtr-edge keys`
-    allowed_keys_dir: Path | None = None  # a folder of camera `<name>.key` public-key files
-
-    @model_validator(mode="after")
-    def _keys_when_enabled(self) -> CurveConfig:
-        if self.enabled and not (self.server_secret_key and self.allowed_keys_dir):
-            raise ValueError("ingest.curve.enabled needs ingest.curve.server_secret_key and "
-                             "ingest.curve.allowed_keys_dir")
-        return self
-
-
-class IngestConfig(_Section):
-    # every: PULL socket, no frame lost, a full agent pushes back on the camera (inspection of every part).
-    # latest: SUB socket, the newest frame wins, the oldest waiting frame is dropped and counted (live view).
-    mode: Literal["every", "latest"] = "every"
-    max_in_flight: int = Field(16, ge=1, le=1024)  # per camera: frames handed to inference, not yet decided
-    queue_depth: int = Field(8, ge=1, le=4096)  # per camera: decoded frames waiting for an in-flight slot
-    rcv_hwm: int = Field(16, ge=1)  # ZeroMQ receive high-water mark (messages)
-    # Kernel receive buffer of the socket; bounds what waits unseen in TCP (0 = the OS's autotuning,
-    # which lets several MB of frames, seconds of latency at saturation, queue there).
-    socket_buffer_bytes: int = Field(256 << 10, ge=0)
-    max_payload_bytes: int = Field(32 << 20, ge=1024)
-    max_pixels: int = Field(40_000_000, ge=1)
-    max_cameras: int = Field(64, ge=1)  # distinct camera ids tracked per endpoint (bounds metric labels)
-    allowed_cameras: list[str] = []  # empty: any camera id
-    curve: CurveConfig = CurveConfig()
-
-
-class InferenceConfig(_Section):
-    max_batch: int = Field(8, ge=1, le=512)
-    max_wait_ms: float = Field(10.0, ge=0, le=10_000)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    half: bool = True  # fp16 autocast on a GPU (ignored on the CPU)
-    channels_last: bool = True  # on a GPU
-    torch_threads: int = Field(0, ge=0)  # CPU threads for torch; 0 = all cores of the box
-    num_cpus: float = Field(1.0, ge=0)  # Ray scheduling request
-
-
-class OutputConfig(_Section):
-    save_anomalies: bool = True  # frame + heatmap overlay + JSON sidecar per anomalous frame
-    dir: Path = Path("runs/agent/anomalies")
-    max_bytes: int = Field(1 << 30, ge=1 << 20)  # oldest files are deleted beyond this
-    min_region_area_px: int = Field(4, ge=1)  # at the model's image size
-    max_regions: int = Field(20, ge=0)
-
-
 class RayConfig(_Section):
     address: str | None = None  # None: start an embedded single-node Ray; "auto" or host:port joins a cluster
     namespace: str = "adtr-edge"
@@ -89,8 +36,18 @@ class RayConfig(_Section):
 
 class HttpConfig(_Section):
     enabled: bool = True
+    # 127.0.0.1: this box only. Binding anything else is a deliberate setting (the learning API needs its
+    # token either way; /metrics, /healthz and /readyz are open to whoever can reach the port).
     host: str = "127.0.0.1"
     port: int = Field(9108, ge=0, le=65535)  # 0 = any free port
+    # The token of the learning API (accept samples, promote, roll back, retrain): a file holding it,
+    # created (mode 0600) on first start when missing. Default: `api_token` in the model registry.
+    token_file: Path | None = None
+    threads: int = Field(8, ge=1, le=256)  # request handler pool
+    connection_limit: int = Field(100, ge=1)  # open connections; more wait in the listen backlog
+    backlog: int = Field(128, ge=1)
+    request_timeout_s: float = Field(10.0, gt=0)  # a client idle this long mid-request is disconnected
+    snapshot_s: float = Field(1.0, gt=0)  # /metrics and /readyz answer from actor stats at most this old
 
 
 class AgentConfig(_Section):
@@ -99,6 +56,9 @@ class AgentConfig(_Section):
     output: OutputConfig = OutputConfig()
     ray: RayConfig = RayConfig()
     http: HttpConfig = HttpConfig()
+    learning: LearningConfig = LearningConfig()
+    # The agent's own books (ingest counters that survive an actor restart).
+    state_dir: Path = Path("runs/agent/state")
     drain_timeout_s: float = Field(30.0, ge=0)
     actor_max_restarts: int = Field(-1, ge=-1)  # -1: Ray restarts crashed actors forever
 

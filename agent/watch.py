@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import zmq
 
@@ -15,12 +16,27 @@ def format_decision(d: dict) -> str:
             f"{d['latency_ms']:6.0f} ms  {regions}")
 
 
+def subscribe(context: zmq.Context, endpoint: str, timeout_s: float = 30.0) -> zmq.Socket:
+    """A SUB socket on the agent's decisions, returned once its connection is up. PUB drops what it
+    sends before a subscription arrives (slow joiner): waiting for the handshake, then a moment for the
+    subscription itself, keeps a subscriber started just before a camera from missing its first frames."""
+    socket = context.socket(zmq.SUB)
+    socket.setsockopt(zmq.SUBSCRIBE, b"")
+    socket.rcvhwm = 0  # a subscriber that keeps up must not lose decisions to its own queue limit
+    monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    socket.connect(endpoint)
+    connected = monitor.poll(int(timeout_s * 1000)) != 0
+    socket.disable_monitor()
+    monitor.close()
+    if connected:
+        time.sleep(0.3)  # the subscription travels after the handshake
+    return socket
+
+
 def watch(endpoint: str, count: int = 0, anomalies_only: bool = False, as_json: bool = False) -> int:
     """Subscribe to `endpoint` and print decisions until `count` were printed (0: until interrupted)."""
     context = zmq.Context()
-    socket = context.socket(zmq.SUB)
-    socket.setsockopt(zmq.SUBSCRIBE, b"")
-    socket.connect(endpoint)
+    socket = subscribe(context, endpoint)
     printed = 0
     try:
         while not count or printed < count:

@@ -18,13 +18,12 @@ import torch.nn.functional as F
 
 from .checkpoint import save_checkpoint
 from .config import AdtrConfig
-from .data import BadFiles, DataError, Dataset, read_image, resize_image, to_tensor_batch
+from .data import BadFiles, DataError, Dataset, read_image, resize_image
 from .detector import AnomalyDetector, load_detector
 from .evaluate import load_masks
 from .features import FeatureCache
 from .losses import image_topk_loss, pixel_push_pull_loss, pseudo_huber_distance
-from .scorer import fit_scorer
-from .train import calibrate_localization, calibrate_threshold, fit, score_stats, seed_everything
+from .train import checkpoint_tensors, fit, fit_scoring, score_stats, seed_everything
 
 log = structlog.get_logger(__name__)
 
@@ -81,7 +80,7 @@ def _synthetic(detector: AnomalyDetector, dataset: Dataset, fraction: float, see
             images.append(noised)
             batch_masks.append(mask)
         if images:
-            feats.append(detector.backbone(to_tensor_batch(images)))
+            feats.append(detector.embed(images).float().cpu())
             masks += batch_masks
     if not feats:
         return torch.empty(0), np.zeros((0, size, size), bool)
@@ -107,6 +106,7 @@ def finetune_adtr_plus(model_dir: Path, dataset: Dataset, out_dir: Path, progres
         detector.cfg = detector.cfg.model_copy(update={
             k: getattr(cfg, k) for k in ("adtr_plus", "train", "data", "threshold")})
     cfg, plus = detector.cfg, detector.cfg.adtr_plus
+    detector.to(cfg.train.device)
     if plus.confetti_fraction == 0 and not (plus.use_labelled and dataset.train_anomalous):
         raise DataError("ADTR+ needs anomalies: set adtr_plus.confetti_fraction > 0 or data.labelled_fraction > 0")
     seed_everything(cfg.train.seed)
@@ -145,12 +145,8 @@ def finetune_adtr_plus(model_dir: Path, dataset: Dataset, out_dir: Path, progres
                  loss_fn=plus_loss(plus.alpha, plus.top_k), progress=progress)
     val = cache.extract(dataset.val, bad, policy, desc="val features")
     labels = np.array([x.label for x in val.samples])
-    # The reconstruction changed, so do the residual statistics: refit the scorer, then the threshold.
-    scorer, scoring_fit = fit_scorer(cfg.scoring, model, normal, val.features[torch.from_numpy(labels == 0)],
-                                     cfg.train.seed)
-    detector.set_scorer(scorer, scoring_fit)
-    threshold, method, scores = calibrate_threshold(detector, val.features, labels)
-    scoring_fit = calibrate_localization(detector, val.features[torch.from_numpy(labels == 0)])
+    # The reconstruction changed, so did the residual statistics: refit the scorer, then the thresholds.
+    calibration = fit_scoring(detector, normal, val.features, labels)
     manifest = dict(detector.manifest)
     for key in ("weights_sha256", "model_version"):
         manifest.pop(key, None)
@@ -158,13 +154,13 @@ def finetune_adtr_plus(model_dir: Path, dataset: Dataset, out_dir: Path, progres
         "created_at": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
         "settings": json.loads(cfg.model_dump_json()),
         "parent_model_version": detector.model_version,
-        "threshold": threshold, "threshold_method": method, "scoring_fit": scoring_fit,
-        "validation_scores": score_stats(scores[labels == 0]),
+        "threshold": calibration.threshold, "threshold_method": calibration.method,
+        "scoring_fit": calibration.scoring_fit, "validation_scores": score_stats(calibration.val_normal_scores),
         "adtr_plus": {"synthetic": n_synthetic, "labelled": n_labelled, "history": fitted.history,
                       "seconds": fitted.seconds, "skipped_files": bad.items},
         "metrics": {},
     })
-    manifest = save_checkpoint(out_dir, {**model.state_dict(), **scorer.checkpoint_tensors()}, manifest)
+    manifest = save_checkpoint(out_dir, checkpoint_tensors(detector), manifest)
     log.info("ADTR+ model saved", path=str(out_dir), synthetic=n_synthetic, labelled=n_labelled,
-             threshold=round(threshold, 5))
+             threshold=round(calibration.threshold, 5))
     return manifest

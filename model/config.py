@@ -142,6 +142,8 @@ class TrainConfig(_Strict):
     max_minutes: float = Field(0.0, ge=0.0)
     num_threads: int = Field(0, ge=0)  # 0 = torch's default
     feature_batch_size: int = Field(16, ge=1)
+    # Where training and feature extraction run: auto = the GPU when torch sees one.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class AdtrPlusConfig(_Strict):

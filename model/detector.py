@@ -1,14 +1,15 @@
 """A trained ADTR model ready to score images: backbone + reconstructor + scoring settings + threshold.
 
-The one scoring path used by `eval`, `predict` and the live pipeline (which splits it at `coarse_maps`:
-the inference actor runs the networks, the scoring actor runs `ScoreHead.score`).
+The one forward path (device, fp16 autocast and channels-last resolved once, in `AnomalyDetector.to`)
+used by `eval`, `predict`, training's feature extraction, the retrain job and the live pipeline, which
+splits it at `coarse_maps`: the inference actor runs the networks, the scoring actor `ScoreHead.score`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from .checkpoint import CheckpointError, load_checkpoint, load_into, read_manife
 from .config import AdtrConfig
 from .data import resize_image, to_tensor_batch
 from .reconstructor import Reconstructor
-from .scorer import LEGACY_FIT, PREFIX, FittedScorer
+from .scorer import LEGACY_FIT, FittedScorer, reconstructor_tensors
 from .scoring import fuse_terms, image_score, normalized_score, pool_kernel_px, upsample_map
 
 
@@ -107,6 +108,18 @@ def load_score_head(model_dir: str | Path) -> ScoreHead:
                      str(manifest.get("model_version", "untrained")), manifest.get("scoring_fit"))
 
 
+DeviceName = Literal["auto", "cpu", "cuda"]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" → the GPU when torch sees one, else the CPU; "cuda" without a GPU is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda was asked for, but torch sees no GPU")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 class AnomalyDetector:
     def __init__(self, cfg: AdtrConfig, backbone: Backbone, reconstructor: Reconstructor,
                  threshold: float | None = None, manifest: dict[str, Any] | None = None,
@@ -118,6 +131,20 @@ class AnomalyDetector:
         self.head = ScoreHead(cfg, threshold, str(self.manifest.get("model_version", "untrained")),
                               self.manifest.get("scoring_fit"))
         self.image_size = cfg.backbone.image_size
+        self.device, self.half, self.channels_last = torch.device("cpu"), False, False
+
+    def to(self, device: str | torch.device = "auto", half: bool = False, channels_last: bool = False) -> AnomalyDetector:
+        """Move the networks to a device once. fp16 autocast and channels-last apply on a GPU only (on
+        this CPU they are slower or unsupported); the distance map is always computed in fp32."""
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        gpu = self.device.type == "cuda"
+        self.half, self.channels_last = half and gpu, channels_last and gpu
+        self.backbone.to(self.device)
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        self.reconstructor.to(self.device)
+        self.scorer.to(self.device)
+        return self
 
     def reconfigure(self, cfg: AdtrConfig) -> None:
         """New settings (e.g. --set scoring.blur_sigma=8) for the same networks, fit and threshold."""
@@ -126,7 +153,7 @@ class AnomalyDetector:
 
     def set_scorer(self, scorer: FittedScorer, fit: dict[str, Any]) -> None:
         """A newly fitted scorer (after training or fine-tuning); the threshold must be recalibrated."""
-        self.scorer, self.manifest = scorer, {**self.manifest, "scoring_fit": fit}
+        self.scorer, self.manifest = scorer.to(self.device), {**self.manifest, "scoring_fit": fit}
         self.head = ScoreHead(self.cfg, self.head.threshold, self.head.model_version, fit)
 
     @property
@@ -142,22 +169,43 @@ class AnomalyDetector:
         return self.head.model_version
 
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
-        """RGB uint8 images of any size → (B, 3, S, S) float in [0, 1] at the model's size."""
-        return to_tensor_batch([resize_image(img, self.image_size) for img in images])
+        """RGB uint8 images of any size → (B, 3, S, S) float in [0, 1] at the model's size, on its device."""
+        x = to_tensor_batch([resize_image(img, self.image_size) for img in images]).to(self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    @torch.no_grad()
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.half)
+
+    @torch.inference_mode()
+    def embed(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Images → (B, C, S, S) backbone features on the model's device (fp16 under autocast on a GPU)."""
+        with self._autocast():
+            return self.backbone(self.preprocess(images))
+
+    @torch.inference_mode()
     def coarse_maps(self, features: torch.Tensor) -> torch.Tensor:
-        """Backbone features → (B, K, S, S) per-term maps (what the inference actor returns)."""
-        target, recon = self.reconstructor(features)
-        return self.scorer(features, target, recon, self.reconstructor.feature_std)
+        """Backbone features → (B, K, S, S) float32 per-term maps on the CPU (what the inference actor
+        returns). The networks run on the model's device; the scoring terms in fp32."""
+        features = features.to(self.device)
+        with self._autocast():
+            target, recon = self.reconstructor(features)
+        return self.scorer(features.float(), target.float(), recon.float(), self.reconstructor.feature_std).cpu()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score_features(self, features: torch.Tensor) -> Scores:
         return self.head.score(self.coarse_maps(features))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score_images(self, images: list[np.ndarray]) -> Scores:
-        return self.score_features(self.backbone(self.preprocess(images)))
+        return self.score_features(self.embed(images))
+
+
+def require_threshold(detector: AnomalyDetector) -> float:
+    """The calibrated threshold; a model without one cannot decide (a CheckpointError: exit 2 in the CLI)."""
+    if not detector.threshold:
+        raise CheckpointError(f"model {detector.model_version} has no decision threshold: train it with "
+                              "`adtr-edge train` (or `finetune`), which calibrates one on validation data")
+    return float(detector.threshold)
 
 
 def _manifest_config(model_dir: str | Path, manifest: dict[str, Any]) -> AdtrConfig:
@@ -171,12 +219,18 @@ def _manifest_config(model_dir: str | Path, manifest: dict[str, Any]) -> AdtrCon
     return cfg
 
 
-def load_detector(model_dir: str | Path) -> AnomalyDetector:
-    """Rebuild backbone and reconstructor from a checkpoint; refuses mismatches with a clear error."""
+def load_detector(model_dir: str | Path, backbone: Backbone | None = None) -> AnomalyDetector:
+    """Rebuild backbone and reconstructor from a checkpoint; refuses mismatches with a clear error.
+
+    `backbone`: an already loaded one to reuse (a hot swap in the live agent) when its settings and
+    weights are those the checkpoint was trained on; otherwise a new one is built.
+    """
     model_dir = Path(model_dir)
     manifest, tensors = load_checkpoint(model_dir)
     cfg = _manifest_config(model_dir, manifest)
-    backbone = Backbone(cfg.backbone)
+    expected_id = manifest.get("backbone", {}).get("weights_id")
+    if backbone is None or backbone.cfg != cfg.backbone or (expected_id and backbone.weights_id != expected_id):
+        backbone = Backbone(cfg.backbone)
     expected = manifest.get("backbone", {})
     if expected.get("weights_id") and expected["weights_id"] != backbone.weights_id:
         raise CheckpointError(
@@ -188,7 +242,7 @@ def load_detector(model_dir: str | Path) -> AnomalyDetector:
             f"{model_dir}: trained on {expected['channels']} feature channels, backbone gives {backbone.out_channels}"
         )
     reconstructor = Reconstructor(backbone.out_channels, cfg.backbone.feature_size, cfg.reconstructor)
-    load_into(reconstructor, {k: v for k, v in tensors.items() if not k.startswith(PREFIX)}, model_dir)
+    load_into(reconstructor, reconstructor_tensors(tensors), model_dir)
     scorer = _load_scorer(model_dir, manifest, tensors, backbone.out_channels, cfg.backbone.feature_size)
     return AnomalyDetector(cfg, backbone, reconstructor, manifest.get("threshold"), manifest, scorer)
 

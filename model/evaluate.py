@@ -16,7 +16,7 @@ import structlog
 import torch
 
 from .data import NORMAL_TYPE, BadFiles, DataError, Dataset, read_image, read_mask, resize_mask
-from .detector import AnomalyDetector
+from .detector import AnomalyDetector, require_threshold
 from .features import FeatureCache
 from .scoring import normalized_score
 from .metrics import aupro, auroc, precision_recall_f1, roc_points
@@ -59,8 +59,7 @@ def _pixel_metrics(masks: np.ndarray, maps: np.ndarray, usable: np.ndarray) -> t
 def evaluate(detector: AnomalyDetector, dataset: Dataset, out_dir: Path | None = None,
              cache: FeatureCache | None = None, progress: bool = True, overlays_per_group: int = 4) -> dict[str, Any]:
     cfg = detector.cfg
-    if detector.threshold is None:
-        raise ValueError("the model has no threshold; train it (or calibrate one) first")
+    require_threshold(detector)
     cache = cache or FeatureCache(detector.backbone, cfg.data.cache_dir)
     bad = BadFiles()
     t0 = time.monotonic()

@@ -74,8 +74,8 @@ class FeatureCache:
         def flush() -> None:
             if not pending:
                 return
-            batch = to_tensor_batch([img for _, img in pending])
-            feats = self.backbone(batch)
+            batch = to_tensor_batch([img for _, img in pending]).to(self.backbone.mean.device)
+            feats = self.backbone(batch).float().cpu()  # the cache lives on the CPU, in fp32
             for (digest, _), feat in zip(pending, feats):
                 feat = feat.clone()
                 self.ram[digest] = feat

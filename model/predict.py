@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .data import IMAGE_SUFFIXES, DataError, images_in, read_image
 from .scoring import normalized_score
-from .detector import AnomalyDetector
+from .detector import AnomalyDetector, require_threshold
 from .visualize import heatmap_overlay
 
 log = structlog.get_logger(__name__)
@@ -32,6 +32,7 @@ def image_paths(path: Path) -> list[Path]:
 
 def predict_path(detector: AnomalyDetector, path: Path, out_dir: Path, batch_size: int = 8,
                  overlays: bool = True, progress: bool = False) -> dict[str, Any]:
+    require_threshold(detector)
     paths = image_paths(path)
     if not paths:
         raise DataError(f"{path}: no images found (looked for {sorted(IMAGE_SUFFIXES)})")

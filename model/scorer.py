@@ -40,6 +40,11 @@ def used_terms(cfg: ScoringConfig) -> list[str]:
     return [t for t in TERMS if t in wanted]
 
 
+def reconstructor_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A checkpoint's tensors without the scorer's: the reconstructor's state dict."""
+    return {k: v for k, v in tensors.items() if not k.startswith(PREFIX)}
+
+
 class FittedScorer(nn.Module):
     """Per-cell maps for each term: (features, target, reconstruction) → (B, K, S, S)."""
 
@@ -88,11 +93,20 @@ class FittedScorer(nn.Module):
 
 
 @torch.no_grad()
+def _reconstruct(reconstructor: Reconstructor, features: Tensor) -> tuple[Tensor, Tensor]:
+    """(target, reconstruction) on the CPU, whichever device the reconstructor sits on."""
+    device = reconstructor.feature_std.device
+    target, recon = reconstructor(features.to(device))
+    return target.float().cpu(), recon.float().cpu()
+
+
+@torch.no_grad()
 def _residual_tokens(reconstructor: Reconstructor, features: Tensor, batch: int) -> Tensor:
+    std = reconstructor.feature_std.cpu()
     out = []
     for i in range(0, len(features), batch):
-        target, recon = reconstructor(features[i : i + batch])
-        out.append(cell_tokens((target - recon) * reconstructor.feature_std))
+        target, recon = _reconstruct(reconstructor, features[i : i + batch])
+        out.append(cell_tokens((target - recon) * std))
     return torch.cat(out)  # (N, P, C), backbone units
 
 
@@ -115,12 +129,13 @@ def fit_scorer(cfg: ScoringConfig, reconstructor: Reconstructor, train_features:
                                  cfg.mahalanobis_rank, cfg.shrinkage)
         tensors.update({f"gauss_{k}": v for k, v in fit.items()})
     if "memory" in terms:
-        tensors["memory"] = fit_cell_memory(cell_tokens(train_features), cfg.memory_size, seed)
+        tensors["memory"] = fit_cell_memory(cell_tokens(train_features.float().cpu()), cfg.memory_size, seed)
     scorer = FittedScorer(terms, tensors)
     # Scales from the tensors as the checkpoint will hold them (fp16 basis and memory).
     scorer = FittedScorer.from_checkpoint(terms, scorer.checkpoint_tensors())
     val_maps = torch.cat([
-        scorer(val_features[i : i + batch], *reconstructor(val_features[i : i + batch]), reconstructor.feature_std)
+        scorer(val_features[i : i + batch].float().cpu(), *_reconstruct(reconstructor, val_features[i : i + batch]),
+               reconstructor.feature_std.cpu())
         for i in range(0, len(val_features), batch)
     ])  # (N, K, S, S)
     reconstructor.train(was_training)

@@ -24,7 +24,7 @@ from .backbone import Backbone
 from .checkpoint import data_fingerprint, save_checkpoint
 from .config import AdtrConfig, TrainConfig
 from .data import BadFiles, Dataset
-from .detector import AnomalyDetector
+from .detector import AnomalyDetector, resolve_device
 from .features import FeatureCache
 from .reconstructor import Reconstructor, reconstruction_loss
 from .scorer import fit_scorer
@@ -51,6 +51,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
     seconds: float = 0.0
+    resumed_from_epoch: int = 0  # > 0 when a saved train state was continued
 
 
 def _settings_hash(cfg: AdtrConfig) -> str:
@@ -74,6 +75,7 @@ def fit(
     """Train `model` on tensors whose first dimension is the sample; returns the loss history."""
     epochs = epochs or tcfg.epochs
     lr = lr or tcfg.lr
+    device = next(model.parameters()).device  # batches follow the model (the data may stay on the CPU)
     n = train_data[0].shape[0]
     steps_per_epoch = math.ceil(n / tcfg.batch_size)
     drop_step = int(tcfg.lr_drop_at * epochs) * steps_per_epoch
@@ -90,10 +92,11 @@ def fit(
     if state_path is not None and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         if state.get("tag") == state_tag:
-            model.load_state_dict(state["model"])
+            unwrap(model).load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start_epoch, result.history = state["epoch"], json.loads(state["history"])
+            result.resumed_from_epoch = start_epoch
             torch.set_rng_state(state["rng"])
             log.info("resuming training", from_epoch=start_epoch, path=str(state_path))
         else:
@@ -109,7 +112,7 @@ def fit(
         order = torch.randperm(n, generator=torch.Generator().manual_seed(tcfg.seed * 1_000_003 + epoch))
         for i in range(0, n, tcfg.batch_size):
             idx = order[i : i + tcfg.batch_size]
-            loss = loss_fn(model, tuple(t[idx] for t in train_data))
+            loss = loss_fn(model, tuple(t[idx].to(device) for t in train_data))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tcfg.grad_clip > 0:
@@ -125,14 +128,10 @@ def fit(
             record["val_loss"] = evaluate_loss(model, val_data, loss_fn, tcfg.batch_size)
         result.history.append(record)
         log.info("epoch done", **{k: round(v, 5) for k, v in record.items()})
-        if on_epoch is not None:
-            on_epoch(record)
         if state_path is not None:
-            torch.save({
-                "tag": state_tag, "epoch": epoch + 1, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "history": json.dumps(result.history), "rng": torch.get_rng_state(),
-            }, state_path)
+            save_train_state(state_path, state_tag, epoch + 1, model, optimizer, scheduler, result.history)
+        if on_epoch is not None:  # after the state is saved: a callback may ship it (Ray Train checkpoints)
+            on_epoch(record)
         if tcfg.max_minutes and time.monotonic() - t0 > tcfg.max_minutes * 60 and epoch + 1 < epochs:
             log.warning("time budget reached; stopping early", epoch=epoch + 1, max_minutes=tcfg.max_minutes)
             result.stopped_early = True
@@ -143,29 +142,56 @@ def fit(
     return result
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module itself under a DistributedDataParallel wrapper (Ray Train with several workers)."""
+    return getattr(model, "module", model)
+
+
+def save_train_state(path: Path, tag: str, epoch: int, model, optimizer, scheduler, history) -> None:
+    """Everything a resumed run needs; written to a temp file and renamed, so a crash never leaves half."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({
+        "tag": tag, "epoch": epoch, "model": {k: v.cpu() for k, v in unwrap(model).state_dict().items()},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "history": json.dumps(history), "rng": torch.get_rng_state(),
+    }, tmp)
+    tmp.replace(path)
+
+
 @torch.no_grad()
 def evaluate_loss(model: Reconstructor, data: tuple[torch.Tensor, ...], loss_fn: LossFn, batch_size: int) -> float:
     model.eval()
+    device = next(model.parameters()).device
     n, total = data[0].shape[0], 0.0
     for i in range(0, n, batch_size):
-        batch = tuple(t[i : i + batch_size] for t in data)
+        batch = tuple(t[i : i + batch_size].to(device) for t in data)
         total += loss_fn(model, batch).item() * batch[0].shape[0]
     model.train()
     return total / n
 
 
-def score_stats(scores: np.ndarray) -> dict[str, float]:
+# Quantiles of the validation normals' image scores kept in the manifest: the live agent's drift
+# monitor compares each camera's recent scores against them.
+SCORE_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+
+
+def score_stats(scores: np.ndarray) -> dict[str, Any]:
     q = np.quantile(scores, [0.5, 0.9, 0.95, 0.99])
     return {"n": int(scores.size), "mean": float(scores.mean()), "std": float(scores.std()),
             "min": float(scores.min()), "max": float(scores.max()),
-            "p50": float(q[0]), "p90": float(q[1]), "p95": float(q[2]), "p99": float(q[3])}
+            "p50": float(q[0]), "p90": float(q[1]), "p95": float(q[2]), "p99": float(q[3]),
+            "quantiles": [[p, float(v)] for p, v in zip(SCORE_QUANTILES, np.quantile(scores, SCORE_QUANTILES))]}
+
+
+def batched_scores(detector: AnomalyDetector, features: torch.Tensor, batch: int = 32) -> np.ndarray:
+    """Image scores of cached features, a batch at a time."""
+    return np.concatenate([detector.score_features(features[i : i + batch]).scores.numpy()
+                           for i in range(0, len(features), batch)]) if len(features) else np.zeros(0)
 
 
 def calibrate_threshold(detector: AnomalyDetector, features: torch.Tensor, labels: np.ndarray) -> tuple[float, str, np.ndarray]:
     """Normals only → high quantile; labelled anomalies present → F1-optimal. Validation data only."""
-    scores = np.concatenate([
-        detector.score_features(features[i : i + 32]).scores.numpy() for i in range(0, len(features), 32)
-    ])
+    scores = batched_scores(detector, features)
     if labels.max() > 0 and labels.min() == 0:
         return threshold_f1_optimal(scores, labels), "f1_optimal", scores
     return threshold_from_normals(scores[labels == 0], detector.cfg.threshold.normal_quantile), "normal_quantile", scores
@@ -183,39 +209,55 @@ def calibrate_localization(detector: AnomalyDetector, val_normal: torch.Tensor) 
     return fit
 
 
-def train_model(cfg: AdtrConfig, dataset: Dataset, out_dir: Path, progress: bool = True,
-                cache: FeatureCache | None = None,
-                on_epoch: Callable[[Reconstructor, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Normal-only ADTR training on `dataset.train`, threshold on `dataset.val`; writes the checkpoint."""
-    seed_everything(cfg.train.seed)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    backbone = cache.backbone if cache else Backbone(cfg.backbone)
-    cache = cache or FeatureCache(backbone, cfg.data.cache_dir)
-    bad = BadFiles()
+@dataclass
+class Calibration:
+    threshold: float
+    method: str
+    val_scores: np.ndarray  # every validation image's score, in the order given
+    val_labels: np.ndarray
+    scoring_fit: dict[str, Any]
+
+    @property
+    def val_normal_scores(self) -> np.ndarray:
+        return self.val_scores[self.val_labels == 0]
+
+
+def fit_scoring(detector: AnomalyDetector, train_features: torch.Tensor, val_features: torch.Tensor,
+                val_labels: np.ndarray) -> Calibration:
+    """Everything after the networks are trained, the same for `train`, ADTR+ and a retrain: the
+    scoring terms fitted on the training features (per-cell Gaussians of the residual, per-cell
+    memory), their fusion scales on the validation normals, then the image threshold and the
+    localization map's threshold. A changed reconstructor ships stale statistics without this.
+    Sets scorer, fit and threshold on `detector`; `checkpoint_tensors(detector)` is what to save."""
     t0 = time.monotonic()
-    train = cache.extract(dataset.train, bad, cfg.data.bad_files, cfg.train.feature_batch_size, progress, "train features")
-    val = cache.extract(dataset.val, bad, cfg.data.bad_files, cfg.train.feature_batch_size, progress, "val features")
-    feature_seconds = time.monotonic() - t0
+    cfg = detector.cfg
+    val_normal = val_features[torch.from_numpy(np.asarray(val_labels) == 0)]
+    scorer, fit = fit_scorer(cfg.scoring, detector.reconstructor, train_features, val_normal, cfg.train.seed)
+    detector.set_scorer(scorer, fit)
+    threshold, method, scores = calibrate_threshold(detector, val_features, val_labels)
+    fit = calibrate_localization(detector, val_normal)
+    fit["seconds"] = time.monotonic() - t0
+    detector.threshold = threshold
+    return Calibration(threshold, method, scores, np.asarray(val_labels), fit)
 
-    model = Reconstructor(backbone.out_channels, cfg.backbone.feature_size, cfg.reconstructor)
-    model.fit_normalization(train.features)
-    val_normal = val.features[[s.label == 0 for s in val.samples]]
-    fitted = fit(model, (train.features,), (val_normal,), cfg.train,
-                 state_path=out_dir / STATE_FILE, state_tag=_settings_hash(cfg), progress=progress,
-                 on_epoch=(lambda record: on_epoch(model, record)) if on_epoch else None)
 
-    t_fit = time.monotonic()
-    scorer, scoring_fit = fit_scorer(cfg.scoring, model, train.features, val_normal, cfg.train.seed)
-    detector = AnomalyDetector(cfg, backbone, model, manifest={"scoring_fit": scoring_fit}, scorer=scorer)
-    val_labels = np.array([s.label for s in val.samples])
-    threshold, method, val_scores = calibrate_threshold(detector, val.features, val_labels)
-    scoring_fit = calibrate_localization(detector, val_normal)
-    scoring_fit["seconds"] = time.monotonic() - t_fit
-    created = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    manifest = {
-        "created_at": created,
+def checkpoint_tensors(detector: AnomalyDetector) -> dict[str, torch.Tensor]:
+    """The reconstructor's weights and the fitted scorer's tensors: one checkpoint."""
+    return {**detector.reconstructor.state_dict(), **detector.scorer.checkpoint_tensors()}
+
+
+def new_reconstructor(cfg: AdtrConfig, channels: int, train_features: torch.Tensor) -> Reconstructor:
+    """A fresh reconstructor whose feature normalization is fitted on the training features."""
+    model = Reconstructor(channels, cfg.backbone.feature_size, cfg.reconstructor)
+    model.fit_normalization(train_features)
+    return model
+
+
+def model_manifest(cfg: AdtrConfig, backbone: Backbone, calibration: Calibration,
+                   data: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a new model: what loading, scoring, drift monitoring and auditing need."""
+    return {
+        "created_at": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
         "settings": json.loads(cfg.model_dump_json()),
         "backbone": {"name": cfg.backbone.name, "weights": cfg.backbone.weights,
                      "weights_id": backbone.weights_id, "channels": backbone.out_channels,
@@ -223,18 +265,49 @@ def train_model(cfg: AdtrConfig, dataset: Dataset, out_dir: Path, progress: bool
         "normalization": backbone.normalization,
         "image_size": cfg.backbone.image_size,
         "feature_shape": [backbone.out_channels, cfg.backbone.feature_size, cfg.backbone.feature_size],
-        "threshold": threshold,
-        "threshold_method": method,
-        "validation_scores": score_stats(val_scores[val_labels == 0]),
-        "scoring_fit": scoring_fit,
-        "data": {"name": dataset.name, "root": dataset.root, "layout": dataset.layout,
-                 "fingerprint": data_fingerprint(train.digests), **dataset.summary(),
-                 "skipped_files": bad.items},
-        "training": {"history": fitted.history, "seconds": fitted.seconds,
-                     "feature_seconds": feature_seconds, "stopped_early": fitted.stopped_early},
+        "threshold": calibration.threshold,
+        "threshold_method": calibration.method,
+        "validation_scores": score_stats(calibration.val_normal_scores),
+        "scoring_fit": calibration.scoring_fit,
+        "data": data,
+        "training": training,
         "metrics": {},
     }
-    manifest = save_checkpoint(out_dir, {**model.state_dict(), **scorer.checkpoint_tensors()}, manifest)
+
+
+def train_model(cfg: AdtrConfig, dataset: Dataset, out_dir: Path, progress: bool = True,
+                cache: FeatureCache | None = None,
+                on_epoch: Callable[[Reconstructor, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Normal-only ADTR training on `dataset.train`, threshold on `dataset.val`; writes the checkpoint."""
+    seed_everything(cfg.train.seed)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = resolve_device(cfg.train.device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backbone = (cache.backbone if cache else Backbone(cfg.backbone)).to(device)
+    cache = cache or FeatureCache(backbone, cfg.data.cache_dir)
+    bad = BadFiles()
+    t0 = time.monotonic()
+    train = cache.extract(dataset.train, bad, cfg.data.bad_files, cfg.train.feature_batch_size, progress, "train features")
+    val = cache.extract(dataset.val, bad, cfg.data.bad_files, cfg.train.feature_batch_size, progress, "val features")
+    feature_seconds = time.monotonic() - t0
+
+    model = new_reconstructor(cfg, backbone.out_channels, train.features).to(device)
+    val_normal = val.features[[s.label == 0 for s in val.samples]]
+    fitted = fit(model, (train.features,), (val_normal,), cfg.train,
+                 state_path=out_dir / STATE_FILE, state_tag=_settings_hash(cfg), progress=progress,
+                 on_epoch=(lambda record: on_epoch(model, record)) if on_epoch else None)
+
+    detector = AnomalyDetector(cfg, backbone, model).to(device)
+    calibration = fit_scoring(detector, train.features, val.features, np.array([s.label for s in val.samples]))
+    threshold = calibration.threshold
+    manifest = model_manifest(
+        cfg, backbone, calibration,
+        data={"name": dataset.name, "root": dataset.root, "layout": dataset.layout,
+              "fingerprint": data_fingerprint(train.digests), **dataset.summary(), "skipped_files": bad.items},
+        training={"history": fitted.history, "seconds": fitted.seconds, "device": str(device),
+                  "feature_seconds": feature_seconds, "stopped_early": fitted.stopped_early})
+    manifest = save_checkpoint(out_dir, checkpoint_tensors(detector), manifest)
     (out_dir / STATE_FILE).unlink(missing_ok=True)
     log.info("model saved", path=str(out_dir), threshold=round(threshold, 5),
              model_version=manifest["model_version"], seconds=round(fitted.seconds, 1))

@@ -69,10 +69,37 @@ def write_png(path: Path, array: np.ndarray) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One real Ray instance for the whole test session (starting one takes seconds)."""
+def ray_home(tmp_path_factory):
+    """Ray writes its auth token into $HOME/.ray: the test session gets a HOME of its own."""
+    home = tmp_path_factory.mktemp("home")
+    old = os.environ.get("HOME")
+    os.environ["HOME"] = str(home)
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    yield home
+    if old is not None:
+        os.environ["HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_home):
+    """One real Ray cluster for the whole test session: a head node started the way the agent starts one
+    for retraining (`ray start --head`, token auth, dashboard for Ray Jobs, the dashboard agent on a free
+    port so another Ray on the machine cannot break job submission), this process connected to it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="adtr-edge-tests")
-    yield ray
+    from agent.rayhead import LocalHead
+
+    # 1 GiB of object store is ample for test frames, and keeps the session's footprint small: Ray's
+    # memory monitor kills workers (the agent's actors among them) when the machine nears 95 % in use.
+    head = LocalHead(num_cpus=2, object_store_bytes=1 << 30)
+    ray.init(address=head.address, log_to_driver=False, namespace="adtr-edge-tests")
+    yield head
     ray.shutdown()
+    head.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster):
+    import ray
+
+    return ray

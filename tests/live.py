@@ -11,14 +11,17 @@ import zmq
 from actors.protocol import parse_decision
 from agent.runner import Agent, totals
 from agent.settings import AgentSettings, load_settings
+from agent.watch import subscribe
 
 ANY_PORT = "tcp://127.0.0.1:*"
 
 
 def agent_config(tmp_path: Path, overrides: dict | None = None):
-    base = {"http": {"enabled": False}, "output": {"dir": str(tmp_path / "anomalies")}, "drain_timeout_s": 20}
+    base = {"http": {"enabled": False}, "output": {"dir": str(tmp_path / "anomalies")}, "drain_timeout_s": 20,
+            "state_dir": str(tmp_path / "state")}
     for key, value in (overrides or {}).items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) and isinstance(base.get(key), dict) \
+            else value
     return load_settings(overrides=base, kind=AgentSettings)
 
 
@@ -41,13 +44,9 @@ class Decisions:
         self.duplicates = 0
         self._stop = threading.Event()
         self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.SUB)
-        self._socket.setsockopt(zmq.SUBSCRIBE, b"")
-        self._socket.rcvhwm = 0
-        self._socket.connect(endpoint)
+        self._socket = subscribe(self._context, endpoint)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
-        time.sleep(0.5)  # let the subscription reach the PUB socket (slow joiner)
 
     def _run(self):
         while not self._stop.is_set():
@@ -90,3 +89,53 @@ def settled_totals(agent: Agent, timeout_s: float = 60.0) -> dict[str, dict]:
 
 def accounted(t: dict) -> int:
     return t["processed"] + sum(t["dropped"].values()) + sum(t["invalid"].values())
+
+
+class Streamer:
+    """A camera on a thread: sends `frames` round-robin at `fps` until stopped; `sent` counts them."""
+
+    def __init__(self, endpoint: str, camera: str, frames: list, fps: float = 10.0):
+        from agent.publisher import FramePublisher
+
+        self.publisher = FramePublisher(endpoint, camera)
+        self.frames, self.interval = frames, 1.0 / fps
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        i = 0
+        while not self._stop.is_set():
+            self.publisher.send(self.frames[i % len(self.frames)])
+            i += 1
+            self._stop.wait(self.interval)
+
+    @property
+    def sent(self) -> int:
+        return self.publisher.seq
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.publisher.close()
+        return self.sent
+
+
+def registry_with_base(model_dir: Path, root: Path, data):
+    """A model registry serving `model_dir`, its training normals in the store as origin base."""
+    from agent.operate import import_base
+    from model.registry import Registry
+
+    registry = Registry.create(root, model_dir, by="test")
+    import_base(registry, str(data), "test")
+    return registry
+
+
+def versions_in_order(decisions: "Decisions", camera: str) -> list[str]:
+    """The model versions of a camera's decisions in seq order, runs collapsed: ["v1", "v2", "v1"]."""
+    out: list[str] = []
+    for key in sorted(k for k in decisions.by_key if k[0] == camera):
+        version = decisions.by_key[key]["model_version"]
+        if not out or out[-1] != version:
+            out.append(version)
+    return out

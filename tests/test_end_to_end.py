@@ -145,3 +145,17 @@ def test_cli_bad_input_exits_2_with_one_clear_line(args, message):
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert message in last and last.startswith("adtr-edge ")
+
+
+def test_cli_predict_with_a_model_without_threshold_exits_2(trained_model, tmp_path):
+    import shutil
+
+    model = tmp_path / "no-threshold"
+    shutil.copytree(trained_model, model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["threshold"] = None
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    image = next((MAGNETIC_TILE / "MT_Free" / "Imgs").glob("*.jpg"))
+    r = _run("predict", "--model", model, image, "--out", tmp_path / "pred", "--no-progress")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "no decision threshold" in r.stderr.strip().splitlines()[-1]

@@ -105,3 +105,17 @@ def test_curve_without_its_keys_is_a_settings_error_before_anything_starts():
 
     with pytest.raises(SettingsError, match="ingest.curve.server_secret_key"):
         load_settings(overrides=["ingest.curve.enabled=true"], kind=AgentSettings)
+
+
+def test_the_kuberay_agent_manifest_uses_real_agent_settings():
+    """deploy/kuberay/agent.yaml passes --set overrides: each must be a setting the agent accepts."""
+    import yaml
+
+    from agent.settings import AgentSettings
+
+    deployment = next(doc for doc in yaml.safe_load_all((CONFIGS.parent / "deploy/kuberay/agent.yaml").read_text())
+                      if doc["kind"] == "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    cfg = load_settings(overrides=overrides, kind=AgentSettings)
+    assert cfg.learning.retrain.label_selector == {"adtr-role": "trainer"} and cfg.ray.address

@@ -98,6 +98,7 @@ def main() -> None:
     p.add_argument("--latency-seconds", type=float, default=20.0)
     p.add_argument("--set", action="append", default=[], help="agent setting override, e.g. inference.max_batch=16")
     p.add_argument("--no-readme", action="store_true")
+    p.add_argument("--no-hostile", action="store_true", help="skip the hostile-peer benchmark (bench_hostile.py)")
     args = p.parse_args()
     model_dir = Path(args.model)
     if not (model_dir / "manifest.json").is_file():
@@ -144,6 +145,10 @@ def main() -> None:
                                                             for k, v in latency.items()}}))
     if not args.no_readme:
         update_section(ROOT / "README.md", "agent-bench", render(results))
+    if not args.no_hostile:  # `make bench` runs this script: the hostile-peer benchmark comes with it
+        from bench_hostile import run as run_hostile
+
+        run_hostile(model_dir, args.data, out, readme=not args.no_readme, overrides=args.set)
 
 
 def render(r: dict) -> str:

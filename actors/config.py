@@ -1,0 +1,199 @@
+"""Settings of the actors (ingest, inference, scoring): typed sections the agent's settings compose.
+
+The actors own these, so `actors/` never imports `agent/`; `agent.settings` layers YAML files,
+environment variables and `--set` overrides on top of them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CurveConfig(Section):
+    """ZeroMQ CURVE on the ingest sockets: only cameras whose public key is in `allowed_keys_dir` get in."""
+
+    enabled: bool = False
+    server_secret_key: Path | None = None  # the agent's `<name>.key_secret` from `adtr-edge keys`
+    allowed_keys_dir: Path | None = None  # a folder of camera `<name>.key` public-key files
+
+    @model_validator(mode="after")
+    def _keys_when_enabled(self) -> CurveConfig:
+        if self.enabled and not (self.server_secret_key and self.allowed_keys_dir):
+            raise ValueError("ingest.curve.enabled needs ingest.curve.server_secret_key and "
+                             "ingest.curve.allowed_keys_dir")
+        return self
+
+
+class IngestConfig(Section):
+    # every: PULL socket, no frame lost, a full agent pushes back on the camera (inspection of every part).
+    # latest: SUB socket, the newest frame wins, the oldest waiting frame is dropped and counted (live view).
+    mode: Literal["every", "latest"] = "every"
+    max_in_flight: int = Field(16, ge=1, le=1024)  # per camera: frames handed to inference, not yet decided
+    queue_depth: int = Field(8, ge=1, le=4096)  # per camera: decoded frames waiting for an in-flight slot
+    rcv_hwm: int = Field(16, ge=1)  # ZeroMQ receive high-water mark (messages)
+    # Kernel receive buffer of the socket; bounds what waits unseen in TCP (0 = the OS's autotuning,
+    # which lets several MB of frames, seconds of latency at saturation, queue there).
+    socket_buffer_bytes: int = Field(256 << 10, ge=0)
+    max_payload_bytes: int = Field(32 << 20, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_cameras: int = Field(64, ge=1)  # distinct camera ids tracked per endpoint (bounds metric labels)
+    allowed_cameras: list[str] = []  # empty: any camera id
+    curve: CurveConfig = CurveConfig()
+    # A forward jump of up to this many seqs is counted as frames lost upstream; a bigger one is a
+    # `jump` (counted once, the sequence starts again there), so one bad seq cannot claim 10^9 drops.
+    max_seq_gap: int = Field(1000, ge=1)
+    # A capture ts further than this from the agent's clock at receipt is a camera clock problem: the
+    # frame is decided and counted, its latency is null and stays out of the latency histogram.
+    max_clock_skew_s: float = Field(60.0, gt=0)
+    # Decoding runs on this many threads, one chunk per camera at a time, so a camera of huge frames
+    # holds one thread while the others decode the rest.
+    decode_threads: int = Field(2, ge=1, le=64)
+    # A chunk stops at this many declared pixels (always at least one frame): a camera of huge frames
+    # hands the decoders back after each frame.
+    decode_budget_pixels: int = Field(16_000_000, ge=1)
+
+    def memory_bound(self, image_size: int, cameras: int = 1) -> dict[str, int]:
+        """The most bytes the ingest actor holds for `cameras` cameras (one connection each), by part.
+        ZeroMQ refuses any message part over max_payload_bytes (ZMQ_MAXMSGSIZE: the peer is
+        disconnected before the part is read), so each message it buffers is at most a header + a
+        payload. Each decode thread holds at most DECODE_BYTES_PER_PIXEL × max_pixels (the worst case,
+        a 16-bit BGRA PNG: its pixels, their shifted copy and the 8-bit copy at once). The kernel's
+        socket buffer (socket_buffer_bytes per connection) is not in any process's RSS."""
+        from .protocol import DECODE_BYTES_PER_PIXEL, MAX_HEADER_BYTES
+
+        message = self.max_payload_bytes + MAX_HEADER_BYTES
+        # in ZeroMQ's pipe, in the camera's queue, and the payloads of frames in flight (kept for scoring)
+        per_camera = (self.rcv_hwm + self.queue_depth + self.max_in_flight) * message
+        decode = self.decode_threads * DECODE_BYTES_PER_PIXEL * self.max_pixels
+        return {"per_camera": per_camera, "decode": decode, "total": cameras * per_camera + decode}
+
+
+class InferenceConfig(Section):
+    max_batch: int = Field(8, ge=1, le=512)
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    half: bool = True  # fp16 autocast on a GPU (ignored on the CPU)
+    channels_last: bool = True  # on a GPU
+    torch_threads: int = Field(0, ge=0)  # CPU threads for torch; 0 = all cores of the box
+    num_cpus: float = Field(1.0, ge=0)  # Ray scheduling request
+
+
+class OutputConfig(Section):
+    save_anomalies: bool = True  # frame + heatmap overlay + JSON sidecar per anomalous frame
+    dir: Path = Path("runs/agent/anomalies")
+    max_bytes: int = Field(1 << 30, ge=1 << 20)  # oldest files are deleted beyond this
+    min_region_area_px: int = Field(4, ge=1)  # at the model's image size
+    max_regions: int = Field(20, ge=0)
+    # The saved overlay (frame | heatmap) is drawn with the frame's longer side at most this many pixels
+    # (JPEGs decoded at a reduced DCT scale): a camera of huge frames cannot stall the scoring actor.
+    overlay_max_side: int = Field(1024, ge=64)
+
+
+class GateConfig(Section):
+    """How much worse than the serving model a candidate may be on the holdout samples (see model.gate)."""
+
+    max_far_increase: float = Field(0.01, ge=0, le=1)
+    max_auroc_drop: float = Field(0.01, ge=0, le=1)
+    max_recall_drop: float = Field(0.05, ge=0, le=1)
+    min_holdout_normals: int = Field(5, ge=1)
+    alpha: float = Field(0.05, gt=0, lt=1)  # significance of a paired (McNemar) regression in rates
+
+
+class RetrainConfig(Section):
+    """`adtr-edge retrain` (the Ray job): what it trains on, with what resources, and what it does after."""
+
+    # register: the new version waits as the candidate; shadow: the agent runs it beside the serving one;
+    # auto: promote when the gate passed with labelled defects, shadow when only normals could be checked.
+    policy: Literal["register", "shadow", "auto"] = "auto"
+    auto_without_defects: bool = False  # let `auto` promote on a normals-only gate too
+    warm_start: bool = True  # start from the serving version's weights (else from scratch)
+    epochs: int = Field(12, ge=1)  # warm-started; a from-scratch retrain uses the model's own train.epochs
+    lr: float | None = Field(None, gt=0)  # None: the model's train.lr (× 0.3 when warm-started)
+    max_minutes: float = Field(20.0, ge=0)  # training stops here with what it has (0: no limit)
+    min_train_samples: int = Field(20, ge=1)
+    # Frames an operator accepted as normal are repeated this many times in the training set: a line's
+    # new condition is a handful of corrected false alarms among the base set's hundreds of normals.
+    operator_repeat: int = Field(4, ge=1, le=100)
+    num_workers: int = Field(1, ge=1)  # Ray Train workers (DDP when > 1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False  # the serving actor holds a 1-GPU box's GPU: train on the CPU there
+    # Place training workers on nodes with these Ray node labels (e.g. {"adtr-role": "trainer"}); {} = anywhere.
+    label_selector: dict[str, str] = {}
+    nice: int = Field(10, ge=0, le=19)  # training workers yield the CPU to serving
+    start_timeout_s: float = Field(60.0, gt=0)  # a worker group that cannot be placed fails after this…
+    max_start_attempts: int = Field(1, ge=1)  # …this many times (then the job fails, with the reason)
+    max_failures: int = Field(1, ge=0)  # worker crashes Ray Train recovers from (resuming its checkpoint)
+    keep_versions: int = Field(10, ge=1)  # registry retention: the newest N, plus any a pointer names
+    gate: GateConfig = GateConfig()
+
+
+class StoreConfig(Section):
+    max_normals_per_camera: int = Field(5000, ge=1)
+    max_bytes_per_camera: int = Field(2 << 30, ge=1 << 20)
+    max_defects_per_camera: int = Field(2000, ge=1)
+
+
+class AutoSampleConfig(Section):
+    """Frames the serving model scored confidently normal go to the store (origin auto), off the decision
+    path: a bounded queue and a writer thread in the scoring actor; what does not fit is shed and counted."""
+
+    enabled: bool = True
+    max_normalized_score: float = Field(0.5, gt=0, le=1)  # score / threshold below this is "confident"
+    min_interval_s: float = Field(10.0, ge=0)  # per camera: at most one auto sample per interval
+    queue: int = Field(32, ge=1)
+
+
+class ShadowConfig(Section):
+    sample: float = Field(0.25, ge=0, le=1)  # fraction of live batches the candidate also runs on
+
+
+class GuardConfig(Section):
+    """After a promotion: roll back by itself if a camera's anomaly rate jumps far above the previous
+    model's rate on that camera (measured over its last `window` decisions before the promotion)."""
+
+    enabled: bool = True
+    window: int = Field(200, ge=10)
+    min_decisions: int = Field(50, ge=5)
+    factor: float = Field(3.0, ge=1)
+    margin: float = Field(0.05, ge=0, le=1)
+    watch_s: float = Field(900.0, gt=0)
+
+
+class DriftConfig(Section):
+    """Per camera: the population stability index (PSI) of its last `window` image scores against the
+    serving model's validation scores (bins at their stored quantiles). PSI > alarm_psi = drift."""
+
+    enabled: bool = True
+    window: int = Field(256, ge=20)
+    min_samples: int = Field(100, ge=10)
+    alarm_psi: float = Field(0.25, gt=0)
+
+
+class ScheduleConfig(Section):
+    """Retrain by itself: after `min_new_samples` new accepted samples (operator, auto, defects), at most
+    once per `min_interval_s`, optionally only inside a daily window ("22:00-05:00", local time)."""
+
+    enabled: bool = False
+    min_new_samples: int = Field(100, ge=1)
+    min_interval_s: float = Field(3600.0, ge=0)
+    window: str | None = Field(None, pattern=r"^\d{2}:\d{2}-\d{2}:\d{2}$")
+    check_every_s: float = Field(30.0, gt=0)
+
+
+class LearningConfig(Section):
+    """Learning on the line; active when the agent serves from a model registry (`--model REGISTRY`)."""
+
+    store: StoreConfig = StoreConfig()
+    auto_sample: AutoSampleConfig = AutoSampleConfig()
+    shadow: ShadowConfig = ShadowConfig()
+    guard: GuardConfig = GuardConfig()
+    drift: DriftConfig = DriftConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    retrain: RetrainConfig = RetrainConfig()
+    reconcile_s: float = Field(5.0, gt=0)  # how often the agent checks it serves the registry's current

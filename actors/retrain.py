@@ -1,0 +1,371 @@
+"""`adtr-edge retrain`: the Ray job that turns the accepted-sample store into a new, gated model version.
+
+1. Take the retrain lock (one at a time per registry) and a snapshot of the store (saved with the run,
+   so a resumed run trains on exactly the same samples).
+2. Backbone features for every sample, through the feature cache (only frames it has not seen cost a
+   forward pass; the cache is keyed by content, like the store).
+3. Train the reconstructor with Ray Train (`TorchTrainer`: one CPU worker on a small box, N workers or
+   a GPU worker where the cluster has them), warm-started from the serving version or from scratch,
+   checkpointing every epoch under a unique run name, so a crashed run resumes where it stopped.
+   Workers run at a lower CPU priority with the threads they reserved: training never starves serving.
+4. Refit the scoring terms and calibrate the thresholds on the run's own training and validation
+   features (`fit_scoring`, as `train` does: a new reconstructor must not ship the serving model's
+   residual statistics); score the candidate and the serving model on the same holdout normals and
+   labelled defects; gate (`model.gate`).
+5. Publish the version in the registry (with its gate result and the dataset list), then act by
+   policy: register, shadow, or promote (through the running agent when there is one).
+The serving model and the store are never written by a run that fails or is stopped.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import structlog
+import torch
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.config import AdtrConfig
+from model.data import BadFiles, Sample
+from model.detector import AnomalyDetector, load_detector
+from model.features import FeatureCache
+from model.gate import GateTolerances, evaluate_model, gate
+from model.reconstructor import Reconstructor
+from model.registry import Registry
+from model.samples import SampleStore, Snapshot, StoredSample, StoreLimits
+from model.scorer import reconstructor_tensors
+from model.train import checkpoint_tensors, fit, fit_scoring, model_manifest, seed_everything
+
+from .config import RetrainConfig
+
+log = structlog.get_logger(__name__)
+STATE_FILE = "train_state.pt"
+MANAGER_ACTOR = "models"
+
+
+class RetrainError(RuntimeError):
+    """A retrain that cannot run or finish; the message says why (exit code 2 in the CLI)."""
+
+
+class RetrainBusy(RetrainError):
+    """Another retrain holds this registry."""
+
+
+@dataclass
+class Paths:
+    registry: Registry
+
+    @property
+    def runs(self) -> Path:
+        return self.registry.root / "runs"
+
+    def run(self, name: str) -> Path:
+        return self.runs / name
+
+    @property
+    def lock(self) -> Path:
+        return self.registry.root / ".retrain.lock"
+
+    @property
+    def holder(self) -> Path:
+        return self.registry.root / "retrain.json"
+
+    @property
+    def cache(self) -> Path:
+        return self.registry.root / "feature-cache"
+
+
+@contextmanager
+def retrain_lock(registry: Registry, run_name: str) -> Iterator[None]:
+    """An exclusive, non-blocking lock held for the whole run; the kernel drops it if the job dies."""
+    paths = Paths(registry)
+    fh = open(paths.lock, "a")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        holder = {}
+        try:
+            holder = json.loads(paths.holder.read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+        raise RetrainBusy(f"a retrain is already running on {registry.root}: run {holder.get('run', '?')} "
+                          f"(pid {holder.get('pid', '?')}, since {holder.get('since', '?')}); one at a time") from None
+    try:
+        paths.holder.write_text(json.dumps({"run": run_name, "pid": os.getpid(),
+                                            "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+        yield
+    finally:
+        paths.holder.unlink(missing_ok=True)
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def new_run_name(snapshot: Snapshot) -> str:
+    return f"retrain-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{snapshot.fingerprint[:8]}"
+
+
+def _samples(stored: list[StoredSample]) -> list[Sample]:
+    return [Sample(s.path, s.label, s.origin if s.label == 0 else "confirmed_defect") for s in stored]
+
+
+def _worker_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """One Ray Train worker: fit the reconstructor on its shard, report (and checkpoint) every epoch."""
+    import ray
+    import ray.train
+    from ray.train import Checkpoint
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    os.nice(config["nice"])  # serving keeps priority over training on a shared box
+    torch.set_num_threads(config["threads"])
+    cfg = AdtrConfig.model_validate(config["settings"])
+    seed_everything(cfg.train.seed)
+    train = torch.from_numpy(np.load(config["train_features"]))
+    val = torch.from_numpy(np.load(config["val_features"])) if config["val_features"] else None
+    model = Reconstructor(train.shape[1], cfg.backbone.feature_size, cfg.reconstructor)
+    if config["warm_start"]:  # fine-tune: the serving weights and their feature normalization, unchanged
+        _, tensors = load_checkpoint(Path(config["warm_start"]))
+        model.load_state_dict(reconstructor_tensors(tensors))  # the scorer is refitted after training
+    else:
+        model.fit_normalization(train)  # on the whole training set, the same on every worker
+    device = torch.device("cuda" if config["use_gpu"] and torch.cuda.is_available() else "cpu")
+    model.to(device)
+    if world > 1:
+        model = ray.train.torch.prepare_model(model)
+    shard = train[rank::world]
+    local = Path(tempfile.mkdtemp(prefix="adtr-retrain-")) / STATE_FILE
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # resuming this run after a crash: continue from its last epoch
+        with checkpoint.as_directory() as folder:
+            shutil.copy(Path(folder) / STATE_FILE, local)
+    node = ray.get_runtime_context().get_node_id()
+
+    def report(record: dict[str, float]) -> None:
+        metrics = dict(record, node_id=node, rank=rank)
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as folder:
+                shutil.copy(local, Path(folder) / STATE_FILE)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(metrics)
+
+    tcfg = cfg.train.model_copy(update={"epochs": config["epochs"], "lr": config["lr"],
+                                        "max_minutes": config["max_minutes"] if world == 1 else 0.0})
+    result = fit(model, (shard,), (val,) if val is not None and len(val) else None, tcfg, state_path=local,
+                 state_tag=config["run_name"], progress=False, on_epoch=report)
+    return {"node_id": node, "world_size": world, "seconds": result.seconds, "stopped_early": result.stopped_early,
+            "epochs": len(result.history), "resumed_from_epoch": result.resumed_from_epoch}
+
+
+def _train_with_ray(cfg: RetrainConfig, model_cfg: AdtrConfig, run_dir: Path, storage: Path, run_name: str,
+                    train_path: Path, val_path: Path | None, warm_start: Path | None, epochs: int, lr: float):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    # Read by the Train controller (propagated to it from this process's environment): a worker group that
+    # cannot be placed fails after this long, `max_start_attempts` times, then the job fails (no hang).
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.start_timeout_s)
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "settings": json.loads(model_cfg.model_dump_json()), "train_features": str(train_path),
+            "val_features": str(val_path) if val_path else "", "warm_start": str(warm_start) if warm_start else "",
+            "epochs": epochs, "lr": lr, "max_minutes": cfg.max_minutes, "nice": cfg.nice,
+            "threads": max(1, int(cfg.cpus_per_worker)), "use_gpu": cfg.use_gpu, "run_name": run_name,
+        },
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+                                     label_selector=cfg.label_selector or None),
+        run_config=RunConfig(
+            name=run_name, storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=cfg.max_start_attempts),
+            checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - Ray Train wraps worker and placement failures in several types
+        text = str(exc).strip().splitlines()
+        hint = next((line for line in text if "timeout" in line.lower() or "resources" in line.lower()), text[-1] if text else "")
+        raise RetrainError(f"training failed ({type(exc).__name__}): {hint[:400]}") from exc
+    if result.checkpoint is None:
+        raise RetrainError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    return state, result.return_value or {}, list(json.loads(state["history"]))
+
+
+def retrain(registry_path: str | Path, cfg: RetrainConfig, run_name: str | None = None, by: str = "cli",
+            namespace: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """One retrain, start to finish (see the module doc). Returns what happened, for the job's log."""
+    registry = Registry(registry_path)
+    paths = Paths(registry)
+    store = SampleStore(registry.store_dir, StoreLimits())
+    resuming = run_name is not None and (paths.run(run_name) / "snapshot.json").is_file()
+    snapshot = _load_snapshot(paths.run(run_name)) if resuming else store.snapshot()
+    run_name = run_name or new_run_name(snapshot)
+    run_dir = paths.run(run_name)
+    timings: dict[str, float] = {}
+    with retrain_lock(registry, run_name):
+        started = time.monotonic()
+        os.nice(cfg.nice)  # the job's own feature extraction yields to serving too
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resuming:
+            (run_dir / "snapshot.json").write_text(json.dumps(snapshot.to_json()))
+        train_rows = snapshot.select(label=0, split="train")
+        if len(train_rows) < cfg.min_train_samples:
+            raise RetrainError(f"the store holds {len(train_rows)} training normals, fewer than "
+                               f"retrain.min_train_samples={cfg.min_train_samples}: accept more frames first")
+        serving_version = registry.current()
+        serving_dir = registry.version_dir(serving_version)
+        serving = load_detector(serving_dir)
+        log.info("retrain started", run=run_name, serving=serving_version, resuming=resuming, by=by,
+                 **{k: v for k, v in snapshot.counts().items() if k == "by_origin"})
+
+        t0 = time.monotonic()
+        cache = FeatureCache(serving.backbone, paths.cache)
+        bad = BadFiles()
+        misses_before = cache.misses
+
+        def features(rows: list[StoredSample], what: str, operator_repeat: int = 1) -> torch.Tensor:
+            if not rows:
+                return torch.empty(0, serving.backbone.out_channels, serving.cfg.backbone.feature_size,
+                                   serving.cfg.backbone.feature_size)
+            fs = cache.extract(_samples(rows), bad, "skip", serving.cfg.train.feature_batch_size, progress, what)
+            repeats = [operator_repeat if s.defect_type == "operator" else 1 for s in fs.samples]
+            return fs.features.repeat_interleave(torch.tensor(repeats), dim=0) if operator_repeat > 1 else fs.features
+
+        train = features(train_rows, "train", cfg.operator_repeat)
+        val = features(snapshot.select(label=0, split="val"), "val")
+        holdout_normals = features(snapshot.select(label=0, split="holdout"), "holdout normals")
+        holdout_defects = features(snapshot.select(label=1, split="holdout"), "holdout defects")
+        timings["features_s"] = time.monotonic() - t0
+        computed = cache.misses - misses_before
+        np.save(run_dir / "train_features.npy", train.numpy())
+        val_path = None
+        if len(val):
+            np.save(run_dir / "val_features.npy", val.numpy())
+            val_path = run_dir / "val_features.npy"
+
+        t0 = time.monotonic()
+        model_cfg = serving.cfg
+        warm = serving_dir if cfg.warm_start else None
+        epochs = cfg.epochs if cfg.warm_start else model_cfg.train.epochs
+        lr = cfg.lr or (model_cfg.train.lr * (0.3 if cfg.warm_start else 1.0))
+        state, worker_info, history = _train_with_ray(cfg, model_cfg, run_dir, paths.runs / "ray", run_name,
+                                                      run_dir / "train_features.npy", val_path, warm, epochs, lr)
+        timings["train_s"] = time.monotonic() - t0
+
+        t0 = time.monotonic()
+        reconstructor = Reconstructor(serving.backbone.out_channels, model_cfg.backbone.feature_size,
+                                      model_cfg.reconstructor)
+        reconstructor.load_state_dict(state["model"])
+        candidate = AnomalyDetector(model_cfg, serving.backbone, reconstructor, manifest={"model_version": "candidate"})
+        if len(val) == 0:
+            raise RetrainError("the store has no validation normals to calibrate a threshold on")
+        # A new reconstructor has new residual statistics: its scoring terms, fusion scales and
+        # thresholds are refitted on this run's own training and validation features, as `train` does.
+        calibration = fit_scoring(candidate, train, val, np.zeros(len(val), int))
+        tolerances = GateTolerances(**cfg.gate.model_dump())
+        result = gate(evaluate_model(candidate, holdout_normals, holdout_defects),
+                      evaluate_model(serving, holdout_normals, holdout_defects), tolerances)
+        timings["evaluate_s"] = time.monotonic() - t0
+
+        manifest = model_manifest(
+            model_cfg, serving.backbone, calibration,
+            data={"name": "sample-store", "root": str(registry.store_dir), "layout": "store",
+                  "fingerprint": snapshot.fingerprint, "counts": snapshot.counts(), "skipped_files": bad.items},
+            training={"history": history, "seconds": timings["train_s"], "feature_seconds": timings["features_s"],
+                      "features_computed": computed, "run": run_name, "warm_start": serving_version if warm else None,
+                      "epochs": epochs, "lr": lr, "workers": worker_info, "by": by})
+        manifest["parent_model_version"] = serving_version
+        staging = registry.versions_dir / f".staging-{run_name}"
+        shutil.rmtree(staging, ignore_errors=True)
+        manifest = save_checkpoint(staging, checkpoint_tensors(candidate), manifest)
+        version = manifest["model_version"]
+        registry.add_version(staging, by=by, extra={
+            "gate.json": dict(result.to_json(), run=run_name, tolerances=tolerances.__dict__),
+            "dataset.json": snapshot.to_json()})
+        outcome = {"run": run_name, "version": version, "serving": serving_version, "gate": result.to_json(),
+                   "features_computed": computed, "samples": snapshot.counts(), "node_id": worker_info.get("node_id"),
+                   "timings": {k: round(v, 2) for k, v in timings.items()}}
+        outcome["action"] = _act(registry, cfg, version, result, by, namespace)
+        registry.retain(cfg.keep_versions)
+        timings["total_s"] = time.monotonic() - started
+        outcome["timings"]["total_s"] = round(timings["total_s"], 2)
+        (run_dir / "outcome.json").write_text(json.dumps(outcome, indent=2))
+        for name in ("train_features.npy", "val_features.npy"):
+            (run_dir / name).unlink(missing_ok=True)
+        log.info("retrain done", **{k: outcome[k] for k in ("run", "version", "action")},
+                 passed=result.passed, reasons=result.reasons)
+        return outcome
+
+
+def _load_snapshot(run_dir: Path) -> Snapshot:
+    data = json.loads((run_dir / "snapshot.json").read_text())
+    store_root = run_dir.parents[1] / "store"
+    store = SampleStore(store_root)
+    samples = []
+    for s in data["samples"]:
+        path = store.blobs / s["sha256"][:2] / s["file"]
+        samples.append(StoredSample(s["sha256"], path, s["origin"], s["label"], s["split"], s.get("camera_id"),
+                                    s.get("seq"), 0.0))
+    return Snapshot(samples, data["fingerprint"], data["taken_at"])
+
+
+def _manager(namespace: str | None):
+    """The running agent's model manager, or None when no agent runs in this Ray cluster."""
+    if not namespace:
+        return None
+    import ray
+
+    try:
+        return ray.get_actor(MANAGER_ACTOR, namespace=namespace)
+    except ValueError:
+        return None
+
+
+def _act(registry: Registry, cfg: RetrainConfig, version: str, result, by: str, namespace: str | None) -> str:
+    """What the policy does with a published version: rejected, registered, shadow or promoted."""
+    import ray
+
+    if not result.passed:
+        registry.reject(version, by, "gate: " + "; ".join(result.reasons), gate=result.to_json())
+        return "rejected"
+    policy = cfg.policy
+    if policy == "auto" and result.mode != "full" and not cfg.auto_without_defects:
+        log.info("gate checked normals only (no labelled defects in the store): shadow + manual promotion",
+                 version=version)
+        policy = "shadow"
+    if policy == "register":
+        registry.set_candidate(version, by, "gate passed; waiting for promotion", event="candidate")
+        return "registered"
+    manager = _manager(namespace)
+    if manager is not None:
+        try:  # through the running agent: it loads, checks and switches the actors live
+            if policy == "shadow":
+                ray.get(manager.shadow.remote(version, by), timeout=300)
+            else:
+                ray.get(manager.promote.remote(version, by, f"gate passed ({result.mode})"), timeout=300)
+            return "shadow" if policy == "shadow" else "promoted"
+        except ray.exceptions.RayTaskError as exc:  # the agent refused (e.g. the version failed to load there)
+            registry.reject(version, by, f"the agent refused it: {str(exc).strip().splitlines()[-1][:300]}")
+            return "rejected"
+        except ray.exceptions.RayError as exc:  # the agent died meanwhile: act on the registry alone
+            log.warning("agent gone; acting on the registry only", error=str(exc)[:200])
+    if policy == "shadow":
+        registry.set_candidate(version, by, "gate passed; no agent running to shadow it", event="shadow")
+        return "shadow"
+    registry.promote(version, by, f"gate passed ({result.mode}); no agent running")
+    return "promoted"
