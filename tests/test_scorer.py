@@ -208,3 +208,27 @@ def test_cell_tokens_layout():
     f = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
     t = cell_tokens(f)
     assert t.shape == (2, 4, 3) and torch.equal(t[1, 3], f[1, :, 1, 1])
+
+
+@pytest.mark.parametrize("terms", [["l2"], ["l2_raw"], ["mahalanobis"], ["memory"], ["mahalanobis", "memory"]])
+def test_a_cell_that_never_varied_in_training_keeps_normalized_scores_below_100x(terms):
+    """A black background: one cell is constant in every training and validation image. A test image
+    that changes there by three standard deviations of the other cells must stand out, but not score
+    thousands of times the threshold (without the std floor the paper's l2 map read ~400,000× at one)."""
+    from model.detector import AnomalyDetector
+    from model.train import fit_scoring, new_reconstructor
+
+    torch.manual_seed(0)
+    train, val = torch.randn(60, 6, 4, 4), torch.randn(20, 6, 4, 4)
+    train[:, :, 0, 0] = val[:, :, 0, 0] = 0.0
+    cfg = AdtrConfig.model_validate({
+        "backbone": {"image_size": 32, "feature_size": 4},
+        "reconstructor": {"hidden_dim": 8, "num_heads": 2, "ffn_dim": 16, "neighbor_mask": 0},
+        "scoring": {"image_terms": terms, "localization_terms": terms, "mahalanobis_rank": 4, "memory_size": 8}})
+    detector = AnomalyDetector(cfg, None, new_reconstructor(cfg, 6, train))  # features given: no backbone
+    fit_scoring(detector, train, val, np.zeros(len(val), int))
+    shifted = val[:4].clone()
+    shifted[:, :, 0, 0] = 3.0
+    normalized = detector.score_features(torch.cat([val, shifted])).normalized
+    assert torch.isfinite(normalized).all() and normalized.max() < 100
+    assert normalized[len(val):].min() > normalized[: len(val)].median()  # and the change still shows
