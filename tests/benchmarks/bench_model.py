@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import resource
 import subprocess
@@ -76,7 +77,9 @@ class Bench:
         self.sets: dict[tuple, dict] = {}
         self.results: dict = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python", "tests/benchmarks/bench_model.py", *sys.argv[1:]]),
             "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(),
+                        "load_average": os.getloadavg()[0],
                         "torch": torch.__version__},
             "settings": json.loads(self.base.model_dump_json()),
         }
@@ -151,7 +154,7 @@ class Bench:
         t = self.test_set(cfg, dataset)
         points: list[dict] = []
         t0 = time.monotonic()
-        every = max(1, cfg.train.epochs // self.args.curve_points)
+        every = max(1, cfg.train.epochs // max(1, self.args.curve_points))
 
         def on_epoch(model: Reconstructor, record: dict) -> None:
             if not curve or (record["epoch"] % every and record["epoch"] != cfg.train.epochs):
@@ -269,7 +272,8 @@ class Bench:
         for seed in self.args.seeds:
             run_cfg = merge(cfg, [f"train.seed={seed}"])
             name = "adtr-edge" if seed == self.args.seeds[0] else f"adtr-edge-seed{seed}"
-            runs.append(self.train_and_score(name, run_cfg, ds, curve=seed == self.args.seeds[0]))
+            curve = seed == self.args.seeds[0] and self.args.curve_points > 0
+            runs.append(self.train_and_score(name, run_cfg, ds, curve=curve))
             self.results["magnetic_tile"] = {"adtr_runs": runs}
             self.save()
         main_dir = self.out / "adtr-edge"
@@ -284,14 +288,18 @@ class Bench:
                 "per_type": {k: v["image_auroc"] for k, v in report["per_type"].items()},
                 "per_type_pixel": {k: v["pixel_auroc"] for k, v in report["per_type"].items()},
                 **self.inference_cost(cfg, ds, model_dir=main_dir)}
-        baselines = self.baselines(cfg, ds, "mt")
+        section = self.results["magnetic_tile"] = {"adtr": adtr, "adtr_runs": runs, "summary": ds.summary()}
+        self.save()  # each part lands as soon as it is measured (a shared machine may stop a long run)
+        baselines = section["baselines"] = self.baselines(cfg, ds, "mt")
+        self.save()
         for method, row in baselines.items():
             row.update(self.inference_cost(cfg, ds, baseline=self.out / "baselines" / f"mt-{method}.safetensors"))
-        untrained = self.untrained(cfg, ds)
-        plus = self.adtr_plus(cfg, ds)
-        self.results["magnetic_tile"] = {"adtr": adtr, "adtr_runs": runs, "baselines": baselines,
-                                         "untrained": untrained, "adtr_plus": plus, "summary": ds.summary()}
         self.save()
+        section["untrained"] = self.untrained(cfg, ds)
+        self.save()
+        if self.args.adtr_plus:
+            section["adtr_plus"] = self.adtr_plus(cfg, ds)
+            self.save()
 
     def adtr_plus(self, cfg: AdtrConfig, dataset: Dataset) -> dict:
         """ADTR+ with synthetic confetti anomalies only (the test split stays untouched)."""
@@ -468,7 +476,8 @@ def main() -> None:
     p.add_argument("--elpv-seeds", type=int, default=3, help="how many of --seeds ELPV trains with")
     p.add_argument("--padim-shrinkage", type=float, nargs="+", default=[0.01, 0.1, 1.0],
                    help="PaDiM shrinkage candidates, picked on validation")
-    p.add_argument("--curve-points", type=int, default=10)
+    p.add_argument("--curve-points", type=int, default=10, help="curve evaluations (seed 0); 0 = no curve")
+    p.add_argument("--no-adtr-plus", dest="adtr_plus", action="store_false", help="skip the ADTR+ row")
     p.add_argument("--ablation-minutes", type=float, default=3.0, help="training budget per ablation run")
     p.add_argument("--speed-steps", type=int, default=6)
     p.add_argument("--no-readme", action="store_true")
@@ -477,7 +486,7 @@ def main() -> None:
     bench = Bench(args)
     previous = bench.out / "results.json"
     if previous.is_file():  # partial reruns (--only) keep the other sections
-        bench.results = {**json.loads(previous.read_text()), **{k: bench.results[k] for k in ("date", "machine", "settings")}}
+        bench.results = {**json.loads(previous.read_text()), **{k: bench.results[k] for k in ("date", "command", "machine", "settings")}}
     steps = {"mt": bench.magnetic_tile, "speed": bench.training_speed, "elpv": bench.elpv,
              "ablations": bench.ablations, "highres": bench.highres}
     for name in args.only:

@@ -25,20 +25,27 @@ def _val(row: dict) -> str:
     return " / ".join(_f(v.get(k)) for k in ("image_auroc", "pixel_auroc", "aupro"))
 
 
-def _best_baseline(baselines: dict, key: str) -> tuple[str, float]:
+def _best_baseline(baselines: dict, key: str) -> tuple[str, float | None]:
+    if not baselines:
+        return "not measured", None
     name = max(baselines, key=lambda m: baselines[m].get(key) or 0.0)
     return name, baselines[name][key]
 
 
 def render(r: dict) -> str:
-    lines = [f"Measured by `make bench` on {r['date'][:10]} ({r['machine']['cpus']} CPU threads, no GPU, a "
-             "shared machine). Magnetic Tile, method-doc protocol (seeded 80/20 split of MT_Free, all defect "
+    command = r.get("command", "make bench")
+    load = r["machine"].get("load_average")
+    shared = f"a shared machine, load average {load:.0f} at the start" if load is not None else "a shared machine"
+    lines = [f"Measured by `{command}` on {r['date'][:10]} ({r['machine']['cpus']} CPU threads, no GPU, "
+             f"{shared}). Magnetic Tile, method-doc protocol (seeded 80/20 split of MT_Free, all defect "
              "images in test), 256 px, pixel metrics at 256×256. Every setting below was chosen on "
              "validation data (validation normals and synthetic defects painted on them, columns "
              "'validation'), never on the test set."]
+    for note in r.get("notes", []):  # what the run's own numbers cannot say (how it was run)
+        lines += ["", note]
     mt = r.get("magnetic_tile")
     if mt and mt.get("adtr"):
-        a, base = mt["adtr"], mt["baselines"]
+        a, base = mt["adtr"], mt.get("baselines", {})
         seeds = len(a["seeds"])
         lines += ["", "| model | image AUROC | pixel AUROC | AUPRO (FPR≤0.3) | validation img / px / PRO | "
                   "training | images/s batch 1 / 8 | size on disk | peak RAM (inference) |",
@@ -51,22 +58,23 @@ def render(r: dict) -> str:
             p = mt["adtr_plus"]
             lines.append(f"| {p['run']} | {_f(p['image_auroc'])} | {_f(p['pixel_auroc'])} | {_f(p['aupro'])} | — | "
                          f"+{p['finetune_seconds'] / 60:.1f} min | — | — | — |")
-        u = mt["untrained"]
-        lines.append(f"| {u['run']} | {_f(u['image_auroc'])} | {_f(u['pixel_auroc'])} | {_f(u['aupro'])} | "
-                     f"{_val(u)} | none | — | — | — |")
+        u = mt.get("untrained")
+        if u:
+            lines.append(f"| {u['run']} | {_f(u['image_auroc'])} | {_f(u['pixel_auroc'])} | {_f(u['aupro'])} | "
+                         f"{_val(u)} | none | — | — | — |")
         for method, b in base.items():
             extra = f", shrinkage {b['shrinkage']:g}" if "shrinkage" in b else ""
             lines.append(f"| {b['run']}{extra} | {_f(b['image_auroc'])} | {_f(b['pixel_auroc'])} | {_f(b['aupro'])} | "
-                         f"{_val(b)} | none (fit {b['fit_seconds']:.0f} s) | {_f(b['batch_1'], 1)} / {_f(b['batch_8'], 1)} | "
-                         f"{b['size_mb']:.0f} MB | {b['peak_rss_mb']:.0f} MB |")
+                         f"{_val(b)} | none (fit {b['fit_seconds']:.0f} s) | {_f(b.get('batch_1'), 1)} / {_f(b.get('batch_8'), 1)} | "
+                         f"{b['size_mb']:.0f} MB | {_f(b.get('peak_rss_mb'), 0)} MB |")
         lines += ["", "Issue targets on this run (ADTR mean over seeds; 'best baseline' is the best of the three "
                   "same-feature baselines on that metric):", "",
                   "| target | ADTR | best baseline | met |", "|---|---|---|---|"]
         for key, goal, label in (("image_auroc", 0.97, "image AUROC ≥ 0.97"), ("pixel_auroc", 0.83, "pixel AUROC ≥ 0.83"),
                                  ("aupro", 0.76, "AUPRO ≥ 0.76")):
             name, value = _best_baseline(base, key)
-            met = a[key] >= goal and a[key] >= value
-            lines.append(f"| {label} and ≥ best baseline | {a[key]:.3f} | {value:.3f} ({name}) | "
+            met = a[key] >= goal and value is not None and a[key] >= value
+            lines.append(f"| {label} and ≥ best baseline | {a[key]:.3f} | {_f(value)} ({name}) | "
                          f"{'yes' if met else 'no'} |")
         lines.append(f"| ≥ 25 images/s at batch 8 | {a['batch_8']:.1f} | — | {'yes' if a['batch_8'] >= 25 else 'no'} |")
         lines.append(f"| model ≤ 100 MB | {a['model_mb']:.1f} MB | — | {'yes' if a['model_mb'] <= 100 else 'no'} |")
@@ -77,13 +85,14 @@ def render(r: dict) -> str:
                 f"{k} {_f(v)} / {_f(a['per_type_pixel'].get(k))}" for k, v in a["per_type"].items()) + "."]
         curve = mt["adtr_runs"][0].get("curve")
         if curve:
+            flat = list(base.values()) + ([u] if u else [])
             lines += ["", "AUROC against training time (seed " + str(a["seeds"][0]) + ", scorer refitted at each "
-                      "point; pixel AUROC on a 1/16 pixel grid). The training-free baselines are flat lines: " +
-                      "; ".join(f"{b['run']} {_f(b['image_auroc'])} / {_f(b['pixel_auroc'])}" for b in base.values()) +
-                      f"; untrained ADTR {_f(u['image_auroc'])} / {_f(u['pixel_auroc'])}.", "",
-                      "| epoch | training min | image AUROC | pixel AUROC |", "|---|---|---|---|"]
-            lines += [f"| {p['epoch']} | {p['train_minutes']:.1f} | {_f(p['image_auroc'])} | {_f(p['pixel_auroc'])} |"
-                      for p in curve]
+                      "point; pixel AUROC on a 1/16 pixel grid). The training-free models are flat lines: " +
+                      "; ".join(f"{b['run']} {_f(b['image_auroc'])} / {_f(b['pixel_auroc'])}" for b in flat) + ".", "",
+                      "| epoch | training min | validation image AUROC | image AUROC | pixel AUROC |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {p['epoch']} | {p['train_minutes']:.1f} | {_f(p.get('validation_image_auroc'))} | "
+                      f"{_f(p['image_auroc'])} | {_f(p['pixel_auroc'])} |" for p in curve]
     elpv = r.get("elpv")
     if elpv:
         methods = list(next(iter(elpv.values()))["baselines"])
