@@ -33,11 +33,12 @@ def _best_baseline(baselines: dict, key: str) -> tuple[str, float | None]:
 
 
 def render(r: dict) -> str:
-    command = r.get("command", "make bench")
+    commands = r.get("commands") or [r.get("command", "make bench")]
     load = r["machine"].get("load_average")
     shared = f"a shared machine, load average {load:.0f} at the start" if load is not None else "a shared machine"
-    lines = [f"Measured by `{command}` on {r['date'][:10]} ({r['machine']['cpus']} CPU threads, no GPU, "
-             f"{shared}). Magnetic Tile, method-doc protocol (seeded 80/20 split of MT_Free, all defect "
+    lines = [f"Measured by {'; '.join(f'`{c}`' for c in commands)}"
+             f"{' (in parallel, same machine, same code)' if len(commands) > 1 else ''} on {r['date'][:10]} "
+             f"({r['machine']['cpus']} CPU threads, no GPU, {shared}). Magnetic Tile, method-doc protocol (seeded 80/20 split of MT_Free, all defect "
              "images in test), 256 px, pixel metrics at 256×256. Every setting below was chosen on "
              "validation data (validation normals and synthetic defects painted on them, columns "
              "'validation'), never on the test set."]
@@ -140,6 +141,22 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
+def merge_results(parts: list[dict]) -> dict:
+    """Several benchmark processes' results.json as one: sections side by side, the Magnetic Tile
+    section's parts (ADTR runs from one, baselines from another) joined; every number unchanged."""
+    merged = dict(parts[0])
+    merged["commands"] = [p.get("command", "?") for p in parts]
+    for part in parts[1:]:
+        for key, value in part.items():
+            if key in ("date", "command", "machine", "settings"):
+                continue
+            if key == "magnetic_tile" and key in merged:
+                merged[key] = {**merged[key], **{k: v for k, v in value.items() if k not in merged[key]}}
+            elif key not in merged:
+                merged[key] = value
+    return merged
+
+
 def update_readme(readme: Path, results: dict) -> None:
     update_section(readme, "bench", render(results))
 
@@ -156,4 +173,11 @@ def update_section(readme: Path, name: str, body: str) -> None:
 
 
 if __name__ == "__main__":
-    update_readme(Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text()))
+    # readme_table.py README.md results.json [more results.json ...] [--out merged.json]
+    args = sys.argv[1:]
+    out = Path(args.pop(args.index("--out") + 1)) if "--out" in args else None
+    args = [a for a in args if a != "--out"]
+    results = merge_results([json.loads(Path(p).read_text()) for p in args[1:]])
+    if out:
+        out.write_text(json.dumps(results, indent=2))
+    update_readme(Path(args[0]), results)
