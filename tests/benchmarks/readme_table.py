@@ -45,16 +45,20 @@ def render(r: dict) -> str:
     for note in r.get("notes", []):  # what the run's own numbers cannot say (how it was run)
         lines += ["", note]
     mt = r.get("magnetic_tile")
-    if mt and mt.get("adtr"):
-        a, base = mt["adtr"], mt.get("baselines", {})
-        seeds = len(a["seeds"])
+    if mt and mt.get("adtr_runs"):
+        a, base = mt.get("adtr"), mt.get("baselines", {})
         lines += ["", "| model | image AUROC | pixel AUROC | AUPRO (FPR≤0.3) | validation img / px / PRO | "
                   "training | images/s batch 1 / 8 | size on disk | peak RAM (inference) |",
-                  "|---|---|---|---|---|---|---|---|---|",
-                  f"| **ADTR, edge default** (mean ± std, {seeds} seeds) | {_pm(a, 'image_auroc')} | "
-                  f"{_pm(a, 'pixel_auroc')} | {_pm(a, 'aupro')} | {_val(a)} | {a['train_seconds'] / 60:.1f} min "
-                  f"({a['epochs']} epochs) | {_f(a['batch_1'], 1)} / {_f(a['batch_8'], 1)} | {a['model_mb']:.1f} MB | "
-                  f"{a['peak_rss_mb']:.0f} MB |"]
+                  "|---|---|---|---|---|---|---|---|---|"]
+        if a:
+            lines.append(f"| **ADTR, edge default** (mean ± std, {len(a['seeds'])} seeds) | {_pm(a, 'image_auroc')} | "
+                         f"{_pm(a, 'pixel_auroc')} | {_pm(a, 'aupro')} | {_val(a)} | {a['train_seconds'] / 60:.1f} min "
+                         f"({a['epochs']} epochs) | {_f(a['batch_1'], 1)} / {_f(a['batch_8'], 1)} | "
+                         f"{a['model_mb']:.1f} MB | {a['peak_rss_mb']:.0f} MB |")
+        for x in mt["adtr_runs"]:
+            lines.append(f"| ADTR, edge default, seed {x['seed']} | {_f(x['image_auroc'])} | {_f(x['pixel_auroc'])} | "
+                         f"{_f(x['aupro'])} | {_val(x)} | {x['train_seconds'] / 60:.1f} min ({x['epochs']} epochs) | — | "
+                         f"{x['model_mb']:.1f} MB | — |")
         if mt.get("adtr_plus"):
             p = mt["adtr_plus"]
             lines.append(f"| {p['run']} | {_f(p['image_auroc'])} | {_f(p['pixel_auroc'])} | {_f(p['aupro'])} | — | "
@@ -68,26 +72,27 @@ def render(r: dict) -> str:
             lines.append(f"| {b['run']}{extra} | {_f(b['image_auroc'])} | {_f(b['pixel_auroc'])} | {_f(b['aupro'])} | "
                          f"{_val(b)} | none (fit {b['fit_seconds']:.0f} s) | {_f(b.get('batch_1'), 1)} / {_f(b.get('batch_8'), 1)} | "
                          f"{b['size_mb']:.0f} MB | {_f(b.get('peak_rss_mb'), 0)} MB |")
-        lines += ["", "Issue targets on this run (ADTR mean over seeds; 'best baseline' is the best of the three "
-                  "same-feature baselines on that metric):", "",
-                  "| target | ADTR | best baseline | met |", "|---|---|---|---|"]
-        for key, goal, label in (("image_auroc", 0.97, "image AUROC ≥ 0.97"), ("pixel_auroc", 0.83, "pixel AUROC ≥ 0.83"),
-                                 ("aupro", 0.76, "AUPRO ≥ 0.76")):
-            name, value = _best_baseline(base, key)
-            met = a[key] >= goal and value is not None and a[key] >= value
-            lines.append(f"| {label} and ≥ best baseline | {a[key]:.3f} | {_f(value)} ({name}) | "
-                         f"{'yes' if met else 'no'} |")
-        lines.append(f"| ≥ 25 images/s at batch 8 | {a['batch_8']:.1f} | — | {'yes' if a['batch_8'] >= 25 else 'no'} |")
-        lines.append(f"| model ≤ 100 MB | {a['model_mb']:.1f} MB | — | {'yes' if a['model_mb'] <= 100 else 'no'} |")
-        lines.append(f"| normalized scores finite, < 100× threshold (MT test) | max {a['max_normalized_score']:.1f}× | — | "
-                     f"{'yes' if a['max_normalized_score'] < 100 else 'no'} |")
-        if a.get("per_type"):
-            lines += ["", "ADTR (seed " + str(a["seeds"][0]) + ") image / pixel AUROC per defect type: " + ", ".join(
-                f"{k} {_f(v)} / {_f(a['per_type_pixel'].get(k))}" for k, v in a["per_type"].items()) + "."]
+        if a:
+            lines += ["", "Issue targets on this run (ADTR mean over seeds; 'best baseline' is the best of the three "
+                      "same-feature baselines on that metric):", "",
+                      "| target | ADTR | best baseline | met |", "|---|---|---|---|"]
+            for key, goal, label in (("image_auroc", 0.97, "image AUROC ≥ 0.97"), ("pixel_auroc", 0.83, "pixel AUROC ≥ 0.83"),
+                                     ("aupro", 0.76, "AUPRO ≥ 0.76")):
+                name, value = _best_baseline(base, key)
+                met = a[key] >= goal and value is not None and a[key] >= value
+                lines.append(f"| {label} and ≥ best baseline | {a[key]:.3f} | {_f(value)} ({name}) | "
+                             f"{'yes' if met else 'no'} |")
+            lines.append(f"| ≥ 25 images/s at batch 8 | {a['batch_8']:.1f} | — | {'yes' if a['batch_8'] >= 25 else 'no'} |")
+            lines.append(f"| model ≤ 100 MB | {a['model_mb']:.1f} MB | — | {'yes' if a['model_mb'] <= 100 else 'no'} |")
+            lines.append(f"| normalized scores finite, < 100× threshold (MT test) | max {a['max_normalized_score']:.1f}× | — | "
+                         f"{'yes' if a['max_normalized_score'] < 100 else 'no'} |")
+            if a.get("per_type"):
+                lines += ["", "ADTR (seed " + str(a["seeds"][0]) + ") image / pixel AUROC per defect type: " + ", ".join(
+                    f"{k} {_f(v)} / {_f(a['per_type_pixel'].get(k))}" for k, v in a["per_type"].items()) + "."]
         curve = mt["adtr_runs"][0].get("curve")
         if curve:
             flat = list(base.values()) + ([u] if u else [])
-            lines += ["", "AUROC against training time (seed " + str(a["seeds"][0]) + ", scorer refitted at each "
+            lines += ["", "AUROC against training time (seed " + str(mt["adtr_runs"][0]["seed"]) + ", scorer refitted at each "
                       "point; pixel AUROC on a 1/16 pixel grid). The training-free models are flat lines: " +
                       "; ".join(f"{b['run']} {_f(b['image_auroc'])} / {_f(b['pixel_auroc'])}" for b in flat) + ".", "",
                       "| epoch | training min | validation image AUROC | image AUROC | pixel AUROC |",
