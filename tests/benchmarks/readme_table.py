@@ -39,9 +39,8 @@ def render(r: dict) -> str:
     lines = [f"Measured by {'; '.join(f'`{c}`' for c in commands)}"
              f"{' (in parallel, same machine, same code)' if len(commands) > 1 else ''} on {r['date'][:10]} "
              f"({r['machine']['cpus']} CPU threads, no GPU, {shared}). Magnetic Tile, method-doc protocol (seeded 80/20 split of MT_Free, all defect "
-             "images in test), 256 px, pixel metrics at 256×256. Every setting below was chosen on "
-             "validation data (validation normals and synthetic defects painted on them, columns "
-             "'validation'), never on the test set."]
+             "images in test), 256 px, pixel metrics at 256×256. Choices belong to the validation "
+             "columns (validation normals and synthetic defects painted on them), never to the test set."]
     for note in r.get("notes", []):  # what the run's own numbers cannot say (how it was run)
         lines += ["", note]
     mt = r.get("magnetic_tile")
@@ -113,7 +112,7 @@ def render(r: dict) -> str:
     abl = r.get("ablations") or {}
     if abl.get("scoring"):
         lines += ["", "Scoring choices, rescoring the seed-0 model (each variant refits its scorer and thresholds "
-                  "as `train` does; the default was picked on the validation columns):", "",
+                  "as `train` does; choose on the validation columns, never the test ones):", "",
                   "| variant | validation img / px / PRO | test image AUROC | test pixel AUROC | test AUPRO |",
                   "|---|---|---|---|---|"]
         lines += [f"| {x['run']} | {_val(x)} | {_f(x['image_auroc'])} | {_f(x['pixel_auroc'])} | {_f(x['aupro'])} |"
