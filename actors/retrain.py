@@ -10,8 +10,10 @@
    Workers run at a lower CPU priority with the threads they reserved: training never starves serving.
    With confirmed defects in the store's training split, an ADTR+ phase follows (model.adtr_plus: pixel
    push-pull where the operator drew a box or a mask, top-k where only the image is labelled).
-4. Calibrate the threshold on the store's validation normals; score the candidate and the serving
-   model on the same holdout normals and labelled defects; gate (`model.gate`).
+4. Refit the scoring terms and calibrate the thresholds on the run's own training and validation
+   features (`fit_scoring`, as `train` does: a new reconstructor must not ship the serving model's
+   residual statistics); score the candidate and the serving model on the same holdout normals and
+   labelled defects; gate (`model.gate`).
 5. Publish the version in the registry (with its gate result and the dataset list), then act by
    policy: register, shadow, or promote (through the running agent when there is one).
 The serving model and the store are never written by a run that fails or is stopped.
@@ -44,7 +46,8 @@ from model.gate import GateTolerances, evaluate_model, gate
 from model.reconstructor import Reconstructor
 from model.registry import Registry
 from model.samples import SampleStore, Snapshot, StoredSample, StoreLimits
-from model.train import calibrate_threshold, fit, model_manifest, seed_everything
+from model.scorer import reconstructor_tensors
+from model.train import checkpoint_tensors, fit, fit_scoring, model_manifest, seed_everything
 
 from .config import RetrainConfig
 
@@ -137,7 +140,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     model = Reconstructor(train.shape[1], cfg.backbone.feature_size, cfg.reconstructor)
     if config["warm_start"]:  # fine-tune: the serving weights and their feature normalization, unchanged
         _, tensors = load_checkpoint(Path(config["warm_start"]))
-        model.load_state_dict(tensors)
+        model.load_state_dict(reconstructor_tensors(tensors))  # the scorer is refitted after training
     else:
         model.fit_normalization(train)  # on the whole training set, the same on every worker
     device = torch.device("cuda" if config["use_gpu"] and torch.cuda.is_available() else "cpu")
@@ -306,18 +309,18 @@ def retrain(registry_path: str | Path, cfg: RetrainConfig, run_name: str | None 
                                       model_cfg.reconstructor)
         reconstructor.load_state_dict(state["model"])
         candidate = AnomalyDetector(model_cfg, serving.backbone, reconstructor, manifest={"model_version": "candidate"})
-        val_labels = np.zeros(len(val), int)
         if len(val) == 0:
             raise RetrainError("the store has no validation normals to calibrate a threshold on")
-        threshold, method, val_scores = calibrate_threshold(candidate, val, val_labels)
-        candidate.threshold = threshold
+        # A new reconstructor has new residual statistics: its scoring terms, fusion scales and
+        # thresholds are refitted on this run's own training and validation features, as `train` does.
+        calibration = fit_scoring(candidate, train, val, np.zeros(len(val), int))
         tolerances = GateTolerances(**cfg.gate.model_dump())
         result = gate(evaluate_model(candidate, holdout_normals, holdout_defects),
                       evaluate_model(serving, holdout_normals, holdout_defects), tolerances)
         timings["evaluate_s"] = time.monotonic() - t0
 
         manifest = model_manifest(
-            model_cfg, serving.backbone, threshold, method, val_scores,
+            model_cfg, serving.backbone, calibration,
             data={"name": "sample-store", "root": str(registry.store_dir), "layout": "store",
                   "fingerprint": snapshot.fingerprint, "counts": snapshot.counts(), "skipped_files": bad.items},
             training={"history": history, "seconds": timings["train_s"], "feature_seconds": timings["features_s"],
@@ -326,7 +329,7 @@ def retrain(registry_path: str | Path, cfg: RetrainConfig, run_name: str | None 
         manifest["parent_model_version"] = serving_version
         staging = registry.versions_dir / f".staging-{run_name}"
         shutil.rmtree(staging, ignore_errors=True)
-        manifest = save_checkpoint(staging, reconstructor.state_dict(), manifest)
+        manifest = save_checkpoint(staging, checkpoint_tensors(candidate), manifest)
         version = manifest["model_version"]
         registry.add_version(staging, by=by, extra={
             "gate.json": dict(result.to_json(), run=run_name, tolerances=tolerances.__dict__),

@@ -24,7 +24,7 @@ from .detector import AnomalyDetector, load_detector
 from .evaluate import load_masks
 from .features import FeatureCache
 from .losses import image_topk_loss, pixel_push_pull_loss, pseudo_huber_distance
-from .train import calibrate_threshold, fit, score_stats, seed_everything
+from .train import checkpoint_tensors, fit, fit_scoring, score_stats, seed_everything
 
 log = structlog.get_logger(__name__)
 
@@ -146,7 +146,8 @@ def finetune_adtr_plus(model_dir: Path, dataset: Dataset, out_dir: Path, progres
                  loss_fn=plus_loss(plus.alpha, plus.top_k), progress=progress)
     val = cache.extract(dataset.val, bad, policy, desc="val features")
     labels = np.array([x.label for x in val.samples])
-    threshold, method, scores = calibrate_threshold(detector, val.features, labels)
+    # The reconstruction changed, so did the residual statistics: refit the scorer, then the thresholds.
+    calibration = fit_scoring(detector, normal, val.features, labels)
     manifest = dict(detector.manifest)
     for key in ("weights_sha256", "model_version"):
         manifest.pop(key, None)
@@ -154,15 +155,15 @@ def finetune_adtr_plus(model_dir: Path, dataset: Dataset, out_dir: Path, progres
         "created_at": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
         "settings": json.loads(cfg.model_dump_json()),
         "parent_model_version": detector.model_version,
-        "threshold": threshold, "threshold_method": method,
-        "validation_scores": score_stats(scores[labels == 0]),
+        "threshold": calibration.threshold, "threshold_method": calibration.method,
+        "scoring_fit": calibration.scoring_fit, "validation_scores": score_stats(calibration.val_normal_scores),
         "adtr_plus": {"synthetic": n_synthetic, "labelled": n_labelled, "history": fitted.history,
                       "seconds": fitted.seconds, "skipped_files": bad.items},
         "metrics": {},
     })
-    manifest = save_checkpoint(out_dir, model.state_dict(), manifest)
+    manifest = save_checkpoint(out_dir, checkpoint_tensors(detector), manifest)
     log.info("ADTR+ model saved", path=str(out_dir), synthetic=n_synthetic, labelled=n_labelled,
-             threshold=round(threshold, 5))
+             threshold=round(calibration.threshold, 5))
     return manifest
 
 

@@ -6,6 +6,7 @@ splits it at `coarse_maps`: the inference actor runs the networks, the scoring a
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,26 +19,31 @@ from .checkpoint import CheckpointError, load_checkpoint, load_into, read_manife
 from .config import AdtrConfig
 from .data import resize_image, to_tensor_batch
 from .reconstructor import Reconstructor
-from .scoring import feature_distance, image_score, normalized_score, pool_kernel_px, upsample_map
+from .scorer import LEGACY_FIT, FittedScorer, reconstructor_tensors
+from .scoring import fuse_terms, image_score, normalized_score, pool_kernel_px, upsample_map
 
 
 @dataclass
 class Scores:
-    maps: torch.Tensor  # (B, H, W) at image_size
+    maps: torch.Tensor  # (B, H, W) at image_size: the localization map, on the image score's scale
     scores: torch.Tensor  # (B,)
     normalized: torch.Tensor  # (B,) score / threshold
     is_anomaly: torch.Tensor  # (B,) bool
 
 
 class ScoreHead:
-    """Coarse feature-distance maps → pixel maps, image scores and decisions.
+    """Coarse per-term maps → pixel maps, image scores and decisions.
 
-    Needs only the manifest (scoring settings, sizes, threshold), not the networks: the live
-    scoring actor uses it on maps the inference actor computed, offline scoring uses it in-process.
+    Needs only the manifest (scoring settings and fitted term scales, sizes, threshold), not the
+    networks: the live scoring actor uses it on maps the inference actor computed, offline scoring
+    uses it in-process.
     """
 
-    def __init__(self, cfg: AdtrConfig, threshold: float | None = None, model_version: str = "untrained"):
+    def __init__(self, cfg: AdtrConfig, threshold: float | None = None, model_version: str = "untrained",
+                 fit: dict[str, Any] | None = None):
         self.cfg, self.threshold, self.model_version = cfg, threshold, model_version
+        # Without a fit (an untrained model, an old checkpoint), the paper's L2 map, whatever cfg asks.
+        self.fit = _fit_for(cfg, fit) if fit else dict(LEGACY_FIT)
         self.image_size = cfg.backbone.image_size
         self.pool_kernel = pool_kernel_px(cfg.scoring, self.image_size, cfg.backbone.feature_size)
 
@@ -48,18 +54,58 @@ class ScoreHead:
 
     @torch.no_grad()
     def score(self, coarse: torch.Tensor) -> Scores:
-        """(B, S, S) feature distances → Scores at the model's image size."""
-        maps = upsample_map(coarse, self.image_size, self.cfg.scoring.blur_sigma)
+        """(B, K, S, S) per-term maps (or (B, S, S) for one term) → Scores at the model's image size.
+
+        The image score is the max of the pooled image map. The returned map is the localization map
+        on the image score's scale (× threshold / its own validation threshold), and in an image
+        judged anomalous it is raised, if need be, until its pooled peak reaches the threshold: the
+        decision and the heatmap never contradict each other.
+        """
+        coarse = self._checked(coarse)
+        maps = self._full_map(coarse, self.fit["image"])
         scores = image_score(maps, self.pool_kernel)
         threshold = self.decision_threshold
+        if self.fit["localization"] != self.fit["image"]:
+            maps = self._full_map(coarse, self.fit["localization"])
+            if math.isfinite(threshold) and self.fit.get("localization_threshold"):
+                maps = maps * (threshold / self.fit["localization_threshold"])
+                peak = image_score(maps, self.pool_kernel)
+                lift = torch.where((scores >= threshold) & (peak < threshold), threshold / peak.clamp_min(1e-12), 1.0)
+                maps = maps * lift.to(maps.dtype)[:, None, None]
         return Scores(maps, scores, normalized_score(scores, threshold), scores >= threshold)
+
+    @torch.no_grad()
+    def localization_peaks(self, coarse: torch.Tensor) -> torch.Tensor:
+        """Max of the pooled localization map before any rescaling, (B,): what its threshold is fitted on."""
+        return image_score(self._full_map(self._checked(coarse), self.fit["localization"]), self.pool_kernel)
+
+    def _checked(self, coarse: torch.Tensor) -> torch.Tensor:
+        coarse = coarse.unsqueeze(1) if coarse.dim() == 3 else coarse
+        if coarse.shape[1] != len(self.fit["terms"]):
+            raise ValueError(f"got {coarse.shape[1]} coarse maps per image, the model scores with {self.fit['terms']}")
+        return coarse
+
+    def _full_map(self, coarse: torch.Tensor, use: list[int]) -> torch.Tensor:
+        fused = fuse_terms(coarse, self.fit["scales"], use)
+        return upsample_map(fused, self.image_size, self.cfg.scoring.blur_sigma)
+
+
+def _fit_for(cfg: AdtrConfig, fit: dict[str, Any]) -> dict[str, Any]:
+    """The fitted terms with the image/localization selection of `cfg` (any subset of them)."""
+    terms = fit["terms"]
+    missing = sorted((set(cfg.scoring.image_terms) | set(cfg.scoring.localization_terms)) - set(terms))
+    if missing:
+        raise ValueError(f"scoring terms {missing} were not fitted for this model (it has {terms}); "
+                         "train with them to use them")
+    return {**fit, "image": [terms.index(t) for t in cfg.scoring.image_terms],
+            "localization": [terms.index(t) for t in cfg.scoring.localization_terms]}
 
 
 def load_score_head(model_dir: str | Path) -> ScoreHead:
     """The scoring half of a checkpoint: settings and threshold from the manifest, no tensors."""
     manifest = read_manifest(Path(model_dir))
     return ScoreHead(_manifest_config(model_dir, manifest), manifest.get("threshold"),
-                     str(manifest.get("model_version", "untrained")))
+                     str(manifest.get("model_version", "untrained")), manifest.get("scoring_fit"))
 
 
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -76,10 +122,14 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 class AnomalyDetector:
     def __init__(self, cfg: AdtrConfig, backbone: Backbone, reconstructor: Reconstructor,
-                 threshold: float | None = None, manifest: dict[str, Any] | None = None):
+                 threshold: float | None = None, manifest: dict[str, Any] | None = None,
+                 scorer: FittedScorer | None = None):
+        """Without a fitted `scorer` (and `manifest["scoring_fit"]`), scores with the paper's L2 map."""
         self.cfg, self.backbone, self.reconstructor = cfg, backbone, reconstructor.eval()
         self.manifest = manifest or {}
-        self.head = ScoreHead(cfg, threshold, str(self.manifest.get("model_version", "untrained")))
+        self.scorer = scorer or FittedScorer(LEGACY_FIT["terms"])
+        self.head = ScoreHead(cfg, threshold, str(self.manifest.get("model_version", "untrained")),
+                              self.manifest.get("scoring_fit"))
         self.image_size = cfg.backbone.image_size
         self.device, self.half, self.channels_last = torch.device("cpu"), False, False
 
@@ -93,12 +143,18 @@ class AnomalyDetector:
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         self.reconstructor.to(self.device)
+        self.scorer.to(self.device)
         return self
 
     def reconfigure(self, cfg: AdtrConfig) -> None:
-        """New settings (e.g. --set scoring.blur_sigma=8) for the same networks and threshold."""
+        """New settings (e.g. --set scoring.blur_sigma=8) for the same networks, fit and threshold."""
         self.cfg = cfg
-        self.head = ScoreHead(cfg, self.head.threshold, self.head.model_version)
+        self.head = ScoreHead(cfg, self.head.threshold, self.head.model_version, self.head.fit)
+
+    def set_scorer(self, scorer: FittedScorer, fit: dict[str, Any]) -> None:
+        """A newly fitted scorer (after training or fine-tuning); the threshold must be recalibrated."""
+        self.scorer, self.manifest = scorer.to(self.device), {**self.manifest, "scoring_fit": fit}
+        self.head = ScoreHead(self.cfg, self.head.threshold, self.head.model_version, fit)
 
     @property
     def threshold(self) -> float | None:
@@ -132,11 +188,12 @@ class AnomalyDetector:
 
     @torch.inference_mode()
     def coarse_maps(self, features: torch.Tensor) -> torch.Tensor:
-        """Backbone features → (B, S, S) float32 feature distances on the CPU (what the inference actor
-        returns). The networks run on the model's device; the distance itself in fp32."""
+        """Backbone features → (B, K, S, S) float32 per-term maps on the CPU (what the inference actor
+        returns). The networks run on the model's device; the scoring terms in fp32."""
+        features = features.to(self.device)
         with self._autocast():
-            target, recon = self.reconstructor(features.to(self.device))
-        return feature_distance(target.float(), recon.float()).cpu()
+            target, recon = self.reconstructor(features)
+        return self.scorer(features.float(), target.float(), recon.float(), self.reconstructor.feature_std).cpu()
 
     @torch.inference_mode()
     def score_features(self, features: torch.Tensor) -> Scores:
@@ -157,9 +214,13 @@ def require_threshold(detector: AnomalyDetector) -> float:
 
 def _manifest_config(model_dir: str | Path, manifest: dict[str, Any]) -> AdtrConfig:
     try:
-        return AdtrConfig.model_validate(manifest["settings"])
+        cfg = AdtrConfig.model_validate(manifest["settings"])
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"{model_dir}: manifest settings are invalid: {exc}") from exc
+    if "scoring_fit" not in manifest:  # written before fitted scoring: the paper's L2 map
+        legacy = cfg.scoring.model_copy(update={"image_terms": ["l2"], "localization_terms": ["l2"]})
+        cfg = cfg.model_copy(update={"scoring": legacy})
+    return cfg
 
 
 def load_detector(model_dir: str | Path, backbone: Backbone | None = None) -> AnomalyDetector:
@@ -185,5 +246,29 @@ def load_detector(model_dir: str | Path, backbone: Backbone | None = None) -> An
             f"{model_dir}: trained on {expected['channels']} feature channels, backbone gives {backbone.out_channels}"
         )
     reconstructor = Reconstructor(backbone.out_channels, cfg.backbone.feature_size, cfg.reconstructor)
-    load_into(reconstructor, tensors, model_dir)
-    return AnomalyDetector(cfg, backbone, reconstructor, manifest.get("threshold"), manifest)
+    load_into(reconstructor, reconstructor_tensors(tensors), model_dir)
+    scorer = _load_scorer(model_dir, manifest, tensors, backbone.out_channels, cfg.backbone.feature_size)
+    return AnomalyDetector(cfg, backbone, reconstructor, manifest.get("threshold"), manifest, scorer)
+
+
+def _load_scorer(model_dir: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor],
+                 channels: int, feature_size: int) -> FittedScorer | None:
+    fit = manifest.get("scoring_fit")
+    if fit is None:
+        return None
+    try:
+        scorer = FittedScorer.from_checkpoint(fit["terms"], tensors)
+        if len(fit["scales"]) != len(fit["terms"]):
+            raise ValueError(f"{len(fit['scales'])} scales for {len(fit['terms'])} terms")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{model_dir}: the fitted scorer does not fit its manifest: {exc}") from exc
+    cells = feature_size * feature_size
+    expected = {"gauss_mean": (cells, channels), "gauss_basis": (cells, channels), "memory": (cells, None, channels),
+                "gauss_inv_eig": (cells,), "gauss_inv_rest": (cells,)}
+    for name, buf in scorer.named_buffers():
+        want = expected.get(name, ())
+        got = tuple(buf.shape[: len(want)])
+        if any(w is not None and w != g for w, g in zip(want, got)) or len(got) < len(want):
+            raise CheckpointError(f"{model_dir}: scorer tensor {name} has shape {tuple(buf.shape)}, "
+                                  f"the model has {cells} cells of {channels} channels")
+    return scorer

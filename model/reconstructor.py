@@ -102,7 +102,13 @@ class Reconstructor(nn.Module):
         else:
             mean = features.mean(dim=(0, 2, 3), keepdim=True)
         std_dims = (0,) if self.cfg.feature_norm == "position_std" else (0, 2, 3)
-        std = (features - mean).pow(2).mean(dim=std_dims, keepdim=True).sqrt().clamp_min(1e-6)
+        std = (features - mean).pow(2).mean(dim=std_dims, keepdim=True).sqrt()
+        if self.cfg.feature_norm == "position_std":
+            # A cell that hardly varies in training (a black background) would turn any later change
+            # there into a huge error: its std may not fall below a fraction of its channel's.
+            channel_std = std.pow(2).mean(dim=(2, 3), keepdim=True).sqrt()
+            std = torch.maximum(std, self.cfg.std_floor * channel_std)
+        std = std.clamp_min(1e-6)
         self.feature_mean.copy_(mean.expand_as(self.feature_mean))
         self.feature_std.copy_(std.expand_as(self.feature_std))
 

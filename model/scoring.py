@@ -127,3 +127,100 @@ def defect_regions(amap: np.ndarray, threshold: float, frame_size: tuple[int, in
         })
     regions.sort(key=lambda r: r["peak"], reverse=True)
     return regions[:max_regions]
+
+
+# ---------------------------------------------------------------- fitted per-cell scoring terms
+# Closed-form fits on training features (seconds), applied on the inference side to (B, P, C)
+# tokens, P = S·S grid cells. Each returns a (B, P) distance; `fuse_terms` combines the maps.
+
+
+def cell_tokens(features: Tensor) -> Tensor:
+    """(B, C, S, S) → (B, P, C) with P = S·S, the layout the per-cell terms work in."""
+    return features.flatten(2).transpose(1, 2)
+
+
+def fit_cell_gaussians(tokens: Tensor, rank: int, shrinkage: float, chunk: int = 32) -> dict[str, Tensor]:
+    """Per grid cell: mean and a low-rank + isotropic precision of (N, P, C) training tokens.
+
+    Σ_u ≈ V diag(λ) Vᵀ + ρ (I − V Vᵀ): the `rank` leading eigenpairs of cell u's covariance and the
+    average of the rest (probabilistic PCA). Every variance gets + δ, δ = `shrinkage` × the mean
+    channel variance over ALL cells, so a cell that never varies in training (a black border) cannot
+    get a near-infinite precision. Stores O(P·C·rank) numbers instead of O(P·C²).
+    """
+    n, p, c = tokens.shape
+    if n < 2:
+        raise ValueError("fitting a per-cell Gaussian needs at least 2 training images")
+    k = max(1, min(rank, c, n - 1))
+    mean = tokens.mean(dim=0)  # (P, C)
+    centred = (tokens - mean).transpose(0, 1)  # (P, N, C)
+    total = centred.pow(2).sum(dim=(1, 2)) / (n - 1)  # (P,) trace of each cell's covariance
+    delta = shrinkage * float(total.mean()) / c + 1e-12
+    bases, eigs = [], []
+    for start in range(0, p, chunk):
+        # Right singular vectors of the centred data = covariance eigenvectors, largest first.
+        _, s, vh = torch.linalg.svd(centred[start : start + chunk].double(), full_matrices=False)
+        bases.append(vh[:, :k].transpose(1, 2).float())  # (chunk, C, k)
+        eigs.append((s[:, :k].pow(2) / (n - 1)).float())  # (chunk, k)
+    basis, eig = torch.cat(bases), torch.cat(eigs)
+    rest = ((total - eig.sum(dim=1)) / max(1, c - k)).clamp_min(0.0)  # (P,) mean leftover variance
+    # With a full basis nothing is left over; a zero weight keeps rounding noise out of the distance.
+    inv_rest = 1.0 / (rest + delta) if k < c else torch.zeros_like(rest)
+    return {"mean": mean, "basis": basis, "inv_eig": 1.0 / (eig + delta), "inv_rest": inv_rest}
+
+
+def mahalanobis_distance(tokens: Tensor, fit: dict[str, Tensor]) -> Tensor:
+    """√((x − μ_u)ᵀ Σ_u⁻¹ (x − μ_u)) per cell with a `fit_cell_gaussians` fit: (B, P, C) → (B, P)."""
+    d = tokens - fit["mean"]  # (B, P, C)
+    proj = torch.einsum("bpc,pck->bpk", d, fit["basis"].to(d.dtype))  # (B, P, k)
+    inside = proj.pow(2)
+    outside = (d.pow(2).sum(dim=2) - inside.sum(dim=2)).clamp_min(0.0)  # the part off the basis
+    squared = (inside * fit["inv_eig"]).sum(dim=2) + outside * fit["inv_rest"]
+    return squared.clamp_min(0.0).sqrt()
+
+
+def fit_cell_memory(tokens: Tensor, size: int, seed: int = 0, iterations: int = 10) -> Tensor:
+    """Per grid cell, a memory of training tokens: (N, P, C) → (P, M, C).
+
+    `size` 0 (or ≥ N) keeps every training image's token at that cell; otherwise M = `size`
+    k-means centroids per cell (Lloyd's algorithm from a seeded random start, all cells at once).
+    """
+    n = tokens.shape[0]
+    bank = tokens.transpose(0, 1).contiguous()  # (P, N, C)
+    if size <= 0 or size >= n:
+        return bank
+    gen = torch.Generator().manual_seed(seed)
+    centroids = bank[:, torch.randperm(n, generator=gen)[:size]].clone()  # (P, M, C)
+    for _ in range(iterations):
+        assign = _squared_distances(bank, centroids).argmin(dim=2)  # (P, N)
+        one_hot = F.one_hot(assign, size).to(bank.dtype)  # (P, N, M)
+        counts = one_hot.sum(dim=1)  # (P, M)
+        sums = one_hot.transpose(1, 2) @ bank  # (P, M, C)
+        # A centroid that lost all its members keeps its place rather than collapsing to zero.
+        centroids = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], centroids)
+    return centroids
+
+
+def memory_distance(tokens: Tensor, memory: Tensor) -> Tensor:
+    """Distance of each cell's token to its nearest memory entry AT THE SAME CELL: (B, P, C) → (B, P)."""
+    d2 = _squared_distances(tokens.transpose(0, 1), memory.to(tokens.dtype))  # (P, B, M)
+    return d2.amin(dim=2).clamp_min(0.0).sqrt().transpose(0, 1)
+
+
+def _squared_distances(a: Tensor, b: Tensor) -> Tensor:
+    """Batched squared L2 distances: (P, X, C), (P, Y, C) → (P, X, Y), as one matrix product per cell."""
+    return a.pow(2).sum(-1, keepdim=True) - 2 * a @ b.transpose(1, 2) + b.pow(2).sum(-1).unsqueeze(1)
+
+
+def term_scale(val_maps: Tensor, quantiles: tuple[float, float]) -> float:
+    """How much one term varies on validation normals: q_hi − q_lo of all their cells (EfficientAD's
+    normalization), so terms in different units can be added. Never zero."""
+    values = val_maps.flatten().double()
+    if values.numel() > 1_000_000:  # torch.quantile's input limit; a strided subsample is plenty
+        values = values[:: values.numel() // 1_000_000 + 1]
+    lo, hi = torch.quantile(values, torch.tensor(quantiles, dtype=torch.float64)).tolist()
+    return max(hi - lo, 1e-6 * max(abs(hi), 1.0), 1e-12)
+
+
+def fuse_terms(coarse: Tensor, scales: list[float], use: list[int]) -> Tensor:
+    """Σ over the terms in `use` of coarse[:, j] / scales[j]: (B, K, S, S) → (B, S, S)."""
+    return sum(coarse[:, j] / scales[j] for j in use)

@@ -27,6 +27,7 @@ from .data import BadFiles, Dataset
 from .detector import AnomalyDetector, resolve_device
 from .features import FeatureCache
 from .reconstructor import Reconstructor, reconstruction_loss
+from .scorer import fit_scorer
 from .scoring import threshold_f1_optimal, threshold_from_normals
 
 log = structlog.get_logger(__name__)
@@ -196,6 +197,55 @@ def calibrate_threshold(detector: AnomalyDetector, features: torch.Tensor, label
     return threshold_from_normals(scores[labels == 0], detector.cfg.threshold.normal_quantile), "normal_quantile", scores
 
 
+def calibrate_localization(detector: AnomalyDetector, val_normal: torch.Tensor) -> dict[str, Any]:
+    """The localization map's own threshold (same quantile of validation normals as the image
+    score's), which puts it on the image score's scale; stored in, and returned as, the scoring fit."""
+    fit = dict(detector.head.fit)
+    if fit["localization"] != fit["image"]:
+        peaks = np.concatenate([detector.head.localization_peaks(detector.coarse_maps(val_normal[i : i + 32])).numpy()
+                                for i in range(0, len(val_normal), 32)])
+        fit["localization_threshold"] = threshold_from_normals(peaks, detector.cfg.threshold.normal_quantile)
+    detector.set_scorer(detector.scorer, fit)
+    return fit
+
+
+@dataclass
+class Calibration:
+    threshold: float
+    method: str
+    val_scores: np.ndarray  # every validation image's score, in the order given
+    val_labels: np.ndarray
+    scoring_fit: dict[str, Any]
+
+    @property
+    def val_normal_scores(self) -> np.ndarray:
+        return self.val_scores[self.val_labels == 0]
+
+
+def fit_scoring(detector: AnomalyDetector, train_features: torch.Tensor, val_features: torch.Tensor,
+                val_labels: np.ndarray) -> Calibration:
+    """Everything after the networks are trained, the same for `train`, ADTR+ and a retrain: the
+    scoring terms fitted on the training features (per-cell Gaussians of the residual, per-cell
+    memory), their fusion scales on the validation normals, then the image threshold and the
+    localization map's threshold. A changed reconstructor ships stale statistics without this.
+    Sets scorer, fit and threshold on `detector`; `checkpoint_tensors(detector)` is what to save."""
+    t0 = time.monotonic()
+    cfg = detector.cfg
+    val_normal = val_features[torch.from_numpy(np.asarray(val_labels) == 0)]
+    scorer, fit = fit_scorer(cfg.scoring, detector.reconstructor, train_features, val_normal, cfg.train.seed)
+    detector.set_scorer(scorer, fit)
+    threshold, method, scores = calibrate_threshold(detector, val_features, val_labels)
+    fit = calibrate_localization(detector, val_normal)
+    fit["seconds"] = time.monotonic() - t0
+    detector.threshold = threshold
+    return Calibration(threshold, method, scores, np.asarray(val_labels), fit)
+
+
+def checkpoint_tensors(detector: AnomalyDetector) -> dict[str, torch.Tensor]:
+    """The reconstructor's weights and the fitted scorer's tensors: one checkpoint."""
+    return {**detector.reconstructor.state_dict(), **detector.scorer.checkpoint_tensors()}
+
+
 def new_reconstructor(cfg: AdtrConfig, channels: int, train_features: torch.Tensor) -> Reconstructor:
     """A fresh reconstructor whose feature normalization is fitted on the training features."""
     model = Reconstructor(channels, cfg.backbone.feature_size, cfg.reconstructor)
@@ -203,7 +253,7 @@ def new_reconstructor(cfg: AdtrConfig, channels: int, train_features: torch.Tens
     return model
 
 
-def model_manifest(cfg: AdtrConfig, backbone: Backbone, threshold: float, method: str, val_normal_scores: np.ndarray,
+def model_manifest(cfg: AdtrConfig, backbone: Backbone, calibration: Calibration,
                    data: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
     """The manifest of a new model: what loading, scoring, drift monitoring and auditing need."""
     return {
@@ -215,9 +265,10 @@ def model_manifest(cfg: AdtrConfig, backbone: Backbone, threshold: float, method
         "normalization": backbone.normalization,
         "image_size": cfg.backbone.image_size,
         "feature_shape": [backbone.out_channels, cfg.backbone.feature_size, cfg.backbone.feature_size],
-        "threshold": threshold,
-        "threshold_method": method,
-        "validation_scores": score_stats(val_normal_scores),
+        "threshold": calibration.threshold,
+        "threshold_method": calibration.method,
+        "validation_scores": score_stats(calibration.val_normal_scores),
+        "scoring_fit": calibration.scoring_fit,
         "data": data,
         "training": training,
         "metrics": {},
@@ -248,15 +299,15 @@ def train_model(cfg: AdtrConfig, dataset: Dataset, out_dir: Path, progress: bool
                  on_epoch=(lambda record: on_epoch(model, record)) if on_epoch else None)
 
     detector = AnomalyDetector(cfg, backbone, model).to(device)
-    val_labels = np.array([s.label for s in val.samples])
-    threshold, method, val_scores = calibrate_threshold(detector, val.features, val_labels)
+    calibration = fit_scoring(detector, train.features, val.features, np.array([s.label for s in val.samples]))
+    threshold = calibration.threshold
     manifest = model_manifest(
-        cfg, backbone, threshold, method, val_scores[val_labels == 0],
+        cfg, backbone, calibration,
         data={"name": dataset.name, "root": dataset.root, "layout": dataset.layout,
               "fingerprint": data_fingerprint(train.digests), **dataset.summary(), "skipped_files": bad.items},
         training={"history": fitted.history, "seconds": fitted.seconds, "device": str(device),
                   "feature_seconds": feature_seconds, "stopped_early": fitted.stopped_early})
-    manifest = save_checkpoint(out_dir, model.state_dict(), manifest)
+    manifest = save_checkpoint(out_dir, checkpoint_tensors(detector), manifest)
     (out_dir / STATE_FILE).unlink(missing_ok=True)
     log.info("model saved", path=str(out_dir), threshold=round(threshold, 5),
              model_version=manifest["model_version"], seconds=round(fitted.seconds, 1))

@@ -86,3 +86,44 @@ def test_unknown_format_is_refused(trained_model, tmp_path):
     model = _copy_with_manifest(trained_model, tmp_path, lambda m: m.update(format="something-else/9"))
     with pytest.raises(CheckpointError, match="unknown checkpoint format"):
         load_detector(model)
+
+
+def test_the_fitted_scorer_travels_in_the_checkpoint(trained_model):
+    manifest, tensors = load_checkpoint(trained_model)
+    fit = manifest["scoring_fit"]
+    assert fit["terms"] and len(fit["scales"]) == len(fit["terms"]) and all(s > 0 for s in fit["scales"])
+    scorer_tensors = {k for k in tensors if k.startswith("scorer.")}
+    if "memory" in fit["terms"]:
+        assert "scorer.memory" in scorer_tensors
+    if "mahalanobis" in fit["terms"]:
+        assert {"scorer.gauss_mean", "scorer.gauss_basis", "scorer.gauss_inv_eig"} <= scorer_tensors
+    detector = load_detector(trained_model)
+    coarse = detector.coarse_maps(torch.zeros(1, detector.reconstructor.channels, 8, 8))
+    assert coarse.shape == (1, len(fit["terms"]), 8, 8)
+
+
+def test_a_scoring_fit_that_does_not_match_its_tensors_is_refused(trained_model, tmp_path):
+    model = _copy_with_manifest(trained_model, tmp_path, lambda m: m["scoring_fit"].update(scales=[1.0]))
+    with pytest.raises(CheckpointError, match="fitted scorer"):
+        load_detector(model)
+    model = _copy_with_manifest(trained_model, tmp_path / "b", lambda m: m["scoring_fit"].update(terms=["cosine"]))
+    with pytest.raises(CheckpointError, match="fitted scorer"):
+        load_detector(model)
+
+
+def test_a_checkpoint_from_before_fitted_scoring_scores_with_the_paper_map(trained_model, tmp_path):
+    """Old models (no scoring_fit, no scorer tensors) keep working: the paper's L2 map, unscaled."""
+    from model.checkpoint import save_checkpoint
+
+    manifest, tensors = load_checkpoint(trained_model)
+    old = _copy(trained_model, tmp_path)
+    manifest.pop("scoring_fit")
+    for key in ("weights_sha256", "model_version"):
+        manifest.pop(key)
+    save_checkpoint(old, {k: v for k, v in tensors.items() if not k.startswith("scorer.")}, manifest)
+    detector = load_detector(old)
+    assert detector.cfg.scoring.image_terms == detector.cfg.scoring.localization_terms == ["l2"]
+    features = torch.randn(2, detector.reconstructor.channels, 8, 8)
+    target, recon = detector.reconstructor(features)
+    expected = (target - recon).pow(2).sum(dim=1).sqrt()
+    assert torch.allclose(detector.coarse_maps(features)[:, 0], expected, atol=1e-5)

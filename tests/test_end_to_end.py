@@ -29,6 +29,13 @@ def test_trained_model_finds_real_defects_well_above_chance(report):
     assert 0.0 <= r["aupro"] <= 1.0
 
 
+def test_every_normalized_score_on_real_test_images_is_finite_and_below_100x_the_threshold(report):
+    r, _ = report
+    normalized = np.array([s["normalized_score"] for s in r["scores"]])
+    assert len(normalized) > 100
+    assert np.isfinite(normalized).all() and normalized.max() < 100, normalized.max()
+
+
 def test_report_has_the_promised_fields_and_pictures(report):
     r, out = report
     for key in ("image_auroc", "pixel_auroc", "aupro", "f1", "threshold", "precision", "recall", "per_type"):

@@ -129,12 +129,19 @@ def _scoring_with_subscriber(registry: Registry):
     return actor, context, subscribe(context, actor.bound)
 
 
+def _flat_maps(registry: Registry, version: str, image_score: float) -> np.ndarray:
+    """(K, 8, 8) per-term coarse maps, constant, whose fused image map is `image_score` everywhere."""
+    fit = registry.show(version)["manifest"]["scoring_fit"]
+    return np.stack([np.full((8, 8), image_score * scale / len(fit["image"]), np.float32)
+                     for scale in fit["scales"]])
+
+
 def test_scoring_thresholds_each_map_with_its_own_versions_threshold(registry, trained_model, tmp_path):
     v1 = registry.current()
     v2 = _second_version(registry, trained_model, tmp_path, threshold_factor=1000.0)  # v2 flags nothing
     actor, context, sub = _scoring_with_subscriber(registry)
     threshold = registry.show(v1)["manifest"]["threshold"]
-    coarse = np.full((8, 8), 10.0 * threshold, np.float32)  # far above v1's threshold, far below v2's
+    coarse = _flat_maps(registry, v1, 10.0 * threshold)  # far above v1's threshold, far below v2's
     header = {"camera_id": "cam", "ts": time.time(), "encoding": "jpeg", "width": 128, "height": 128}
     results = [InferenceResult(coarse, v1, 2, 1.0), InferenceResult(coarse, v2, 2, 1.0)]
     out = asyncio.run(actor.score_batch([dict(header, seq=0), dict(header, seq=1)], results, [b"", b""],
@@ -157,7 +164,7 @@ def test_shadow_maps_are_compared_never_published(registry, trained_model, tmp_p
     rng = np.random.default_rng(0)
     results, headers = [], []
     for seq in range(20):
-        coarse = rng.uniform(0.2, 3.0, (8, 8)).astype(np.float32) * threshold
+        coarse = _flat_maps(registry, v1, 1.0) * rng.uniform(0.2, 3.0, (8, 8)).astype(np.float32) * threshold
         results.append(InferenceResult(coarse, v1, 1, 1.0, v2, coarse))
         headers.append({"camera_id": "cam", "seq": seq, "ts": time.time(), "encoding": "jpeg", "width": 128,
                         "height": 128})

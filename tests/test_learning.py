@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import pytest
 import ray
+import torch
 
 from actors.jobs import job_info, submit_retrain
 from actors.retrain import RetrainBusy, retrain
@@ -31,6 +32,7 @@ from agent.publisher import SourceFrame, frame_from_file
 from conftest import MAGNETIC_TILE, ROOT
 from live import (Decisions, Streamer, accounted, live_agent, registry_with_base, settled_totals, versions_in_order,
                   wait_until)
+from model.checkpoint import load_checkpoint
 from model.registry import Registry
 from model.samples import SampleStore
 
@@ -110,6 +112,12 @@ def test_a_retrain_job_trains_with_ray_train_and_promotes_live_while_a_camera_st
     assert manifest["parent_model_version"] == v1
     assert manifest["training"]["workers"]["node_id"] and manifest["training"]["epochs"] == 3
     assert registry.show(v2)["gate"]["passed"]
+    # The new reconstructor's scoring terms were refitted on the run's own features, not inherited.
+    parent = registry.show(v1)["manifest"]["scoring_fit"]
+    assert manifest["scoring_fit"]["terms"] == parent["terms"] and manifest["scoring_fit"]["scales"] != parent["scales"]
+    old_tensors, new_tensors = (load_checkpoint(registry.version_dir(v))[1] for v in (v1, v2))
+    fitted = [k for k in new_tensors if k.startswith("scorer.")]
+    assert fitted and all(not torch.equal(old_tensors[k], new_tensors[k]) for k in fitted)
     ordered = sorted(decisions.received_at.values())
     outcome = json.loads(next((registry.root / "runs").glob("*/outcome.json")).read_text())
     print(f"longest gap between decisions of the streaming camera: {max(np.diff(ordered)):.2f} s (camera at 8 fps); "

@@ -19,6 +19,7 @@ def test_paper_b4_config_is_the_paper_setup():
     r = cfg.reconstructor
     assert (r.hidden_dim, r.num_encoder_layers, r.num_decoder_layers, r.num_heads, r.ffn_dim) == (256, 4, 4, 8, 1024)
     assert (cfg.train.epochs, cfg.train.lr, cfg.train.lr_drop_at) == (500, 1e-4, 0.8)
+    assert cfg.scoring.image_terms == cfg.scoring.localization_terms == ["l2"]
 
 
 def test_precedence_yaml_then_env_then_set(tmp_path, monkeypatch):
@@ -45,6 +46,9 @@ def test_set_values_are_parsed_as_yaml():
     (["backbone.levels=[7]"], "backbone.levels"),
     (["reconstructor.hidden_dim=100", "reconstructor.num_heads=3"], "divisible"),
     (["scoring.blur_sigma=-1"], "scoring.blur_sigma"),
+    (["scoring.image_terms=[cosine]"], "scoring.image_terms"),
+    (["scoring.localization_terms=[]"], "scoring.localization_terms"),
+    (["scoring.fusion_quantiles=[0.9, 0.5]"], "scoring.fusion_quantiles"),
     (["noequals"], "key=value"),
 ])
 def test_bad_values_name_the_setting(override, message):
