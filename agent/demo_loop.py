@@ -121,6 +121,23 @@ class Phase:
         return out
 
 
+def phase_images(test: list, normals_per_phase: int = 48, defects: int = 40) -> tuple[list, list, list, list]:
+    """The demo's draw from the test split (seeded): normals before the lamp moves, relit normals to
+    accept, relit normals after the retrain, and the defects."""
+    rng = random.Random(0)
+    normals = [s.path for s in test if s.label == 0]
+    rng.shuffle(normals)
+    # The relit phase is the larger one: the drift window covers it, and the larger the window, the
+    # lower the drift alarm's noise floor (model/drift.py).
+    sizes = [normals_per_phase, 4 * normals_per_phase // 3, normals_per_phase]
+    if len(normals) < sum(sizes):
+        sizes = [int(len(normals) * f) for f in (0.3, 0.4, 0.3)]
+    before, accept, after = (normals[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(3))
+    defect_paths = [s.path for s in test if s.label == 1]
+    rng.shuffle(defect_paths)
+    return before, accept, after, defect_paths[:defects]
+
+
 def run_loop_demo(model_dir: Path, data: str, out: Path, overrides: list[str] | None = None,
                   normals_per_phase: int = 48, defects: int = 40, epochs: int = 24) -> dict[str, Any]:
     out = Path(out)
@@ -136,26 +153,15 @@ def run_loop_demo(model_dir: Path, data: str, out: Path, overrides: list[str] | 
         registry = Registry.create(registry_dir, model_dir, by="demo-loop")
         import_base(registry, data, "demo-loop")
     cfg = AdtrConfig.model_validate(read_manifest(registry.current_dir())["settings"])
-    test = load_dataset(data, cfg.data).test
-    rng = random.Random(0)
-    normals = [s.path for s in test if s.label == 0]
-    rng.shuffle(normals)
-    # The relit phase is the larger one: the drift window covers it, and the larger the window, the
-    # lower the drift alarm's noise floor (model/drift.py).
-    sizes = [normals_per_phase, 4 * normals_per_phase // 3, normals_per_phase]
-    if len(normals) < sum(sizes):
-        sizes = [int(len(normals) * f) for f in (0.3, 0.4, 0.3)]
-    before_set, accept_set, after_set = (normals[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(3))
-    defect_paths = [s.path for s in test if s.label == 1]
-    rng.shuffle(defect_paths)
-    defect_paths = defect_paths[:defects]
+    before_set, accept_set, after_set, defect_paths = phase_images(load_dataset(data, cfg.data).test,
+                                                                   normals_per_phase, defects)
 
     from .rayhead import free_port
 
     ingest, results, http = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", free_port()
     settings = ["--set", f"output.dir={out / 'anomalies'}", "--set", f"http.port={http}",
-                "--set", f"state_dir={out / 'state'}", "--set", f"learning.drift.window={sizes[1]}",
-                "--set", f"learning.drift.min_samples={sizes[0]}", "--set", "learning.shadow.sample=1.0",
+                "--set", f"state_dir={out / 'state'}", "--set", f"learning.drift.window={len(accept_set)}",
+                "--set", f"learning.drift.min_samples={len(before_set)}", "--set", "learning.shadow.sample=1.0",
                 "--set", "learning.retrain.policy=shadow", "--set", f"learning.retrain.epochs={epochs}",
                 "--set", "learning.auto_sample.enabled=false"]
     for o in overrides or []:

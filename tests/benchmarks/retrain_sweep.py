@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from agent.demo_loop import GAIN, relit  # noqa: E402
+from agent.demo_loop import GAIN, phase_images, relit  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
 from model.data import BadFiles, Sample, load_dataset, read_image, to_rgb8  # noqa: E402
 from model.detector import AnomalyDetector, load_detector  # noqa: E402
@@ -58,13 +57,7 @@ def main() -> None:
 
     train_fs = features(snapshot.select(label=0, split="train"))
     val = features(snapshot.select(label=0, split="val")).features
-    test = load_dataset(args.data, serving.cfg.data).test
-    rng = random.Random(0)  # the demo's own draw (agent/demo_loop.py): before, accepted, after
-    normals = [s.path for s in test if s.label == 0]
-    rng.shuffle(normals)
-    defects = [s.path for s in test if s.label == 1]
-    rng.shuffle(defects)
-    before, after, defects = normals[:48], normals[48 + 64:48 + 64 + 48], defects[:40]
+    before, _, after, defects = phase_images(load_dataset(args.data, serving.cfg.data).test)  # the demo's draw
 
     def embed(images):
         with torch.no_grad():
