@@ -68,6 +68,15 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
+def memory_monitor_env(threshold: float) -> dict[str, str]:
+    """What a raylet reads at start: the share of the node's memory above which Ray's memory monitor kills
+    workers; 1.0 turns the monitor off."""
+    env = {"RAY_memory_usage_threshold": str(threshold)}
+    if threshold >= 1.0:
+        env["RAY_memory_monitor_refresh_ms"] = "0"
+    return env
+
+
 class LocalHead:
     """`ray start --head --block` as a child; `address` (GCS) and `dashboard` (Jobs API) once it is up."""
 
@@ -93,8 +102,8 @@ class LocalHead:
             args.append("--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))
         self.log = open(self.log_path, "w")
         env = dict(os.environ, RAY_AUTH_MODE="token")
-        if memory_usage_threshold is not None:  # the share of the node's memory above which Ray kills workers
-            env["RAY_memory_usage_threshold"] = str(memory_usage_threshold)
+        if memory_usage_threshold is not None:
+            env.update(memory_monitor_env(memory_usage_threshold))
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
                                         env=env)
         self.address = self._wait_for_address(timeout_s)

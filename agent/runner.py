@@ -20,7 +20,7 @@ from model.detector import load_score_head
 from model.registry import resolve_model
 
 from .errors import AgentError
-from .rayhead import LocalHead
+from .rayhead import LocalHead, memory_monitor_env
 from .settings import AgentConfig
 
 log = structlog.get_logger(__name__)
@@ -41,14 +41,11 @@ def connect_ray(cfg: AgentConfig, jobs: bool) -> tuple[bool, str | None, LocalHe
         return False, _dashboard_of_current(), None
     options: dict[str, Any] = {"namespace": cfg.ray.namespace, "log_to_driver": True}
     head = None
-    if cfg.ray.address is None:  # read by the raylet this process starts (embedded or LocalHead)
-        os.environ["RAY_memory_usage_threshold"] = str(cfg.ray.memory_usage_threshold)
-        if cfg.ray.memory_usage_threshold >= 1.0:
-            os.environ["RAY_memory_monitor_refresh_ms"] = "0"
     if cfg.ray.address is None and jobs:
-        head = LocalHead(num_cpus=cfg.ray.num_cpus)
+        head = LocalHead(num_cpus=cfg.ray.num_cpus, memory_usage_threshold=cfg.ray.memory_usage_threshold)
         options["address"] = head.address
     elif cfg.ray.address is None:
+        os.environ.update(memory_monitor_env(cfg.ray.memory_usage_threshold))  # read by the raylet ray.init starts
         options["include_dashboard"] = cfg.ray.include_dashboard
         if cfg.ray.include_dashboard:
             options["dashboard_host"] = "127.0.0.1"
