@@ -21,6 +21,7 @@ from .scoring import (
     fit_cell_memory,
     mahalanobis_distance,
     memory_distance,
+    memory_norms,
     term_scale,
 )
 
@@ -61,6 +62,8 @@ class FittedScorer(nn.Module):
         missing = [n for t in self.terms for n in need.get(t, ()) if not hasattr(self, n)]
         if missing:
             raise ValueError(f"the scorer needs fitted tensors {missing} for terms {self.terms}")
+        if "memory" in self.terms:  # derived once here, never saved (the checkpoint holds the memory)
+            self.register_buffer("memory_sq", memory_norms(self.memory), persistent=False)
 
     @classmethod
     def from_checkpoint(cls, terms: list[str], tensors: dict[str, Tensor]) -> "FittedScorer":
@@ -69,7 +72,7 @@ class FittedScorer(nn.Module):
     def checkpoint_tensors(self) -> dict[str, Tensor]:
         """The fitted tensors under their checkpoint names; the bulky ones (basis, memory) in fp16."""
         bulky = {"gauss_basis", "memory"}
-        return {PREFIX + name: (buf.half() if name in bulky else buf) for name, buf in self.named_buffers()}
+        return {PREFIX + name: (buf.half() if name in bulky else buf) for name, buf in self.state_dict().items()}
 
     @torch.no_grad()
     def forward(self, features: Tensor, target: Tensor, reconstruction: Tensor, feature_std: Tensor) -> Tensor:
@@ -88,7 +91,7 @@ class FittedScorer(nn.Module):
                        "inv_eig": self.gauss_inv_eig, "inv_rest": self.gauss_inv_rest}
                 maps.append(mahalanobis_distance(cell_tokens(raw), fit).view(b, s, s))
             else:
-                maps.append(memory_distance(cell_tokens(features), self.memory).view(b, s, s))
+                maps.append(memory_distance(cell_tokens(features), self.memory, self.memory_sq).view(b, s, s))
         return torch.stack(maps, dim=1)  # (B, K, S, S)
 
 

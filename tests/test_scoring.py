@@ -12,6 +12,7 @@ from model.scoring import (
     pool_kernel_px,
     threshold_f1_optimal,
     threshold_from_normals,
+    upsample_map,
 )
 
 
@@ -40,6 +41,16 @@ def test_blur_keeps_a_constant_map_and_spreads_a_peak():
     assert abs(blurred.sum().item() - 1.0) < 1e-4
     assert blurred[0, 16, 16] < 1.0 and blurred[0, 16, 18] > 0
     assert gaussian_blur(peak, 0.0) is peak
+
+
+@pytest.mark.parametrize("size,out,sigma", [(16, 256, 4.0), (16, 256, 0.0), (4, 32, 2.0), (8, 20, 9.0)])
+def test_upsample_map_is_bilinear_upsampling_then_the_blur(size, out, sigma):
+    # The map is computed as U · coarse · Uᵀ; it must be the same numbers as doing the two steps on
+    # the full-size map (bilinear, align_corners=False, then the reflect-padded separable blur).
+    coarse = torch.rand(3, size, size, generator=torch.Generator().manual_seed(size))
+    direct = torch.nn.functional.interpolate(coarse[:, None], size=(out, out), mode="bilinear", align_corners=False)
+    direct = gaussian_blur(direct[:, 0], sigma)
+    assert torch.allclose(upsample_map(coarse, out, sigma), direct, atol=1e-5)
 
 
 def test_image_score_is_max_of_average_pooled_map():
