@@ -18,7 +18,8 @@ from torch import Tensor
 from model.config import AdtrConfig
 from model.detector import ScoreHead
 from model.patch_memory import PatchMemory
-from model.scoring import cell_tokens, fit_cell_gaussians, fit_cell_memory, mahalanobis_distance, memory_distance
+from model.scoring import (cell_tokens, fit_cell_gaussians, fit_cell_memory, mahalanobis_distance, memory_distance,
+                           memory_norms)
 
 METHODS = ("full_memory", "local_memory", "padim")
 LABELS = {"full_memory": "nearest-neighbour memory, all cells (PatchCore w/o coreset)",
@@ -45,15 +46,16 @@ def coarse_map(method: str, tensors: dict[str, Tensor], features: Tensor) -> Ten
         memory = PatchMemory(features[:1])
         memory.bank = tensors["bank"]
         return memory.distance_map(features)
-    if method == "local_memory":
-        return memory_distance(cell_tokens(features), tensors["memory"]).view(b, s, s)
+    if method == "local_memory":  # the entries' norms once per baseline, as the model's scorer does
+        memory_sq = tensors.setdefault("memory_sq", memory_norms(tensors["memory"]))
+        return memory_distance(cell_tokens(features), tensors["memory"], memory_sq).view(b, s, s)
     return mahalanobis_distance(cell_tokens(features), tensors).view(b, s, s)
 
 
 def save_baseline(path: Path, method: str, tensors: dict[str, Tensor], cfg: AdtrConfig) -> int:
     """Safetensors with the method and settings as metadata; returns the file's size in bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+    save_file({k: v.contiguous() for k, v in tensors.items() if not k.endswith("_sq")}, str(path),
               metadata={"method": method, "settings": cfg.model_dump_json()})
     return path.stat().st_size
 
