@@ -322,6 +322,19 @@ class Bench:
             row.update(self.inference_cost(cfg, ds, baseline=self.out / "baselines" / f"mt-{method}.safetensors"))
             self.save()
 
+    def magnetic_tile_cost(self) -> None:
+        """Inference cost again (`--only cost`), for the Magnetic Tile model and the baselines that `mt`
+        saved: images/s and peak memory, each in a fresh process, on a quieter machine than the run had."""
+        cfg = self.base
+        ds = load_dataset(self.args.data, cfg.data)
+        section = self.results.get("magnetic_tile") or {}
+        if "adtr" not in section:
+            raise SystemExit("--only cost re-measures what `--only mt` wrote: run that first")
+        section["adtr"].update(self.inference_cost(cfg, ds, model_dir=self.out / "adtr-edge"))
+        for method, row in section.get("baselines", {}).items():
+            row.update(self.inference_cost(cfg, ds, baseline=self.out / "baselines" / f"mt-{method}.safetensors"))
+        self.save()
+
     def adtr_plus(self, cfg: AdtrConfig, dataset: Dataset) -> dict:
         """ADTR+ with synthetic confetti anomalies only (the test split stays untouched)."""
         from model.adtr_plus import finetune_adtr_plus
@@ -380,7 +393,7 @@ class Bench:
             self.results["ablations"] = {"scoring": scoring}
             self.save()
         training = []
-        for name, overrides in TRAINING_VARIANTS.items():
+        for name, overrides in (TRAINING_VARIANTS.items() if self.args.training_ablations else ()):
             run_cfg = merge(self.base, [f"train.max_minutes={self.args.ablation_minutes}"] + overrides)
             slug = "ablation-" + "".join(c for c in name if c.isalnum())
             training.append(self.train_and_score(slug, run_cfg, ds) | {"run": name})
@@ -462,18 +475,20 @@ def _val_key(row: dict) -> float:
 SCORING_VARIANTS = {
     "paper scoring: l2 for image and heatmap": ["scoring.image_terms=[l2]", "scoring.localization_terms=[l2]"],
     "l2_raw for image and heatmap": ["scoring.image_terms=[l2_raw]", "scoring.localization_terms=[l2_raw]"],
-    "mahalanobis for image and heatmap": ["scoring.image_terms=[mahalanobis]",
-                                          "scoring.localization_terms=[mahalanobis]"],
-    "memory for image and heatmap": ["scoring.image_terms=[memory]", "scoring.localization_terms=[memory]"],
-    "mahalanobis + memory for image and heatmap": ["scoring.localization_terms=[mahalanobis, memory]"],
-    "heatmap from memory alone": ["scoring.localization_terms=[memory]"],
-    "image from mahalanobis + l2_raw + memory": ["scoring.image_terms=[mahalanobis, l2_raw, memory]"],
+    "mahalanobis for image and heatmap": ["scoring.localization_terms=[mahalanobis]"],
+    "memory for image and heatmap": ["scoring.image_terms=[memory]"],
+    "previous default: image mahalanobis + memory, heatmap l2_raw + memory, 64 centroids, shrinkage 0.1":
+        ["scoring.image_terms=[mahalanobis, memory]", "scoring.localization_terms=[l2_raw, memory]",
+         "scoring.memory_size=64", "scoring.shrinkage=0.1"],
+    "image from mahalanobis + memory": ["scoring.image_terms=[mahalanobis, memory]"],
+    "heatmap from l2_raw + memory": ["scoring.localization_terms=[l2_raw, memory]"],
     "memory: every training image (no k-means)": ["scoring.memory_size=0"],
-    "memory: 16 centroids per cell": ["scoring.memory_size=16"],
-    "mahalanobis rank 16": ["scoring.mahalanobis_rank=16"],
-    "mahalanobis rank 256": ["scoring.mahalanobis_rank=256"],
-    "shrinkage 0.01": ["scoring.shrinkage=0.01"],
-    "shrinkage 1.0": ["scoring.shrinkage=1.0"],
+    "memory: 64 centroids per cell": ["scoring.memory_size=64"],
+    "memory: 256 centroids per cell": ["scoring.memory_size=256"],
+    "mahalanobis rank 32": ["scoring.mahalanobis_rank=32"],
+    "mahalanobis rank 128": ["scoring.mahalanobis_rank=128"],
+    "shrinkage 0.1": ["scoring.shrinkage=0.1"],
+    "shrinkage 0.3": ["scoring.shrinkage=0.3"],
 }
 # Training variants, each with the same time budget (--ablation-minutes) unless it sets its own, default scoring.
 TRAINING_VARIANTS = {
@@ -492,7 +507,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--set", action="append", default=[], help="override a setting for every run")
     p.add_argument("--only", nargs="*", default=["mt", "speed", "elpv", "ablations", "highres"],
-                   choices=["mt", "mt-baselines", "speed", "elpv", "ablations", "highres"])
+                   choices=["mt", "mt-baselines", "cost", "speed", "elpv", "ablations", "highres"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (MT)")
     p.add_argument("--elpv-seeds", type=int, default=3, help="how many of --seeds ELPV trains with")
     p.add_argument("--padim-shrinkage", type=float, nargs="+", default=[0.01, 0.1, 1.0],
@@ -500,15 +515,20 @@ def main() -> None:
     p.add_argument("--curve-points", type=int, default=10, help="curve evaluations (seed 0); 0 = no curve")
     p.add_argument("--no-adtr-plus", dest="adtr_plus", action="store_false", help="skip the ADTR+ row")
     p.add_argument("--ablation-minutes", type=float, default=3.0, help="training budget per ablation run")
+    p.add_argument("--no-training-ablations", dest="training_ablations", action="store_false",
+                   help="ablations: only rescore the trained model (no training variants)")
     p.add_argument("--speed-steps", type=int, default=6)
     p.add_argument("--no-readme", action="store_true")
     args = p.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
     bench = Bench(args)
     previous = bench.out / "results.json"
-    if previous.is_file():  # partial reruns (--only) keep the other sections
-        bench.results = {**json.loads(previous.read_text()), **{k: bench.results[k] for k in ("date", "command", "machine", "settings")}}
-    steps = {"mt": bench.magnetic_tile, "mt-baselines": bench.magnetic_tile_baselines,
+    if previous.is_file():  # partial reruns (--only) keep the other sections, and every command that wrote them
+        old = json.loads(previous.read_text())
+        commands = old.get("commands") or ([old["command"]] if old.get("command") else [])
+        bench.results = {**old, **{k: bench.results[k] for k in ("date", "command", "machine", "settings")},
+                         "commands": [c for c in commands if c != bench.results["command"]] + [bench.results["command"]]}
+    steps = {"mt": bench.magnetic_tile, "mt-baselines": bench.magnetic_tile_baselines, "cost": bench.magnetic_tile_cost,
              "speed": bench.training_speed, "elpv": bench.elpv,
              "ablations": bench.ablations, "highres": bench.highres}
     for name in args.only:

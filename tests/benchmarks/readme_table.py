@@ -37,7 +37,7 @@ def render(r: dict) -> str:
     load = r["machine"].get("load_average")
     shared = f"a shared machine, load average {load:.0f} at the start" if load is not None else "a shared machine"
     lines = [f"Measured by {'; '.join(f'`{c}`' for c in commands)}"
-             f"{' (in parallel, same machine, same code)' if len(commands) > 1 else ''} on {r['date'][:10]} "
+             f"{' (each writing its sections of one results file, same machine, same code)' if len(commands) > 1 else ''} on {r['date'][:10]} "
              f"({r['machine']['cpus']} CPU threads, no GPU, {shared}). Magnetic Tile, method-doc protocol (seeded 80/20 split of MT_Free, all defect "
              "images in test), 256 px, pixel metrics at 256×256. Choices belong to the validation "
              "columns (validation normals and synthetic defects painted on them), never to the test set."]
