@@ -35,7 +35,7 @@ from agent.settings import AgentSettings, load_settings  # noqa: E402
 from live import Decisions  # noqa: E402
 from model.data import load_dataset, read_image  # noqa: E402
 from model.detector import load_detector  # noqa: E402
-from readme_table import update_section  # noqa: E402
+from readme_table import plural, update_section  # noqa: E402
 
 log = structlog.get_logger("bench-agent")
 
@@ -195,15 +195,14 @@ def run_split(model_dir: Path, frames: list, args, batch: int, split: str) -> di
 
 def render(r: dict) -> str:
     s, m, t = r["agent_saturation"], r["machine"], r["tuning"]
-    threads = f"{r['torch_threads']} thread" + ("" if r["torch_threads"] == 1 else "s")
     load = f"load average {m['load_average_start'][0]:.1f} → {m['load_average_end'][0]:.1f}"
     lines = [f"Measured by `make bench` on {r['date'][:10]} ({m['cpus']} CPUs, {m['gpu'] or 'no GPU'}; {load} on this "
              f"shared box), model `{r['model']}`, Magnetic Tile test frames as the camera's own JPEG bytes, "
              "every-frame mode, default settings: the inference actor tuned itself to "
-             f"batch {r['max_batch']} × {threads.replace('thread', 'torch thread')} ({t.get('state')}, budget "
+             f"batch {r['max_batch']} × {plural(r['torch_threads'], 'torch thread')} ({t.get('state')}, budget "
              f"{t.get('budget_ms', '—')} ms).", "",
              "| | frames/s | ratio to raw model | p50 latency | p99 latency | mean batch |", "|---|---|---|---|---|---|",
-             f"| raw model (`score_images`, in-process, batch {r['max_batch']}, {threads}) | "
+             f"| raw model (`score_images`, in-process, batch {r['max_batch']}, {plural(r['torch_threads'], 'thread')}) | "
              f"{r['raw_frames_per_second']:.1f} | 1.00 | — | — | {r['max_batch']} |",
              f"| agent at saturation (camera → decision) | {s['frames_per_second']:.1f} | {r['agent_vs_raw']:.2f} | "
              f"{s['latency_ms_p50']:.0f} ms | {s['latency_ms_p99']:.0f} ms | {s['mean_batch']:.1f} |"]

@@ -297,9 +297,7 @@ class Bench:
         self.save()  # each part lands as soon as it is measured (a shared machine may stop a long run)
         baselines = section["baselines"] = self.baselines(cfg, ds, "mt")
         self.save()
-        for method, row in baselines.items():
-            row.update(self.inference_cost(cfg, ds, baseline=self.out / "baselines" / f"mt-{method}.safetensors"))
-        self.save()
+        self.baseline_costs(cfg, ds, baselines)
         section["untrained"] = self.untrained(cfg, ds)
         self.save()
         if self.args.adtr_plus:
@@ -318,9 +316,7 @@ class Bench:
         section["untrained"] = self.untrained(cfg, ds)
         self.save()
         self.baselines(cfg, ds, "mt", ("full_memory",), baselines)
-        for method, row in baselines.items():
-            row.update(self.inference_cost(cfg, ds, baseline=self.out / "baselines" / f"mt-{method}.safetensors"))
-            self.save()
+        self.baseline_costs(cfg, ds, baselines)
 
     def magnetic_tile_cost(self) -> None:
         """Inference cost again (`--only cost`), for the Magnetic Tile model and the baselines that `mt`
@@ -331,9 +327,14 @@ class Bench:
         if "adtr" not in section:
             raise SystemExit("--only cost re-measures what `--only mt` wrote: run that first")
         section["adtr"].update(self.inference_cost(cfg, ds, model_dir=self.out / "adtr-edge"))
-        for method, row in section.get("baselines", {}).items():
-            row.update(self.inference_cost(cfg, ds, baseline=self.out / "baselines" / f"mt-{method}.safetensors"))
         self.save()
+        self.baseline_costs(cfg, ds, section.get("baselines", {}))
+
+    def baseline_costs(self, cfg: AdtrConfig, ds: Dataset, baselines: dict) -> None:
+        """Each Magnetic Tile baseline's inference cost (from the file `baselines` saved), saved as measured."""
+        for method, row in baselines.items():
+            row.update(self.inference_cost(cfg, ds, baseline=self.out / "baselines" / f"mt-{method}.safetensors"))
+            self.save()
 
     def adtr_plus(self, cfg: AdtrConfig, dataset: Dataset) -> dict:
         """ADTR+ with synthetic confetti anomalies only (the test split stays untouched)."""

@@ -36,7 +36,7 @@ from model.detector import load_detector  # noqa: E402
 from model.evaluate import load_masks  # noqa: E402
 from model.metrics import aupro, auroc  # noqa: E402
 
-from readme_table import update_section  # noqa: E402
+from readme_table import plural, update_section  # noqa: E402
 
 HF_REPO = "timm/tf_efficientnet_lite0.in1k"  # what timm's pretrained_cfg for tf_efficientnet_lite0 names
 SPEED_BATCHES = (1, 2, 4, 8)
@@ -172,7 +172,7 @@ def render(r: dict) -> str:
     ours = r["best_images_per_second"]["ADTR, edge default (ours)"]
     backbone = r["backbone_images_per_second"]
     load = r["machine"]["load_average"]
-    lines = [f"Measured by `make bench-peers` on {r['date'][:10]} ({r['machine']['threads']} CPU thread{'' if r['machine']['threads'] == 1 else 's'}, no GPU; "
+    lines = [f"Measured by `make bench-peers` on {r['date'][:10]} ({plural(r['machine']['threads'], 'CPU thread')}, no GPU; "
              f"load average {load[0]:.1f} on this shared 2-core box), one run. Magnetic Tile, method-doc split, 256 px, "
              "the same tf_efficientnet_lite0 ImageNet weights for all, pixel metrics at 256×256, our metric code for "
              "every row. images/s: maps and scores from decoded 256 px images, the best of batches "

@@ -12,6 +12,11 @@ def _f(v, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+def plural(n: int, word: str) -> str:
+    """'1 thread', '2 threads'."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def _pm(row: dict, key: str) -> str:
     """mean ± std when the row has a std for `key`."""
     if row.get(key) is None:
@@ -38,7 +43,7 @@ def render(r: dict) -> str:
     shared = f"a shared machine, load average {load:.0f} at the start" if load is not None else "a shared machine"
     lines = [f"Measured by {'; '.join(f'`{c}`' for c in commands)}"
              f"{' (each writing its sections of one results file, same machine, same code)' if len(commands) > 1 else ''} on {r['date'][:10]} "
-             f"({r['machine']['cpus']} CPU threads, no GPU, {shared}). Magnetic Tile, method-doc protocol (seeded 80/20 split of MT_Free, all defect "
+             f"({plural(r['machine']['cpus'], 'CPU thread')}, no GPU, {shared}). Magnetic Tile, method-doc protocol (seeded 80/20 split of MT_Free, all defect "
              "images in test), 256 px, pixel metrics at 256×256. Choices belong to the validation "
              "columns (validation normals and synthetic defects painted on them), never to the test set."]
     for note in r.get("notes", []):  # what the run's own numbers cannot say (how it was run)
