@@ -1,6 +1,7 @@
 """Frozen multi-scale CNN embedding (method §1): chosen levels resized to one grid and concatenated."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import structlog
@@ -60,6 +61,16 @@ class Backbone(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         super().train(False)
+        # (H, W) -> the frozen CPU graph for that input size, or None where tracing failed (eager then).
+        self._graphs: dict[tuple[int, int], torch.jit.ScriptModule | None] = {}
+
+    def __getstate__(self) -> dict:
+        # A copy (deepcopy, pickling for Ray) rebuilds its graphs on first use; they are derived data.
+        return {**self.__dict__, "_graphs": {}}
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(): the graphs hold old copies
+        self._graphs = {}
+        return super()._apply(fn, recurse)
 
     @property
     def out_channels(self) -> int:
@@ -103,6 +114,34 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.cfg.cpu_graph and images.device.type == "cpu" and images.dtype == torch.float32:
+            graph = self._graph(images)
+            if graph is not None:
+                return graph(images)
+        return self.features(images)
+
+    def _graph(self, images: torch.Tensor) -> torch.jit.ScriptModule | None:
+        """The frozen, BatchNorm-folded oneDNN graph for this input size, traced on first use.
+
+        TorchScript is deprecated in recent torch (its replacement, torch.compile, needs a C++ compiler
+        and a minute of compilation per model on this box); where tracing fails, eager, with a warning.
+        """
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        if size not in self._graphs:
+            try:
+                with warnings.catch_warnings():
+                    # TracerWarnings (the level-size checks are constants for one input size) and the
+                    # deprecation notices: the graph is checked against eager in tests/test_backbone.py.
+                    warnings.simplefilter("ignore")
+                    traced = torch.jit.trace(_Features(self), images[:1], check_trace=False)
+                    self._graphs[size] = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+            except Exception as exc:  # noqa: BLE001 - any tracing failure means: stay eager
+                log.warning("backbone cpu graph unavailable; running eager", size=size, error=str(exc)[:300])
+                self._graphs[size] = None
+        return self._graphs[size]
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The eager forward: normalize, run the body, resize the levels to one grid and concatenate."""
         x = (images - self.mean) / self.std
         size = (self.cfg.feature_size, self.cfg.feature_size)
         maps = []
@@ -113,3 +152,14 @@ class Backbone(nn.Module):
                 fmap = F.interpolate(fmap, size=size, mode="bilinear", align_corners=False, antialias=down)
             maps.append(fmap)
         return torch.cat(maps, dim=1)  # (B, C, S, S)
+
+
+class _Features(nn.Module):
+    """`Backbone.features` as a module of its own, for tracing (forward would dispatch to the graph)."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.features(images)

@@ -80,3 +80,54 @@ def test_levels_that_the_backbone_lacks_are_rejected():
         BackboneConfig(levels=[0, 6])
     with pytest.raises(ValueError, match="unknown weight source"):
         BackboneConfig(weights="http://example")
+
+
+def test_cpu_graph_gives_the_eager_features_at_every_batch_size():
+    """The frozen oneDNN graph (BatchNorm folded) is what runs on the CPU, and it computes the same
+    features as the eager body, for the batch it was traced at and others."""
+    backbone = Backbone(BackboneConfig())
+    for batch in (1, 5):
+        x = torch.rand(batch, 3, 256, 256)
+        graph_out = backbone(x)
+        eager_out = backbone.features(x)
+        assert graph_out.shape == eager_out.shape == (batch, 512, 16, 16)
+        torch.testing.assert_close(graph_out, eager_out, rtol=1e-4, atol=1e-4)
+    assert list(backbone._graphs) == [(256, 256)] and backbone._graphs[(256, 256)] is not None
+    backbone(torch.rand(1, 3, 128, 128))  # another input size gets its own graph (its grid checks differ)
+    assert set(backbone._graphs) == {(256, 256), (128, 128)}
+
+
+def test_cpu_graph_off_copies_and_moves_run_eager_or_rebuild():
+    import copy
+    import pickle
+
+    off = Backbone(BackboneConfig(weights="none", image_size=64, feature_size=4, cpu_graph=False))
+    off(torch.rand(1, 3, 64, 64))
+    assert off._graphs == {}
+    on = Backbone(BackboneConfig(weights="none", image_size=64, feature_size=4))
+    x = torch.rand(2, 3, 64, 64)
+    expected = on(x)
+    for clone in (copy.deepcopy(on), pickle.loads(pickle.dumps(on))):
+        assert clone._graphs == {}  # derived data: rebuilt on first use, never copied
+        torch.testing.assert_close(clone(x), expected, rtol=1e-4, atol=1e-4)
+    on.to(torch.float64)
+    assert on._graphs == {}  # the graph held fp32 copies of the weights
+    assert on(x.double()).dtype == torch.float64  # not fp32: runs eager, no graph
+    assert on._graphs == {}
+
+
+def test_a_backbone_that_cannot_be_traced_runs_eager_with_a_warning(monkeypatch):
+    import structlog
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("tracer refused this model")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    backbone = Backbone(BackboneConfig(weights="none", image_size=64, feature_size=4))
+    x = torch.rand(1, 3, 64, 64)
+    with structlog.testing.capture_logs() as logs:
+        out = backbone(x)
+        backbone(x)
+    torch.testing.assert_close(out, backbone.features(x))
+    warned = [e for e in logs if e["event"].startswith("backbone cpu graph unavailable")]
+    assert len(warned) == 1 and "tracer refused" in warned[0]["error"]  # once per size, not per call
