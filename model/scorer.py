@@ -17,6 +17,7 @@ from .config import ScoringConfig
 from .reconstructor import Reconstructor
 from .scoring import (
     cell_tokens,
+    channel_major_memory,
     fit_cell_gaussians,
     fit_cell_memory,
     mahalanobis_distance,
@@ -56,7 +57,8 @@ class FittedScorer(nn.Module):
             raise ValueError(f"unknown or no scoring terms {terms}; choose from {list(TERMS)}")
         self.terms = list(terms)
         for name, value in (tensors or {}).items():
-            self.register_buffer(name, value.float())
+            value = value.float()
+            self.register_buffer(name, channel_major_memory(value) if name == "memory" else value)
         need = {"mahalanobis": ("gauss_mean", "gauss_basis", "gauss_inv_eig", "gauss_inv_rest"),
                 "memory": ("memory",)}
         missing = [n for t in self.terms for n in need.get(t, ()) if not hasattr(self, n)]
@@ -72,7 +74,8 @@ class FittedScorer(nn.Module):
     def checkpoint_tensors(self) -> dict[str, Tensor]:
         """The fitted tensors under their checkpoint names; the bulky ones (basis, memory) in fp16."""
         bulky = {"gauss_basis", "memory"}
-        return {PREFIX + name: (buf.half() if name in bulky else buf) for name, buf in self.state_dict().items()}
+        return {PREFIX + name: (buf.half() if name in bulky else buf).contiguous()
+                for name, buf in self.state_dict().items()}
 
     @torch.no_grad()
     def forward(self, features: Tensor, target: Tensor, reconstruction: Tensor, feature_std: Tensor) -> Tensor:

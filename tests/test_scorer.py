@@ -10,12 +10,14 @@ from model.reconstructor import Reconstructor
 from model.scorer import FittedScorer, fit_scorer, used_terms
 from model.scoring import (
     cell_tokens,
+    channel_major_memory,
     fit_cell_gaussians,
     fit_cell_memory,
     fuse_terms,
     image_score,
     mahalanobis_distance,
     memory_distance,
+    memory_norms,
     term_scale,
     upsample_map,
 )
@@ -81,6 +83,19 @@ def test_cell_memory_is_a_nearest_neighbour_at_the_same_cell_only():
     moved = x[:1, [1, 1, 2]]
     d = memory_distance(moved, memory)[0]
     assert d[1] < 1e-2 and d[0] > 0.5
+
+
+def test_channel_major_memory_is_the_same_memory_in_the_layout_the_distance_reads_fastest():
+    x = _tokens(n=20)
+    memory = fit_cell_memory(x, size=0)
+    stored = channel_major_memory(memory)
+    assert torch.equal(stored, memory) and stored.transpose(1, 2).is_contiguous()
+    queries = _tokens(n=4, seed=2)
+    torch.testing.assert_close(memory_distance(queries, stored, memory_norms(stored)),
+                               memory_distance(queries, memory), rtol=1e-5, atol=1e-5)
+    _, scorer, _, _ = _fitted(["mahalanobis"], ["memory"])
+    assert scorer.memory.transpose(1, 2).is_contiguous()  # what the live scorer multiplies by
+    assert scorer.checkpoint_tensors()["scorer.memory"].is_contiguous()  # what safetensors writes
 
 
 def test_cell_memory_centroids_summarize_the_training_tokens():

@@ -18,8 +18,8 @@ from torch import Tensor
 from model.config import AdtrConfig
 from model.detector import ScoreHead
 from model.patch_memory import PatchMemory
-from model.scoring import (cell_tokens, fit_cell_gaussians, fit_cell_memory, mahalanobis_distance, memory_distance,
-                           memory_norms)
+from model.scoring import (cell_tokens, channel_major_memory, fit_cell_gaussians, fit_cell_memory,
+                           mahalanobis_distance, memory_distance, memory_norms)
 
 METHODS = ("full_memory", "local_memory", "padim")
 LABELS = {"full_memory": "nearest-neighbour memory, all cells (PatchCore w/o coreset)",
@@ -31,7 +31,7 @@ def fit_baseline(method: str, train_features: Tensor, shrinkage: float = 0.1) ->
     if method == "full_memory":
         return {"bank": PatchMemory(train_features).bank}
     if method == "local_memory":
-        return {"memory": fit_cell_memory(cell_tokens(train_features), 0)}
+        return {"memory": channel_major_memory(fit_cell_memory(cell_tokens(train_features), 0))}
     if method == "padim":
         c = train_features.shape[1]
         return fit_cell_gaussians(cell_tokens(train_features), rank=c, shrinkage=shrinkage)
@@ -46,8 +46,11 @@ def coarse_map(method: str, tensors: dict[str, Tensor], features: Tensor) -> Ten
         memory = PatchMemory(features[:1])
         memory.bank = tensors["bank"]
         return memory.distance_map(features)
-    if method == "local_memory":  # the entries' norms once per baseline, as the model's scorer does
-        memory_sq = tensors.setdefault("memory_sq", memory_norms(tensors["memory"]))
+    if method == "local_memory":  # norms once and the channel-major layout, as the model's scorer does
+        if "memory_sq" not in tensors:  # a loaded baseline's memory comes back in the file's layout
+            tensors["memory"] = channel_major_memory(tensors["memory"])
+            tensors["memory_sq"] = memory_norms(tensors["memory"])
+        memory_sq = tensors["memory_sq"]
         return memory_distance(cell_tokens(features), tensors["memory"], memory_sq).view(b, s, s)
     return mahalanobis_distance(cell_tokens(features), tensors).view(b, s, s)
 
