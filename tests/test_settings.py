@@ -13,6 +13,17 @@ def test_edge_yaml_is_exactly_the_defaults():
     assert load_settings(CONFIGS / "edge.yaml") == AdtrConfig()
 
 
+def test_edge_yaml_lists_every_setting():
+    """The file users copy to change a setting names all of them (a new setting must be added there)."""
+    import yaml
+
+    listed = yaml.safe_load((CONFIGS / "edge.yaml").read_text())
+    defaults = AdtrConfig().model_dump()
+    assert set(listed) == set(defaults)
+    for section, values in defaults.items():
+        assert set(listed[section]) == set(values), section
+
+
 def test_paper_b4_config_is_the_paper_setup():
     cfg = load_settings(CONFIGS / "paper-b4.yaml")
     assert cfg.backbone.name == "efficientnet_b4" and cfg.backbone.levels == [1, 2, 3, 4, 5]
