@@ -49,15 +49,18 @@ def frames_of(data: str, model_dir: Path, count: int) -> list[Path]:
     return [s.path for s in test[:count]]
 
 
-def raw_throughput(model_dir: Path, paths: list[Path], batch: int, threads: int) -> float:
-    """Frames/s of the model alone: decoded images in, scores out, batch after batch."""
+def raw_throughput(model_dir: Path, paths: list[Path], batch: int, threads: int, backbone_only: bool = False) -> float:
+    """Frames/s of the model alone: decoded images in, scores out, batch after batch. `backbone_only`:
+    resize + backbone features only, the bound every frame pays before the model's own work."""
     torch.set_num_threads(threads)
     detector = load_detector(model_dir)
     images = [read_image(p) for p in paths]
-    detector.score_images(images[:batch])  # warm-up
-    started = time.perf_counter()
-    for i in range(0, len(images), batch):
-        detector.score_images(images[i : i + batch])
+    run = (lambda x: detector.backbone(detector.preprocess(x))) if backbone_only else detector.score_images
+    with torch.inference_mode():
+        run(images[:batch])  # warm-up
+        started = time.perf_counter()
+        for i in range(0, len(images), batch):
+            run(images[i : i + batch])
     return len(images) / (time.perf_counter() - started)
 
 
@@ -128,6 +131,7 @@ def main() -> None:
         batch, threads = inference["max_batch"], inference["torch_threads"]
         results.update(tuning=inference["tuning"], max_batch=batch, torch_threads=threads)
         raw_before = raw_throughput(model_dir, paths, batch, threads)  # the agent's actors idle meanwhile
+        backbone_before = raw_throughput(model_dir, paths, batch, threads, backbone_only=True)
         agent_run(agent, "warm-up", frames, 3 * batch)
         saturated = agent_run(agent, "saturation", frames, args.frames)
         capacity = saturated["frames_per_second"]
@@ -143,8 +147,11 @@ def main() -> None:
     finally:
         agent.stop()
     raw_after = raw_throughput(model_dir, paths, batch, threads)
-    raw = (raw_before + raw_after) / 2
+    backbone_after = raw_throughput(model_dir, paths, batch, threads, backbone_only=True)
+    raw, backbone = (raw_before + raw_after) / 2, (backbone_before + backbone_after) / 2
     results.update({"raw_frames_per_second": raw, "raw_before": raw_before, "raw_after": raw_after,
+                    "backbone_frames_per_second": backbone, "backbone_before": backbone_before,
+                    "backbone_after": backbone_after,
                     "agent_saturation": saturated, "agent_vs_raw": capacity / raw, "latency": latency,
                     "accounting": accounting, "costs_ms": costs})
     if args.splits:
@@ -206,13 +213,20 @@ def render(r: dict) -> str:
              f"{r['raw_frames_per_second']:.1f} | 1.00 | — | — | {r['max_batch']} |",
              f"| agent at saturation (camera → decision) | {s['frames_per_second']:.1f} | {r['agent_vs_raw']:.2f} | "
              f"{s['latency_ms_p50']:.0f} ms | {s['latency_ms_p99']:.0f} ms | {s['mean_batch']:.1f} |"]
+    if r.get("backbone_frames_per_second"):  # results written before this row existed lack it
+        lines.insert(-1, f"| backbone alone (resize + features, in-process, same batch and threads; the bound) | "
+                         f"{r['backbone_frames_per_second']:.1f} | "
+                         f"{r['backbone_frames_per_second'] / r['raw_frames_per_second']:.2f} | — | — | {r['max_batch']} |")
     for share, v in r["latency"].items():
         lines.append(f"| agent at {share} of capacity ({v['offered_fps']:.1f} fps offered) | "
                      f"{v['frames_per_second']:.1f} | — | {v['latency_ms_p50']:.0f} ms | {v['latency_ms_p99']:.0f} ms | "
                      f"{v['mean_batch']:.1f} |")
     costs = r["costs_ms"]
     lines += ["", f"The raw model was measured before and after the agent in the same run "
-              f"({r['raw_before']:.1f} and {r['raw_after']:.1f} frames/s); the ratio uses their mean. Latency is "
+              f"({r['raw_before']:.1f} and {r['raw_after']:.1f} frames/s); the ratio uses their mean"
+              + (f", and so was the backbone alone ({r['backbone_before']:.1f} and {r['backbone_after']:.1f}): the agent "
+                 f"keeps {s['frames_per_second'] / r['backbone_frames_per_second']:.2f} × the backbone's own rate"
+                 if r.get("backbone_frames_per_second") else "") + ". Latency is "
               "capture timestamp → decision received by a subscriber. Per frame, from the actors' own stats: decode + "
               f"resize {costs['decode']:.1f} ms (ingest), scoring {costs['scoring']:.1f} ms.", "",
               "The inference actor's tuning table (forward pass of frames at the model's size; frames/s from the "
