@@ -123,8 +123,9 @@ class Backbone(nn.Module):
     def _graph(self, images: torch.Tensor) -> torch.jit.ScriptModule | None:
         """The frozen, BatchNorm-folded oneDNN graph for this input size, traced on first use.
 
-        TorchScript is deprecated in recent torch (its replacement, torch.compile, needs a C++ compiler
-        and a minute of compilation per model on this box); where tracing fails, eager, with a warning.
+        TorchScript is deprecated in recent torch. Its replacement, torch.compile (inductor, freezing),
+        ran about as fast here (14.3 against 24.2 ms eager, measured under load) but compiled for ~21 s
+        per model and needs a C++ compiler on the box. Where tracing fails: eager, with a warning.
         """
         size = (int(images.shape[-2]), int(images.shape[-1]))
         if size not in self._graphs:
