@@ -123,7 +123,7 @@ class InferenceActor:
         started = time.monotonic()
         try:
             detector = load_detector(model_dir, backbone=backbone).to(
-                self.cfg.device, self.cfg.half, self.cfg.channels_last)
+                self.cfg.device, self.cfg.half, self.cfg.channels_last, self.cfg.cpu_graph)
             size = detector.image_size
             probe = [np.full((size, size, 3), 127, np.uint8), np.zeros((size, size, 3), np.uint8)]
             maps = detector.coarse_maps(detector.embed(probe))

@@ -24,10 +24,6 @@ class BackboneConfig(_Strict):
     image_size: int = Field(256, ge=32, le=2048)
     # Side of the common grid every level is resized to (16 = stride 16 at 256 px).
     feature_size: int = Field(16, ge=2, le=128)
-    # On the CPU, run the backbone as a traced, frozen graph with BatchNorm folded into the convolutions
-    # and oneDNN kernels (torch.jit.optimize_for_inference): 1.6x faster at batch 1 on a 2-core box, the
-    # same features within 1e-4. Built per input size on first use (~0.3 s); eager if tracing fails.
-    cpu_graph: bool = True
 
     @field_validator("levels")
     @classmethod

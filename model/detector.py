@@ -133,12 +133,15 @@ class AnomalyDetector:
         self.image_size = cfg.backbone.image_size
         self.device, self.half, self.channels_last = torch.device("cpu"), False, False
 
-    def to(self, device: str | torch.device = "auto", half: bool = False, channels_last: bool = False) -> AnomalyDetector:
+    def to(self, device: str | torch.device = "auto", half: bool = False, channels_last: bool = False,
+           cpu_graph: bool = True) -> AnomalyDetector:
         """Move the networks to a device once. fp16 autocast and channels-last apply on a GPU only (on
-        this CPU they are slower or unsupported); the distance map is always computed in fp32."""
+        this CPU they are slower or unsupported); the distance map is always computed in fp32.
+        `cpu_graph`: on the CPU, the backbone's frozen oneDNN graph (see `Backbone`); False = eager."""
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         gpu = self.device.type == "cuda"
         self.half, self.channels_last = half and gpu, channels_last and gpu
+        self.backbone.cpu_graph = cpu_graph
         self.backbone.to(self.device)
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
