@@ -87,7 +87,7 @@ class InferenceConfig(Section):
     half: bool = True  # fp16 autocast on a GPU (ignored on the CPU)
     channels_last: bool = True  # on a GPU
     # On the CPU: the backbone as a frozen graph, BatchNorm folded, oneDNN kernels (model/backbone.py;
-    # 1.6x at batch 1 on 2 cores, the same features within 1e-4); false = the eager forward.
+    # 1.4-1.7x at batch 1 on 2 cores, the same features within 1e-4); false = the eager forward.
     cpu_graph: bool = True
     torch_threads: int | None = Field(None, ge=1)  # CPU threads for torch; None = tuned (1, 2, 4, … num_cpus)
     # CPUs the inference actor reserves in Ray, and the ceiling of its torch threads. None = the node's cores

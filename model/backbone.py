@@ -34,7 +34,7 @@ class Backbone(nn.Module):
 
     On the CPU, fp32 batches at the model's own image size run through a traced, frozen graph with
     BatchNorm folded into the convolutions and oneDNN kernels (`torch.jit.optimize_for_inference`):
-    1.6x faster at batch 1 on a 2-core box, the same features within 1e-4, built on first use
+    1.4-1.7x faster at batch 1 on a 2-core box, the same features within 1e-4, built on first use
     (~0.3 s). `cpu_graph = False` (a runtime switch, not a model setting: `inference.cpu_graph` in the
     agent) keeps the eager forward; a tracing failure does too, with one warning.
     """
