@@ -415,6 +415,7 @@ class InferenceActor:
                 "load_failures": self.load_failures, "frames": self.frames, "shadow_frames": self.shadow_frames,
                 "queued": len(self.queue), "busy": self.busy, "refused": self.refused,
                 "max_batch": self.max_batch, "torch_threads": self.threads,
+                "backbone_graph": self.serving.detector.backbone.graph_state,
                 "tuning": {k: v for k, v in self.tuned.items() if k != "started_at"},
                 "batch_size": self.batch_sizes.cumulative(), "batch_size_sum": self.batch_sizes.total,
                 "batch_count": self.batch_sizes.n, "forward": self.forward_seconds.cumulative(),

@@ -181,7 +181,10 @@ def _tuning_metrics(inference: dict[str, Any]):
         fps.add_metric(labels, row["frames_per_second"])
         if row["ms"] is not None:
             ms.add_metric(labels, row["ms"] / 1000.0)
-    yield from (batch, threads, state, runs, fps, ms)
+    graph = GaugeMetricFamily("adtr_backbone_graph", "1 for what the backbone's CPU forward runs: graph (frozen, "
+                              "oneDNN), pending, failed (eager after a tracing error), off, not_cpu", labels=["state"])
+    graph.add_metric([inference.get("backbone_graph", "off")], 1.0)
+    yield from (batch, threads, state, runs, fps, ms, graph)
 
 
 def _camera_metrics(ingests: list[dict[str, Any]]):

@@ -89,6 +89,19 @@ class Backbone(nn.Module):
             self._graphs = {}
         return out
 
+    @property
+    def graph_state(self) -> str:
+        """What the CPU forward runs: "graph", "pending" (built on the next forward at the model's size),
+        "failed" (tracing failed: eager), "off" (cpu_graph False) or "not_cpu" (eager on a GPU)."""
+        if not self.cpu_graph:
+            return "off"
+        if self.mean.device.type != "cpu":
+            return "not_cpu"
+        size = (self.cfg.image_size, self.cfg.image_size)
+        if size not in self._graphs:
+            return "pending"
+        return "graph" if self._graphs[size] is not None else "failed"
+
     def _placement(self) -> set[tuple[torch.device, torch.dtype]]:
         return {(t.device, t.dtype) for t in [*self.parameters(), *self.buffers()]}
 

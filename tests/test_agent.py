@@ -219,6 +219,7 @@ def test_metrics_health_and_readiness_over_http(trained_model, tmp_path, test_im
     assert 'adtr_end_to_end_seconds_count{camera="line-4"} 6.0' in metrics
     assert "adtr_batch_size_bucket" in metrics and "adtr_inference_seconds_sum" in metrics
     assert 'adtr_actor_up{actor="inference"} 1.0' in metrics
+    assert 'adtr_backbone_graph{state="graph"} 1.0' in metrics  # the serving model runs the frozen CPU graph
     assert 'adtr_frames_dropped_total{camera="gappy",reason="upstream_gap"} 3.0' in metrics
     assert 'adtr_frames_processed_total{camera="gappy"} 3.0' in metrics
     assert ready["ready"] is True and health == 200

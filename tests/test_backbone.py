@@ -134,6 +134,7 @@ def test_a_backbone_that_cannot_be_traced_runs_eager_with_a_warning(monkeypatch)
         out = backbone(x)
         backbone(x)
     torch.testing.assert_close(out, backbone.features(x))
+    assert backbone.graph_state == "failed"  # what /metrics shows (adtr_backbone_graph{state="failed"})
     warned = [e for e in logs if e["event"].startswith("backbone cpu graph unavailable")]
     assert len(warned) == 1 and "tracer refused" in warned[0]["error"]  # once per size, not per call
 
@@ -179,8 +180,9 @@ def test_the_agents_switch_reaches_the_backbone(trained_model):
     frame = [np.full((64, 64, 3), 127, np.uint8)]
     detector = load_detector(trained_model).to("cpu", cpu_graph=False)
     detector.embed(frame)
-    assert detector.backbone.cpu_graph is False and detector.backbone._graphs == {}
+    assert detector.backbone.graph_state == "off" and detector.backbone._graphs == {}
     detector.to("cpu", cpu_graph=True)
+    assert detector.backbone.graph_state == "pending"
     detector.embed(frame)
     size = detector.image_size
-    assert detector.backbone._graphs[(size, size)] is not None
+    assert detector.backbone._graphs[(size, size)] is not None and detector.backbone.graph_state == "graph"
