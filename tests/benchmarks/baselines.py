@@ -31,7 +31,7 @@ def fit_baseline(method: str, train_features: Tensor, shrinkage: float = 0.1) ->
     if method == "full_memory":
         return {"bank": PatchMemory(train_features).bank}
     if method == "local_memory":
-        return {"memory": channel_major_memory(fit_cell_memory(cell_tokens(train_features), 0))}
+        return {"memory": fit_cell_memory(cell_tokens(train_features), 0)}
     if method == "padim":
         c = train_features.shape[1]
         return fit_cell_gaussians(cell_tokens(train_features), rank=c, shrinkage=shrinkage)
@@ -47,7 +47,7 @@ def coarse_map(method: str, tensors: dict[str, Tensor], features: Tensor) -> Ten
         memory.bank = tensors["bank"]
         return memory.distance_map(features)
     if method == "local_memory":  # norms once and the channel-major layout, as the model's scorer does
-        if "memory_sq" not in tensors:  # a loaded baseline's memory comes back in the file's layout
+        if "memory_sq" not in tensors:  # first use of a fitted or loaded memory, both (P, M, C) in storage
             tensors["memory"] = channel_major_memory(tensors["memory"])
             tensors["memory_sq"] = memory_norms(tensors["memory"])
         memory_sq = tensors["memory_sq"]

@@ -55,7 +55,7 @@ def raw_throughput(model_dir: Path, paths: list[Path], batch: int, threads: int,
     torch.set_num_threads(threads)
     detector = load_detector(model_dir)
     images = [read_image(p) for p in paths]
-    run = (lambda x: detector.backbone(detector.preprocess(x))) if backbone_only else detector.score_images
+    run = detector.embed if backbone_only else detector.score_images
     with torch.inference_mode():
         run(images[:batch])  # warm-up
         started = time.perf_counter()

@@ -66,7 +66,7 @@ def write_hf_cache(hf_home: Path) -> Path:
 def ours_speed(detector, images: list[np.ndarray], repeats: int = 2) -> dict:
     """images/s of the full model and of the backbone alone, per batch size, timed in alternation pass by
     pass: on a shared box the load drifts, and both sides of the ratio should see the same drift."""
-    fns = {"adtr": lambda x: detector.score_images(x), "backbone": lambda x: detector.backbone(detector.preprocess(x))}
+    fns = {"adtr": lambda x: detector.score_images(x), "backbone": detector.embed}
     out: dict = {name: {} for name in fns}
     with torch.inference_mode():
         for b in SPEED_BATCHES:
