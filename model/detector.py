@@ -20,7 +20,7 @@ from .config import AdtrConfig
 from .data import resize_image, to_tensor_batch
 from .reconstructor import Reconstructor
 from .scorer import LEGACY_FIT, FittedScorer, reconstructor_tensors
-from .scoring import fuse_terms, image_score, normalized_score, pool_kernel_px, upsample_map
+from .scoring import coarse_image_score, fuse_terms, normalized_score, pool_kernel_px, upsample_map
 
 
 @dataclass
@@ -62,22 +62,21 @@ class ScoreHead:
         decision and the heatmap never contradict each other.
         """
         coarse = self._checked(coarse)
-        maps = self._full_map(coarse, self.fit["image"])
-        scores = image_score(maps, self.pool_kernel)
+        scores = self._pooled_peak(coarse, self.fit["image"])
+        maps = self._full_map(coarse, self.fit["localization"])
         threshold = self.decision_threshold
-        if self.fit["localization"] != self.fit["image"]:
-            maps = self._full_map(coarse, self.fit["localization"])
-            if math.isfinite(threshold) and self.fit.get("localization_threshold"):
-                maps = maps * (threshold / self.fit["localization_threshold"])
-                peak = image_score(maps, self.pool_kernel)
-                lift = torch.where((scores >= threshold) & (peak < threshold), threshold / peak.clamp_min(1e-12), 1.0)
-                maps = maps * lift.to(maps.dtype)[:, None, None]
+        if (self.fit["localization"] != self.fit["image"] and math.isfinite(threshold)
+                and self.fit.get("localization_threshold")):
+            gain = threshold / self.fit["localization_threshold"]
+            peak = self._pooled_peak(coarse, self.fit["localization"]) * gain
+            lift = torch.where((scores >= threshold) & (peak < threshold), threshold / peak.clamp_min(1e-12), 1.0)
+            maps = maps * (gain * lift.to(maps.dtype))[:, None, None]
         return Scores(maps, scores, normalized_score(scores, threshold), scores >= threshold)
 
     @torch.no_grad()
     def localization_peaks(self, coarse: torch.Tensor) -> torch.Tensor:
         """Max of the pooled localization map before any rescaling, (B,): what its threshold is fitted on."""
-        return image_score(self._full_map(self._checked(coarse), self.fit["localization"]), self.pool_kernel)
+        return self._pooled_peak(self._checked(coarse), self.fit["localization"])
 
     def _checked(self, coarse: torch.Tensor) -> torch.Tensor:
         coarse = coarse.unsqueeze(1) if coarse.dim() == 3 else coarse
@@ -88,6 +87,11 @@ class ScoreHead:
     def _full_map(self, coarse: torch.Tensor, use: list[int]) -> torch.Tensor:
         fused = fuse_terms(coarse, self.fit["scales"], use)
         return upsample_map(fused, self.image_size, self.cfg.scoring.blur_sigma)
+
+    def _pooled_peak(self, coarse: torch.Tensor, use: list[int]) -> torch.Tensor:
+        """`image_score` of `_full_map(coarse, use)`, computed on the coarse maps (no full-size map)."""
+        fused = fuse_terms(coarse, self.fit["scales"], use)
+        return coarse_image_score(fused, self.image_size, self.cfg.scoring.blur_sigma, self.pool_kernel)
 
 
 def _fit_for(cfg: AdtrConfig, fit: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .config import ScoringConfig
-from .scoring import image_score, pool_kernel_px, upsample_map
+from .scoring import coarse_image_score, pool_kernel_px, upsample_map
 
 
 class PatchMemory:
@@ -34,5 +34,7 @@ class PatchMemory:
 
     def score(self, features: Tensor, image_size: int, scoring: ScoringConfig) -> tuple[Tensor, Tensor]:
         """(maps (B, H, W), image scores (B,)) with the same map and score functions as ADTR."""
-        maps = upsample_map(self.distance_map(features), image_size, scoring.blur_sigma)
-        return maps, image_score(maps, pool_kernel_px(scoring, image_size, features.shape[-1]))
+        coarse = self.distance_map(features)
+        kernel = pool_kernel_px(scoring, image_size, features.shape[-1])
+        return (upsample_map(coarse, image_size, scoring.blur_sigma),
+                coarse_image_score(coarse, image_size, scoring.blur_sigma, kernel))

@@ -6,6 +6,7 @@ import torch
 from model.config import ScoringConfig
 from model.scoring import (
     anomaly_map,
+    coarse_image_score,
     gaussian_blur,
     image_score,
     normalized_score,
@@ -60,6 +61,19 @@ def test_image_score_is_max_of_average_pooled_map():
     assert image_score(amap, 2).item() == 2.0
     assert image_score(amap, 1).item() == 8.0
     assert image_score(amap, 100).item() == pytest.approx(amap.mean().item())
+
+
+@pytest.mark.parametrize("size,out,sigma,kernel", [(16, 256, 4.0, 16), (16, 256, 0.0, 16), (4, 32, 2.0, 3),
+                                                    (8, 20, 9.0, 100), (8, 20, 9.0, 1), (16, 512, 4.0, 32)])
+def test_coarse_image_score_is_the_image_score_of_the_upsampled_map(size, out, sigma, kernel):
+    # The pooled operator folds upsampling, blur and box mean into one matrix per axis; it must give
+    # the score of the full-size map (kernel clamped to the map's side as image_score does).
+    coarse = torch.rand(3, size, size, generator=torch.Generator().manual_seed(out)) * 5
+    coarse[1, size // 2, size // 3] += 40.0  # one hot cell: the max sits where the peak is
+    direct = image_score(upsample_map(coarse, out, sigma), kernel)
+    assert torch.allclose(coarse_image_score(coarse, out, sigma, kernel), direct, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="square"):
+        coarse_image_score(coarse[:, :, :-1], out, sigma, kernel)
 
 
 def test_pool_kernel_defaults_to_one_feature_cell():
