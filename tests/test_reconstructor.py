@@ -81,3 +81,31 @@ def test_neighbor_mask_covering_the_grid_is_rejected():
 
     with pytest.raises(ValueError, match="whole"):
         _model(neighbor_mask=9)
+
+
+def test_kept_decoder_queries_give_the_same_reconstruction_and_follow_the_weights():
+    # At inference the first decoder layer's self-attention over the (image-independent) queries is
+    # computed once and kept; it must equal the full computation and never outlive the weights.
+    model = _model(zero_init_output=False, num_decoder_layers=2, neighbor_mask=3).eval()
+    x = torch.randn(3, 12, 4, 4)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.query_embed)  # queries that matter
+    full = model(x)[1].detach()  # grad enabled: computed in full, nothing kept
+    with torch.inference_mode():
+        assert torch.allclose(model(x)[1], full, atol=1e-6) and torch.allclose(model(x)[1], full, atol=1e-6)
+    other = _model(zero_init_output=False, num_decoder_layers=2, neighbor_mask=3).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(other.query_embed)
+    expected = other(x)[1].detach()
+    model.load_state_dict(other.state_dict())  # in place: the kept queries are stale now
+    with torch.inference_mode():
+        assert torch.allclose(model(x)[1], expected, atol=1e-6)
+    # Learning through an eval-mode model still reaches the queries (nothing kept is used with grad).
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(x)[1].pow(2).mean().backward()
+    assert model.query_embed.grad is not None and model.query_embed.grad.abs().sum() > 0
+    opt.step()
+    with torch.no_grad():
+        stepped = model(x)[1]
+    assert not torch.allclose(stepped, expected, atol=1e-4)
+    assert torch.allclose(stepped, model.train()(x)[1].detach(), atol=1e-6)  # training path: no dropout here
