@@ -234,7 +234,9 @@ def fit_cell_gaussians(tokens: Tensor, rank: int, shrinkage: float, chunk: int =
 def mahalanobis_distance(tokens: Tensor, fit: dict[str, Tensor]) -> Tensor:
     """√((x − μ_u)ᵀ Σ_u⁻¹ (x − μ_u)) per cell with a `fit_cell_gaussians` fit: (B, P, C) → (B, P)."""
     d = tokens - fit["mean"]  # (B, P, C)
-    proj = torch.einsum("bpc,pck->bpk", d, fit["basis"].to(d.dtype))  # (B, P, k)
+    # One matrix product per cell on contiguous operands (the einsum form ran as single-threaded
+    # per-cell products: measured 5.3 → 1.9 ms at batch 4 on two threads, the same numbers).
+    proj = torch.bmm(d.transpose(0, 1).contiguous(), fit["basis"].to(d.dtype)).transpose(0, 1)  # (B, P, k)
     inside = proj.pow(2)
     outside = (d.pow(2).sum(dim=2) - inside.sum(dim=2)).clamp_min(0.0)  # the part off the basis
     squared = (inside * fit["inv_eig"]).sum(dim=2) + outside * fit["inv_rest"]
@@ -296,7 +298,11 @@ def _entry_terms(a: Tensor, b: Tensor, b_sq: Tensor | None = None) -> Tensor:
     """|b|² − 2 a·b for every pair, (P, X, Y): the squared distance less |a|², which ranks b's entries
     alike for each a. One batched matrix product per cell."""
     b_sq = memory_norms(b) if b_sq is None else b_sq.to(a.dtype)
-    return torch.baddbmm(b_sq.unsqueeze(1), a, b.transpose(1, 2), alpha=-2.0)
+    # Both operands contiguous and the added term materialized: with a transposed `a` or a broadcast
+    # `b_sq`, the CPU baddbmm falls back to one single-threaded addmm per cell (measured at batch 4:
+    # 7.4 → 2.8 ms per call on two threads, 8.0 → 6.0 on one).
+    init = b_sq.unsqueeze(1).expand(-1, a.shape[1], -1).contiguous()
+    return torch.baddbmm(init, a.contiguous(), b.transpose(1, 2), alpha=-2.0)
 
 
 def term_scale(val_maps: Tensor, quantiles: tuple[float, float]) -> float:
