@@ -18,7 +18,7 @@ from .backbone import Backbone
 from .checkpoint import CheckpointError, load_checkpoint, load_into, read_manifest
 from .config import AdtrConfig
 from .data import resize_image, to_tensor_batch
-from .reconstructor import Reconstructor
+from .reconstructor import Reconstructor, channels_last
 from .scorer import LEGACY_FIT, FittedScorer, reconstructor_tensors
 from .scoring import coarse_image_score, fuse_terms, normalized_score, pool_kernel_px, upsample_map
 
@@ -197,7 +197,7 @@ class AnomalyDetector:
     def coarse_maps(self, features: torch.Tensor) -> torch.Tensor:
         """Backbone features → (B, K, S, S) float32 per-term maps on the CPU (what the inference actor
         returns). The networks run on the model's device; the scoring terms in fp32."""
-        features = features.to(self.device)
+        features = channels_last(features.to(self.device))  # the layout the per-cell work reads fastest
         with self._autocast():
             target, recon = self.reconstructor(features)
         return self.scorer(features.float(), target.float(), recon.float(), self.reconstructor.feature_std).cpu()

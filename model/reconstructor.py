@@ -12,6 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ReconstructorConfig
+from .scoring import cell_tokens
+
+
+def channels_last(features: Tensor) -> Tensor:
+    """(B, C, S, S) features in channels-last storage (the same tensor when they already are)."""
+    return features.contiguous(memory_format=torch.channels_last)
 
 
 def with_pos(x: Tensor, pos: Tensor) -> Tensor:
@@ -87,8 +93,11 @@ class Reconstructor(nn.Module):
         if mask is not None and mask.all():
             raise ValueError(f"neighbor_mask {cfg.neighbor_mask} hides the whole {feature_size}x{feature_size} grid")
         self.register_buffer("attn_mask", mask, persistent=False)
-        self.register_buffer("feature_mean", torch.zeros(1, channels, feature_size, feature_size))
-        self.register_buffer("feature_std", torch.ones(1, channels, feature_size, feature_size))
+        # Channels-last storage: with features in the same layout (`forward` puts them there), every
+        # per-cell step below and in the scorer runs on contiguous memory, and the tokens are a view.
+        shape = (1, channels, feature_size, feature_size)
+        self.register_buffer("feature_mean", torch.zeros(shape).contiguous(memory_format=torch.channels_last))
+        self.register_buffer("feature_std", torch.ones(shape).contiguous(memory_format=torch.channels_last))
         nn.init.normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.query_embed, std=0.02)
         for p in self.parameters():
@@ -150,15 +159,16 @@ class Reconstructor(nn.Module):
         if features.shape[1:] != self.feature_mean.shape[1:]:
             raise ValueError(f"features are {tuple(features.shape[1:])}, the reconstructor was built for "
                              f"{tuple(self.feature_mean.shape[1:])}")
-        target = self.normalize(features)  # (B, C, S, S)
+        target = self.normalize(channels_last(features))  # (B, C, S, S), channels-last storage
         b, _, s, _ = target.shape
-        tokens = target.flatten(2).transpose(1, 2)  # (B, S*S, C)
+        tokens = cell_tokens(target)  # (B, S*S, C), a view of channels-last storage
         if self.training and self.cfg.jitter_scale > 0 and torch.rand(()) < self.cfg.jitter_prob:
             # UniAD's feature jitter: noise ∝ each token's norm, only on the input, never the target.
             scale = tokens.norm(dim=2, keepdim=True) / tokens.shape[2] * self.cfg.jitter_scale
             tokens = tokens + torch.randn_like(tokens) * scale
-        x = tokens.transpose(1, 2).reshape(b, -1, s, s)
-        memory = self.input_proj(x).flatten(2).transpose(1, 2)  # (B, S*S, D)
+        # The 1×1 projections as matrix products on the tokens (the same weights and arithmetic as the
+        # convolutions, whose modules keep the checkpoint's names and shapes).
+        memory = F.linear(tokens, self.input_proj.weight.flatten(1), self.input_proj.bias)  # (B, S*S, D)
         pos = self.pos_embed
         for layer in self.encoder:
             memory = layer(memory, pos, self.attn_mask)
@@ -168,8 +178,8 @@ class Reconstructor(nn.Module):
         for i, layer in enumerate(self.decoder):
             first = self._attended_queries().expand(b, -1, -1) if i == 0 and keep else None
             out = layer(out, memory, pos, self.attn_mask, first)
-        out = out.transpose(1, 2).reshape(b, -1, s, s)  # (B, D, S, S)
-        return target, self.output_proj(out)  # both (B, C, S, S)
+        recon = F.linear(out, self.output_proj.weight.flatten(1), self.output_proj.bias)  # (B, S*S, C)
+        return target, recon.transpose(1, 2).unflatten(2, (s, s))  # both (B, C, S, S), channels-last storage
 
 
 def reconstruction_loss(target: Tensor, reconstruction: Tensor) -> Tensor:
