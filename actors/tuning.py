@@ -8,7 +8,11 @@ agent measures itself, at start and after every model swap.
 A `Tuner` is a plan of timed passes, handed out one at a time (`next_probe`), so the actor can run
 them back to back before it serves, or one between two live batches after a swap (serving then waits
 for at most one pass, whose length the budget bounds). Per thread count it climbs the batch ladder
-and stops at the first batch over the budget: bigger ones only take longer.
+and stops at the first batch over the budget: bigger ones only take longer. Then the points within
+the budget are timed again in rotation, one pass each per round, and compared on those passes only:
+timed one after the other, a point that happened to run while the other actors were starting (or a
+neighbour was busy) looked slower than it is, and the choice flipped between runs (measured on this
+2-core box: batch 1 chosen although batch 4 served 1.5 × the frames/s).
 """
 from __future__ import annotations
 
@@ -25,22 +29,29 @@ class Point:
     seconds: list[float] = field(default_factory=list)
     warmed: bool = False
     failed: str | None = None
+    rotation: list[float] = field(default_factory=list)  # the passes timed in rotation with the others
+
+    @property
+    def compared(self) -> list[float]:
+        """The passes the point is compared on: those of the rotation once there are any."""
+        return self.rotation or self.seconds
 
     @property
     def ms(self) -> float:
-        """The typical batch time (median of the timed passes)."""
-        return 1000.0 * statistics.median(self.seconds) if self.seconds else float("inf")
+        """The typical batch time (median of the compared passes)."""
+        return 1000.0 * statistics.median(self.compared) if self.compared else float("inf")
 
     @property
     def frames_per_second(self) -> float:
         """From the median pass, not the fastest: with other work on the cores, a pass on several threads
         waits at every barrier for its slowest thread, and that cost is the point's own, not noise to
         filter out (on this 2-core box two threads were often several times slower than one)."""
-        return self.batch / statistics.median(self.seconds) if self.seconds else 0.0
+        return self.batch / statistics.median(self.compared) if self.compared else 0.0
 
     def row(self, budget_ms: float) -> dict:
-        return {"threads": self.threads, "batch": self.batch, "ms": round(self.ms, 2) if self.seconds else None,
-                "frames_per_second": round(self.frames_per_second, 2), "passes": len(self.seconds),
+        return {"threads": self.threads, "batch": self.batch, "ms": round(self.ms, 2) if self.compared else None,
+                "frames_per_second": round(self.frames_per_second, 2),
+                "passes": len(self.seconds) + len(self.rotation), "rotation_passes": len(self.rotation),
                 "within_budget": self.failed is None and self.ms <= budget_ms, "failed": self.failed}
 
 
@@ -60,14 +71,16 @@ class Tuner:
     """The table for one model: `next_probe()` → (threads, batch) to time, `record()` its seconds."""
 
     def __init__(self, threads: list[int], batches: list[int], budget_ms: float, min_seconds: float = 0.3,
-                 min_passes: int = 3, max_passes: int = 30):
+                 min_passes: int = 3, max_passes: int = 30, rotation_passes: int = 5):
         if not threads or not batches:
             raise ValueError("a tuner needs at least one thread count and one batch size")
         self.threads, self.batches = sorted(set(threads)), sorted(set(batches))
         self.budget_ms, self.min_seconds = budget_ms, min_seconds
         self.min_passes, self.max_passes = min_passes, max_passes
+        self.rotation_passes = rotation_passes
         self.points: dict[tuple[int, int], Point] = {}
         self._thread_i = self._batch_i = 0
+        self._rotation: list[tuple[int, int]] | None = None  # the points timed in rotation, once climbed
 
     def next_probe(self) -> tuple[int, int] | None:
         """The next pass to time, or None once the table is complete."""
@@ -82,20 +95,35 @@ class Tuner:
                 self._batch_i += 1  # within budget: climb
             else:  # over budget, failed (e.g. out of memory) or the ladder's top: next thread count
                 self._thread_i, self._batch_i = self._thread_i + 1, 0
-        return None
+        if self._rotation is None:
+            within = [p for p in self.points.values() if p.failed is None and p.seconds and p.ms <= self.budget_ms]
+            # Candidates: within the budget and at least half the best throughput of the climb (a
+            # disturbed pass costs a point up to ~2 × here; further behind, it is not a contender).
+            top = max((p.frames_per_second for p in within), default=0.0)
+            near = [(p.threads, p.batch) for p in within if p.frames_per_second >= 0.5 * top]
+            self._rotation = near if len(near) > 1 else []  # one candidate: nothing to compare
+        if not self._rotation:
+            return None
+        # Round-robin: the candidate with the fewest rotation passes (the ladder's order on ties).
+        key = min(self._rotation, key=lambda k: len(self.points[k].rotation))
+        return key if len(self.points[key].rotation) < self.rotation_passes else None
 
     def record(self, threads: int, batch: int, seconds: float | None = None, error: str | None = None) -> None:
         point = self.points[(threads, batch)]
         if error is not None:
             point.failed = error
+            if self._rotation:  # failed in rotation (e.g. memory taken by another process): out of it
+                self._rotation = [k for k in self._rotation if k != (threads, batch)]
         elif not point.warmed:
             point.warmed = True  # the first pass of a point pays for allocations and kernel choice
+        elif self._rotation:
+            point.rotation.append(seconds)
         else:
             point.seconds.append(seconds)
 
     @property
     def done(self) -> bool:
-        return self._thread_i >= len(self.threads)
+        return self._thread_i >= len(self.threads) and self.next_probe() is None
 
     def table(self) -> list[dict]:
         return [p.row(self.budget_ms) for p in sorted(self.points.values(), key=lambda p: (p.threads, p.batch))]

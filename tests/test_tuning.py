@@ -37,7 +37,7 @@ def test_the_tuner_climbs_each_thread_count_until_a_batch_is_over_budget():
     def cost_s(threads, batch):  # a fixed cost plus a per-frame one, halved by a second thread
         return (4.0 + 6.0 * batch) / threads / 1000.0
 
-    tuner = Tuner([1, 2], [1, 2, 4, 8, 16, 32], budget_ms=60, min_seconds=0.0, min_passes=2)
+    tuner = Tuner([1, 2], [1, 2, 4, 8, 16, 32], budget_ms=60, min_seconds=0.0, min_passes=2, rotation_passes=3)
     timed = []
     while (probe := tuner.next_probe()) is not None:
         timed.append(probe)
@@ -46,7 +46,32 @@ def test_the_tuner_climbs_each_thread_count_until_a_batch_is_over_budget():
     assert within[(1, 16)] is False and (1, 32) not in within  # 100 ms at 1 thread: 32 was never tried
     assert within[(2, 16)] is True and within[(2, 32)] is False  # 50 ms fits at 2 threads, 98 ms does not
     assert tuner.done and (tuner.best()["threads"], tuner.best()["batch"]) == (2, 16)
-    assert timed.count((1, 1)) == 3  # one warm-up pass, then min_passes timed ones
+    # One warm-up pass and min_passes timed while climbing; then rotation_passes for the contenders:
+    # within the budget and at least half the best throughput (2 threads, 200-320 frames/s; one thread
+    # peaks at 154).
+    assert timed.count((1, 1)) == 1 + 2 and timed.count((1, 16)) == 1 + 2 and timed.count((2, 32)) == 1 + 2
+    assert timed.count((2, 1)) == 1 + 2 + 3 and timed.count((2, 16)) == 1 + 2 + 3
+    climb_end = max(i for i, key in enumerate(timed) if key == (2, 32))
+    rotation = timed[climb_end + 1:]
+    assert rotation[:5] == [(2, 1), (2, 2), (2, 4), (2, 8), (2, 16)]  # each contender once per round
+    assert rotation == rotation[:5] * 3
+
+
+def test_the_points_are_compared_on_passes_timed_in_rotation():
+    # While climbing, batch 1 ran on a quiet box and batch 4 while the other actors were starting:
+    # on those passes batch 1 looks faster. In rotation both see the same box, and batch 4 wins.
+    quiet = {1: 0.020, 2: 0.034, 4: 0.060}  # s per batch: 50, 59 and 67 frames/s
+    tuner = Tuner([1], [1, 2, 4], budget_ms=200, min_seconds=0.0, min_passes=3, rotation_passes=5)
+    while (probe := tuner.next_probe()) is not None:
+        busy = probe[1] == 4 and not tuner.points[probe].rotation and tuner._rotation is None
+        tuner.record(*probe, quiet[probe[1]] * (2.0 if busy else 1.0))
+    rows = {r["batch"]: r for r in tuner.table()}
+    assert rows[4]["rotation_passes"] == 5 and rows[4]["passes"] == 3 + 5
+    assert rows[4]["ms"] == 60.0 and tuner.best()["batch"] == 4
+    single = Tuner([1], [1, 2], budget_ms=25, min_seconds=0.0, min_passes=2)  # one candidate: no rotation
+    while (probe := single.next_probe()) is not None:
+        single.record(*probe, quiet[probe[1]])
+    assert single.done and single.table()[0]["rotation_passes"] == 0
 
 
 def test_the_thread_ladder_ends_at_the_cores():
