@@ -250,9 +250,12 @@ class InferenceActor:
             self.log.warning("cannot save the tuning", path=str(self.state_file), error=str(exc))
 
     def _timed_forward(self, model: LoadedModel, threads: int, frames: list) -> float:
-        """On the forward thread: torch's thread count is per thread, so it is set where the pass runs."""
+        """On the forward thread: torch's thread count is per thread, so it is set where the pass runs;
+        after a change, one untimed pass first (the tuner's rotation alternates thread counts, and the
+        first pass on a new count pays for its thread pool)."""
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+            self._forward(model, None, frames)
         started = time.perf_counter()
         self._forward(model, None, frames)
         return time.perf_counter() - started

@@ -132,25 +132,41 @@ class Reconstructor(nn.Module):
 
         Its input (the queries, the position embedding) is the same for every image, so at inference
         it is computed once and kept (measured: one attention of three, ~1.5 of 8.6 ms per batch of 4
-        on one CPU thread). Kept for the parameters it was computed from: an in-place change to them
-        (an optimizer step, `load_state_dict`) bumps their version, and a move or cast drops it.
+        on one CPU thread). Kept for the parameters it was computed from and the autocast it ran
+        under: an in-place change to them (an optimizer step, `load_state_dict`) bumps their version;
+        a move or cast, and any switch to training mode (where all learning happens, whatever the
+        optimizer's way of writing), drop it. Parameters without a version (made under
+        `torch.inference_mode`) are never kept for.
         """
         layer = self.decoder[0]
         params = (self.query_embed, self.pos_embed, *layer.self_attn.parameters(), *layer.norm1.parameters())
-        key = tuple((p.data_ptr(), p._version) for p in params)
+        device = self.query_embed.device.type
+        autocast = (torch.is_autocast_enabled(device),
+                    torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+        try:
+            key = (autocast, *((p.data_ptr(), p._version) for p in params))
+        except RuntimeError:  # inference tensors track no version
+            key = None
         cached = self.__dict__.get("_query_cache")
-        if cached is None or cached[0] != key:
+        if key is None or cached is None or cached[0] != key:
             with torch.no_grad():
                 cached = (key, layer.self_attend(self.query_embed, self.pos_embed, self.attn_mask))
-            self.__dict__["_query_cache"] = cached
+            if key is not None:
+                self.__dict__["_query_cache"] = cached
         return cached[1]
+
+    def train(self, mode: bool = True) -> "Reconstructor":
+        self.__dict__.pop("_query_cache", None)
+        return super().train(mode)
 
     def _apply(self, fn, recurse: bool = True):
         self.__dict__.pop("_query_cache", None)
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_query_cache"}  # derived data
+        state = super().__getstate__()
+        state.pop("_query_cache", None)  # derived data
+        return state
 
     def normalize(self, features: Tensor) -> Tensor:
         return (features - self.feature_mean) / self.feature_std

@@ -91,8 +91,17 @@ def test_kept_decoder_queries_give_the_same_reconstruction_and_follow_the_weight
     with torch.no_grad():
         torch.nn.init.normal_(model.query_embed)  # queries that matter
     full = model(x)[1].detach()  # grad enabled: computed in full, nothing kept
+    assert "_query_cache" not in model.__dict__
     with torch.inference_mode():
-        assert torch.allclose(model(x)[1], full, atol=1e-6) and torch.allclose(model(x)[1], full, atol=1e-6)
+        assert torch.allclose(model(x)[1], full, atol=1e-6)
+        kept = model.__dict__["_query_cache"]
+        assert torch.allclose(model(x)[1], full, atol=1e-6) and model.__dict__["_query_cache"] is kept  # reused
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # another precision: not the fp32 queries
+            model(x)
+            assert model.__dict__["_query_cache"] is not kept
+            cast_key = model.__dict__["_query_cache"][0]
+        model(x)
+        assert model.__dict__["_query_cache"][0] != cast_key
     other = _model(zero_init_output=False, num_decoder_layers=2, neighbor_mask=3).eval()
     with torch.no_grad():
         torch.nn.init.normal_(other.query_embed)
@@ -100,6 +109,8 @@ def test_kept_decoder_queries_give_the_same_reconstruction_and_follow_the_weight
     model.load_state_dict(other.state_dict())  # in place: the kept queries are stale now
     with torch.inference_mode():
         assert torch.allclose(model(x)[1], expected, atol=1e-6)
+    model.train().eval()  # training mode drops them, whatever wrote the weights
+    assert "_query_cache" not in model.__dict__
     # Learning through an eval-mode model still reaches the queries (nothing kept is used with grad).
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     model(x)[1].pow(2).mean().backward()

@@ -93,6 +93,12 @@ def test_channel_major_memory_is_the_same_memory_in_the_layout_the_distance_read
     queries = _tokens(n=4, seed=2)
     torch.testing.assert_close(memory_distance(queries, stored, memory_norms(stored)),
                                memory_distance(queries, memory), rtol=1e-5, atol=1e-5)
+    # The norms a caller keeps are read, never written: one image at a time (the live batch of 1) too.
+    norms = memory_norms(stored)
+    kept = norms.clone()
+    one = [memory_distance(queries[i : i + 1], stored, norms) for i in range(4)]
+    assert torch.equal(norms, kept)
+    torch.testing.assert_close(torch.cat(one), memory_distance(queries, memory), rtol=1e-5, atol=1e-5)
     _, scorer, _, _ = _fitted(["mahalanobis"], ["memory"])
     assert scorer.memory.transpose(1, 2).is_contiguous()  # what the live scorer multiplies by
     assert scorer.checkpoint_tensors()["scorer.memory"].is_contiguous()  # what safetensors writes
