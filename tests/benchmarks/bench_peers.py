@@ -122,8 +122,8 @@ def main() -> None:
     weights = write_hf_cache(out / "hf")
 
     detector = load_detector(model_dir)
-    speed_images = list(test[:32])
-    before = ours_speed(detector, speed_images)
+    speed_images = list(test[:64])
+    before = ours_speed(detector, speed_images, repeats=3)
     with torch.inference_mode():
         scored = [detector.score_images(list(test[i: i + 32])) for i in range(0, len(test), 32)]
     rows = {"ADTR, edge default (ours)": {
@@ -146,15 +146,20 @@ def main() -> None:
         rows[name] = {**metrics(labels, masks, usable, result["scores"], result["maps"].astype(np.float32)),
                       "fit_seconds": info["fit_seconds"], "fit_note": "from pixels in memory",
                       "images_per_second": {int(k): v for k, v in info["images_per_second"].items()}}
-    after = ours_speed(detector, speed_images)
+    after = ours_speed(detector, speed_images, repeats=3)
     ours = rows["ADTR, edge default (ours)"]
     ours["images_per_second"] = {b: (before["adtr"][b] + after["adtr"][b]) / 2 for b in SPEED_BATCHES}
     backbone = {b: (before["backbone"][b] + after["backbone"][b]) / 2 for b in SPEED_BATCHES}
+    # Full model / backbone alone per batch, within each timing run (their passes alternate, so both
+    # see the same box), then the mean of the two runs: the box's drift between runs cancels.
+    share = {b: (before["adtr"][b] / before["backbone"][b] + after["adtr"][b] / after["backbone"][b]) / 2
+             for b in SPEED_BATCHES}
     best = {name: max(r["images_per_second"].values()) for name, r in rows.items()}
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": {"threads": threads, "platform": platform.platform(), "torch": torch.__version__,
                            "load_average": os.getloadavg()},
                "model": str(model_dir), "weights": str(weights), "rows": rows, "backbone_images_per_second": backbone,
+               "full_over_backbone": share,
                "ours_before": before, "ours_after": after, "best_images_per_second": best,
                "ratio_to_padim": best["ADTR, edge default (ours)"] / best["anomalib PaDiM"] if "anomalib PaDiM" in best
                else None, "peers": peer_info}
@@ -185,8 +190,13 @@ def render(r: dict) -> str:
         lines.append(f"| {name} | {f(row['image_auroc'])} | {f(row['pixel_auroc'])} | {f(row['aupro'])} | "
                      f"{row['fit_seconds']:.0f} s ({row['fit_note']}) | {best:.1f} | "
                      f"{f(best / padim if padim else None, 2)} |")
-    lines += ["", f"The backbone alone (the bound every method here shares): {max(backbone.values()):.1f} images/s; "
-              f"ADTR runs at {ours / max(backbone.values()):.2f} × it. Per batch (images/s): "
+    ours_rates = r["rows"]["ADTR, edge default (ours)"]["images_per_second"]
+    ours_batch = max(ours_rates, key=ours_rates.get)
+    share = r.get("full_over_backbone") or {b: ours_rates[b] / backbone[b] for b in backbone}
+    lines += ["", f"The backbone alone (the bound every method here shares): {max(backbone.values()):.1f} images/s. "
+              f"ADTR at its best batch ({ours_batch}) runs at {share[ours_batch]:.2f} × the backbone at that batch "
+              f"(per batch, within each timing run: " + ", ".join(f"b{b} {v:.2f}" for b, v in share.items())
+              + f"; {ours / max(backbone.values()):.2f} × the backbone's best). Per batch (images/s): "
               + "; ".join(f"{name}: " + ", ".join(f"b{b} {v:.1f}" for b, v in row["images_per_second"].items())
                           for name, row in r["rows"].items())
               + "; backbone: " + ", ".join(f"b{b} {v:.1f}" for b, v in backbone.items()) + "."]
