@@ -120,7 +120,10 @@ def pool_kernel_px(cfg: ScoringConfig, image_size: int, feature_size: int) -> in
 
 
 def image_score(maps: Tensor, kernel: int) -> Tensor:
-    """Max of the (B, H, W) maps average-pooled with a kernel×kernel window at stride 1. (B,)."""
+    """Max of the (B, H, W) maps average-pooled with a kernel×kernel window at stride 1. (B,).
+
+    The definition, for any full-size map; the model scores with `coarse_image_score`, the same
+    number computed from the feature-grid map it upsamples."""
     kernel = max(1, min(kernel, maps.shape[-1], maps.shape[-2]))
     return box_mean(maps, kernel).flatten(1).amax(dim=1).to(maps.dtype)
 
@@ -129,7 +132,7 @@ def box_mean(maps: Tensor, kernel: int) -> Tensor:
     """Mean over every kernel×kernel window at stride 1: (B, H, W) → (B, H−k+1, W−k+1), float64.
 
     Summed-area tables in float64 (exact to ~1e-12 here): the same numbers as `avg_pool2d`, at a
-    cost independent of the kernel, which matters in the live scoring actor (once per frame, CPU).
+    cost independent of the kernel.
     """
     table = F.pad(maps.double().cumsum(dim=1), (0, 0, 1, 0))
     rows = table[:, kernel:] - table[:, :-kernel]
