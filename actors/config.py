@@ -96,8 +96,8 @@ class InferenceConfig(Section):
     num_cpus: float | None = Field(None, ge=0)
     # The tuner's limit on one batch's forward pass: a latency choice. A frame that arrives while a batch
     # runs waits for it, so under bursts the p99 is about this budget plus one frame's time. Measured on 2
-    # cores (README): 100 ms -> batch 4, 57-60 frames/s at saturation, p99 93-109 ms at 50 % of that;
-    # 60 ms -> batch 1, 39 frames/s, p99 47 ms at 50 % of that.
+    # cores (README, Self-tuning): 100 ms -> batch 4 or 2, 56-69 frames/s at saturation, p99 68-87 ms at
+    # 50 % of that.
     latency_budget_ms: float = Field(100.0, gt=0)
     tune_batches: list[int] = Field([1, 2, 4, 8, 16, 32, 64, 128, 256], min_length=1)  # the ladder it climbs
     tune_seconds: float = Field(0.3, gt=0)  # timed per (threads, batch) point, over at least 3 passes

@@ -62,13 +62,15 @@ class ScoreHead:
         decision and the heatmap never contradict each other.
         """
         coarse = self._checked(coarse)
-        scores = self._pooled_peak(coarse, self.fit["image"])
-        maps = self._full_map(coarse, self.fit["localization"])
+        separate = self.fit["localization"] != self.fit["image"]
+        image = self._fused(coarse, self.fit["image"])
+        located = self._fused(coarse, self.fit["localization"]) if separate else image
+        scores = self._pooled_peak(image)
+        maps = self._full_map(located)
         threshold = self.decision_threshold
-        if (self.fit["localization"] != self.fit["image"] and math.isfinite(threshold)
-                and self.fit.get("localization_threshold")):
+        if separate and math.isfinite(threshold) and self.fit.get("localization_threshold"):
             gain = threshold / self.fit["localization_threshold"]
-            peak = self._pooled_peak(coarse, self.fit["localization"]) * gain
+            peak = self._pooled_peak(located) * gain
             lift = torch.where((scores >= threshold) & (peak < threshold), threshold / peak.clamp_min(1e-12), 1.0)
             maps = maps * (gain * lift.to(maps.dtype))[:, None, None]
         return Scores(maps, scores, normalized_score(scores, threshold), scores >= threshold)
@@ -76,7 +78,7 @@ class ScoreHead:
     @torch.no_grad()
     def localization_peaks(self, coarse: torch.Tensor) -> torch.Tensor:
         """Max of the pooled localization map before any rescaling, (B,): what its threshold is fitted on."""
-        return self._pooled_peak(self._checked(coarse), self.fit["localization"])
+        return self._pooled_peak(self._fused(self._checked(coarse), self.fit["localization"]))
 
     def _checked(self, coarse: torch.Tensor) -> torch.Tensor:
         coarse = coarse.unsqueeze(1) if coarse.dim() == 3 else coarse
@@ -84,13 +86,15 @@ class ScoreHead:
             raise ValueError(f"got {coarse.shape[1]} coarse maps per image, the model scores with {self.fit['terms']}")
         return coarse
 
-    def _full_map(self, coarse: torch.Tensor, use: list[int]) -> torch.Tensor:
-        fused = fuse_terms(coarse, self.fit["scales"], use)
+    def _fused(self, coarse: torch.Tensor, use: list[int]) -> torch.Tensor:
+        """(B, K, S, S) per-term maps → the (B, S, S) map of the terms in `use`."""
+        return fuse_terms(coarse, self.fit["scales"], use)
+
+    def _full_map(self, fused: torch.Tensor) -> torch.Tensor:
         return upsample_map(fused, self.image_size, self.cfg.scoring.blur_sigma)
 
-    def _pooled_peak(self, coarse: torch.Tensor, use: list[int]) -> torch.Tensor:
-        """`image_score` of `_full_map(coarse, use)`, computed on the coarse maps (no full-size map)."""
-        fused = fuse_terms(coarse, self.fit["scales"], use)
+    def _pooled_peak(self, fused: torch.Tensor) -> torch.Tensor:
+        """`image_score` of `_full_map(fused)`, computed on the coarse map (no full-size map)."""
         return coarse_image_score(fused, self.image_size, self.cfg.scoring.blur_sigma, self.pool_kernel)
 
 
@@ -182,7 +186,7 @@ class AnomalyDetector:
             x = images.to(self.device)
         else:
             x = to_tensor_batch([resize_image(img, self.image_size) for img in images]).to(self.device)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return channels_last(x) if self.channels_last else x
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.half)
