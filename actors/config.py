@@ -80,7 +80,8 @@ class IngestConfig(Section):
 
 class InferenceConfig(Section):
     # Batch size and torch threads: None = measured by the inference actor at start and after every model
-    # swap (actors/tuning.py: the most frames/s whose batch takes at most latency_budget_ms); a number pins it.
+    # swap (actors/tuning.py: the most frames/s whose batch takes at most latency_budget_ms), the batch size
+    # checked again on live batches once the agent is saturated; a number pins it.
     max_batch: int | None = Field(None, ge=1, le=512)
     max_wait_ms: float = Field(10.0, ge=0, le=10_000)
     device: Literal["auto", "cpu", "cuda"] = "auto"

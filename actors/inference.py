@@ -41,7 +41,7 @@ from model.registry import resolve_model
 from .config import InferenceConfig
 from .logs import configure_logging
 from .stats import BATCH_BUCKETS, Histogram
-from .tuning import Tuner, ladder
+from .tuning import LoadCheck, Tuner, contenders, ladder
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +107,7 @@ class InferenceActor:
         self.log = log.bind(model_version=self.serving.version, device=str(self.device))
         self.max_batch = cfg.max_batch or 1  # until tuned
         self.tuner: Tuner | None = None
+        self.load_check: LoadCheck | None = None  # the table's contenders, timed again once under load
         self.tuned: dict[str, Any] = {"state": "pinned", "runs": 0, "table": []}
         if not self._reuse_tuning():
             self._tuner_for(self.serving)
@@ -202,6 +203,7 @@ class InferenceActor:
     def _tuner_for(self, model: LoadedModel) -> bool:
         """A new table for `model`, unless both values are pinned. Returns whether one was started."""
         pinned_batch, pinned_threads = self.cfg.max_batch, self.cfg.torch_threads
+        self.load_check = None  # a new model: its own table first, then its own check under load
         if pinned_batch and pinned_threads:
             self.max_batch, self.threads = pinned_batch, pinned_threads
             self.tuner = None
@@ -305,10 +307,34 @@ class InferenceActor:
                           f"{r['threads']}t b{r['batch']}: {r['frames_per_second']} f/s {r['ms']} ms"
                           + ("" if r["within_budget"] else " (over budget)" if r["failed"] is None else " (failed)")
                           for r in table])
+        near = [] if self.cfg.max_batch else contenders(table, tuner.budget_ms)
+        if near:
+            self.load_check = LoadCheck(near, tuner.budget_ms)
+            self.tuned["load_check"] = {"state": "waiting", "batches": near, "table": []}
         self._save_tuning()
         if not best["within_budget"]:
             self.log.warning("no batch size fits the latency budget on this device; serving the fastest batch",
                              budget_ms=tuner.budget_ms, batch_ms=best["ms"])
+
+    def _check_under_load(self, check: LoadCheck, batch: int, frames: int, seconds: float) -> None:
+        """One live batch for the check under load; once it is complete, its choice serves."""
+        if check is not self.load_check:  # a swap replaced it meanwhile
+            return
+        check.record(batch, frames, seconds)
+        self.tuned["load_check"] = {"state": "done" if check.done else "checking", "batches": check.batches,
+                                    "table": check.table()}
+        if not check.done:
+            return
+        self.load_check = None
+        chosen = check.best()
+        before = self.max_batch
+        if chosen is not None:
+            self.max_batch = chosen
+        self.tuned["load_check"]["batch"] = chosen
+        self.tuned["batch"] = self.max_batch
+        self.log.info("tuned under load", max_batch=self.max_batch, table_choice=before, table=[
+            f"b{r['batch']}: {r['frames_per_second']} f/s {r['ms']} ms ({r['passes']} batches)" for r in check.table()])
+        self._save_tuning()
 
     async def batching(self) -> dict[str, Any]:
         """The batch size and torch threads in use (the ingest sizes its chunks by the batch)."""
@@ -365,10 +391,11 @@ class InferenceActor:
             if not self.queue:
                 self.arrived.clear()
                 await self.arrived.wait()
+            check = self.load_check  # while it runs, its contenders take turns
+            size = check.current() if check is not None else self.max_batch
             deadline = loop.time() + self.cfg.max_wait_ms / 1000.0
-            while len(self.queue) < self.max_batch and loop.time() < deadline:
+            while len(self.queue) < size and loop.time() < deadline:
                 await asyncio.sleep(min(0.001, max(0.0, deadline - loop.time())))
-            size = self.max_batch
             batch, self.queue = self.queue[:size], self.queue[size:]
             if not batch:
                 continue
@@ -396,6 +423,8 @@ class InferenceActor:
             self.frames += len(batch) - len(refused)
             self.refused += len(refused)
             self.shadow_frames += len(batch) - len(refused) if shadow_maps is not None else 0
+            if check is not None and shadow_maps is None and not refused:  # the serving model's pass alone
+                self._check_under_load(check, size, len(batch), seconds)
             row = 0  # maps hold the frames that decoded, in order
             for i, (_, future) in enumerate(batch):
                 if i in refused:

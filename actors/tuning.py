@@ -13,6 +13,11 @@ the budget are timed again in rotation, one pass each per round, and compared on
 timed one after the other, a point that happened to run while the other actors were starting (or a
 neighbour was busy) looked slower than it is, and the choice flipped between runs (measured on this
 2-core box: batch 1 chosen although batch 4 served 1.5 × the frames/s).
+
+The table is timed on an idle pipeline. Under load, the ingest's decoding and the scoring share the cores
+and the memory bus with the forward pass, and on this box that flipped the order of batch 2 and batch 4.
+So a `LoadCheck` follows each table: once the agent is saturated, the table's contenders serve live
+batches in turns, and the one with the most frames/s under that load serves from then on.
 """
 from __future__ import annotations
 
@@ -130,6 +135,69 @@ class Tuner:
 
     def best(self) -> dict:
         return best_point(self.table(), self.budget_ms)
+
+
+def contenders(rows: list[dict], budget_ms: float) -> list[int]:
+    """The batch sizes worth a second look at the chosen thread count: within the budget and at least half
+    the chosen point's frames/s (the rule the rotation uses). Fewer than two: nothing to compare."""
+    best = best_point(rows, budget_ms)
+    near = sorted(r["batch"] for r in rows if r["threads"] == best["threads"] and r["failed"] is None
+                  and r["ms"] is not None and r["ms"] <= budget_ms
+                  and r["frames_per_second"] >= 0.5 * best["frames_per_second"])
+    return near if len(near) > 1 else []
+
+
+class LoadCheck:
+    """The contenders of a finished table timed again on live batches, under the agent's own load.
+
+    The table is timed while nothing else runs. Under load the ingest's decoding and the scoring share
+    the cores and the memory bus, and the ranking can flip (measured on this 2-core box in 7 alternating
+    rounds: alone, batch 2 did 1.15 × batch 4's frames/s; in the saturated agent, 0.83 × it; each in 6
+    of the 7). So once the agent is saturated, the contenders take turns serving: `turn_batches` full
+    batches each per turn, for `rounds` rounds, then the one with the most frames/s over its live passes
+    (median per-frame time) within the budget serves. Only full batches count (the batch time of a
+    partial one says little about the batch size); the caller leaves out batches that ran a shadow model.
+    """
+
+    def __init__(self, batches: list[int], budget_ms: float, turn_batches: int = 3, rounds: int = 4):
+        if len(batches) < 2:
+            raise ValueError("a load check needs at least two batch sizes to compare")
+        self.batches, self.budget_ms = sorted(set(batches)), budget_ms
+        self.turn_batches, self.rounds = turn_batches, rounds
+        self.seconds: dict[int, list[float]] = {b: [] for b in self.batches}  # per full batch
+        self._turn = 0  # turns taken so far; the batch serving now is batches[_turn % len]
+
+    @property
+    def done(self) -> bool:
+        return self._turn >= self.rounds * len(self.batches)
+
+    def current(self) -> int:
+        """The batch size to serve next."""
+        return self.batches[self._turn % len(self.batches)]
+
+    def record(self, batch: int, frames: int, seconds: float) -> None:
+        """One served batch of `frames` frames at size `batch`, its forward pass `seconds` long."""
+        if self.done or batch != self.current() or frames != batch:
+            return
+        self.seconds[batch].append(seconds)
+        if len(self.seconds[batch]) >= self.turn_batches * (self._turn // len(self.batches) + 1):
+            self._turn += 1
+
+    def table(self) -> list[dict]:
+        rows = []
+        for b in self.batches:
+            timed = self.seconds[b]
+            ms = 1000.0 * statistics.median(timed) if timed else None
+            rows.append({"batch": b, "ms": round(ms, 2) if ms is not None else None,
+                         "frames_per_second": round(1000.0 * b / ms, 2) if ms else 0.0, "passes": len(timed),
+                         "within_budget": ms is not None and ms <= self.budget_ms})
+        return rows
+
+    def best(self) -> int | None:
+        """The batch size with the most live frames/s within the budget (ties: the smaller); None when
+        none is (then the table's choice stays)."""
+        within = [r for r in self.table() if r["within_budget"]]
+        return max(within, key=lambda r: (r["frames_per_second"], -r["batch"]))["batch"] if within else None
 
 
 def ladder(top: int) -> list[int]:

@@ -2,8 +2,8 @@
 latency at 50% and 90% of capacity. Real Ray, real ZeroMQ on loopback, real Magnetic Tile frames.
 
 Raw model: `AnomalyDetector.score_images` on decoded frames, at the batch size and torch threads the
-agent's inference actor chose for itself (its tuning table is reported), in this process, measured
-before and after the agent runs. Agent: the same model behind ingest → inference → scoring, fed by a
+agent's inference actor chose for itself (its tuning table and its check under load are reported), in this
+process, measured before and after the agent runs. Agent: the same model behind ingest → inference → scoring, fed by a
 PUSH camera as fast as it accepts frames (every-frame mode, so nothing is shed). Both in one run, on
 one machine. With --splits, the agent again for each thread split of the box's cores (torch threads
 of inference, decode threads of the ingest, scoring threads), at the tuned batch size.
@@ -127,12 +127,15 @@ def main() -> None:
     ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     agent = Agent(model_dir, ["tcp://127.0.0.1:*"], "tcp://127.0.0.1:*", cfg).start()
     try:
+        table_batch = agent.snapshot()["inference"]["max_batch"]
+        agent_run(agent, "warm-up", frames, 3 * table_batch)
+        check_frames = settle(agent, frames)  # the table's contenders, timed again under this load
         inference = agent.snapshot()["inference"]
         batch, threads = inference["max_batch"], inference["torch_threads"]
-        results.update(tuning=inference["tuning"], max_batch=batch, torch_threads=threads)
+        results.update(tuning=inference["tuning"], max_batch=batch, torch_threads=threads, table_batch=table_batch,
+                       load_check_frames=check_frames)
         raw_before = raw_throughput(model_dir, paths, batch, threads)  # the agent's actors idle meanwhile
         backbone_before = raw_throughput(model_dir, paths, batch, threads, backbone_only=True)
-        agent_run(agent, "warm-up", frames, 3 * batch)
         saturated = agent_run(agent, "saturation", frames, args.frames)
         capacity = saturated["frames_per_second"]
         latency = {}
@@ -200,6 +203,19 @@ def run_split(model_dir: Path, frames: list, args, batch: int, split: str) -> di
             "frames_per_second": run["frames_per_second"], "latency_ms_p50": run["latency_ms_p50"], "costs_ms": costs}
 
 
+def settle(agent: Agent, frames: list[SourceFrame], per_run: int = 60, most_runs: int = 20) -> int:
+    """Keep the agent saturated until its inference actor's check under load has chosen (progress, not a
+    fixed time): the frames it took, 0 when there was nothing to check."""
+    sent = 0
+    for i in range(most_runs):
+        check = agent.snapshot()["inference"]["tuning"].get("load_check")
+        if check is None or check["state"] == "done":
+            return sent
+        agent_run(agent, f"load-check-{i}", frames, per_run)
+        sent += per_run
+    raise RuntimeError(f"the inference actor's check under load had not chosen after {sent} saturated frames")
+
+
 def render(r: dict) -> str:
     s, m, t = r["agent_saturation"], r["machine"], r["tuning"]
     load = f"load average {m['load_average_start'][0]:.1f} → {m['load_average_end'][0]:.1f}"
@@ -235,6 +251,15 @@ def render(r: dict) -> str:
     for row in t.get("table", []):
         lines.append(f"| {row['threads']} | {row['batch']} | {row['ms'] if row['ms'] is not None else '—'} | "
                      f"{row['frames_per_second']:.1f} | {'yes' if row['within_budget'] else 'no'} |")
+    check = t.get("load_check")
+    if check and check.get("table"):
+        lines += ["", (f"Then its check under load: the table chose batch {r.get('table_batch', '—')}; once the "
+                       f"agent was saturated ({r.get('load_check_frames', '—')} frames), the contenders took turns on "
+                       f"live batches and batch {check.get('batch') or '—'} served from then on:"), "",
+                  "| batch | ms per batch (live, median) | frames/s | live batches |", "|---|---|---|---|"]
+        for row in check["table"]:
+            lines.append(f"| {row['batch']} | {row['ms'] if row['ms'] is not None else '—'} | "
+                         f"{row['frames_per_second']:.1f} | {row['passes']} |")
     if r.get("splits"):
         lines += ["", f"Thread splits of the box (each its own agent at batch {r['max_batch']}, saturation, "
                   "same run):", "",
