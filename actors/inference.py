@@ -399,6 +399,7 @@ class InferenceActor:
             batch, self.queue = self.queue[:size], self.queue[size:]
             if not batch:
                 continue
+            backlog = bool(self.queue)  # frames still waiting: the pipeline is saturated
             since_probe += 1
             # The model and its version, taken together before the pass: a swap during it changes nothing.
             serving = self.serving
@@ -423,7 +424,7 @@ class InferenceActor:
             self.frames += len(batch) - len(refused)
             self.refused += len(refused)
             self.shadow_frames += len(batch) - len(refused) if shadow_maps is not None else 0
-            if check is not None and shadow_maps is None and not refused:  # the serving model's pass alone
+            if check is not None and backlog and shadow_maps is None and not refused:  # saturated, serving model only
                 self._check_under_load(check, size, len(batch), seconds)
             row = 0  # maps hold the frames that decoded, in order
             for i, (_, future) in enumerate(batch):

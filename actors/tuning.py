@@ -156,7 +156,9 @@ class LoadCheck:
     of the 7). So once the agent is saturated, the contenders take turns serving: `turn_batches` full
     batches each per turn, for `rounds` rounds, then the one with the most frames/s over its live passes
     (median per-frame time) within the budget serves. Only full batches count (the batch time of a
-    partial one says little about the batch size); the caller leaves out batches that ran a shadow model.
+    partial one says little about the batch size). The caller passes only batches taken while more frames
+    were waiting (a batch 1 served to a quiet camera would otherwise be timed on a quieter box than the
+    others) and leaves out those that also ran a shadow model.
     """
 
     def __init__(self, batches: list[int], budget_ms: float, turn_batches: int = 3, rounds: int = 4):

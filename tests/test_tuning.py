@@ -132,6 +132,13 @@ def test_a_real_actor_checks_its_contenders_on_live_batches_and_serves_the_winne
     actor = InferenceActor(str(trained_model), InferenceConfig(tune_seconds=0.05, latency_budget_ms=200))
     actor.load_check = LoadCheck([1, 2, 4], 200, turn_batches=2, rounds=2)  # the contenders a table might give
 
+    async def one_at_a_time():  # a quiet camera: full batches of 1, but nothing else waiting
+        for frame in frames[:4]:
+            await asyncio.wait_for(actor.infer_batch([frame]), timeout=60)
+
+    asyncio.run(one_at_a_time())
+    assert all(r["passes"] == 0 for r in actor.load_check.table())  # timed on a quieter box: not counted
+
     async def saturated():
         for _ in range(50):  # a deep queue: every batch is full
             await asyncio.wait_for(actor.infer_batch(frames), timeout=60)
