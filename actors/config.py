@@ -83,7 +83,13 @@ class InferenceConfig(Section):
     # swap (actors/tuning.py: the most frames/s whose batch takes at most latency_budget_ms), the batch size
     # checked again on live batches once the agent is saturated; a number pins it.
     max_batch: int | None = Field(None, ge=1, le=512)
-    max_wait_ms: float = Field(10.0, ge=0, le=10_000)
+    # How long a batch that is not full waits for more frames after its first. Under load the queue fills
+    # batches while the previous one runs, so below saturation waiting mostly adds latency. Measured on 2
+    # cores, batch 4 pinned, fixed offered rates, agents alternated (README, Self-tuning): p50 / p99 at 20
+    # frames/s 42-44 / 55-69 ms with 10 ms, 33 / 38-42 with 2; at 30 frames/s 57-62 / 85-94 and 32-33 /
+    # 43-49; at 36 (~80 % of batch 1's rate) 57-62 / 96-226 and 36-37 / 89-369 (tails from the box's noise
+    # under both). Two milliseconds still join calls that arrive together (cameras triggered at once).
+    max_wait_ms: float = Field(2.0, ge=0, le=10_000)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     half: bool = True  # fp16 autocast on a GPU (ignored on the CPU)
     channels_last: bool = True  # on a GPU
