@@ -330,8 +330,9 @@ class InferenceActor:
         before = self.max_batch
         if chosen is not None:
             self.max_batch = chosen
+            live = next(r for r in check.table() if r["batch"] == chosen)  # what it serves with is live-timed
+            self.tuned.update(batch=chosen, ms=live["ms"], frames_per_second=live["frames_per_second"])
         self.tuned["load_check"]["batch"] = chosen
-        self.tuned["batch"] = self.max_batch
         self.log.info("tuned under load", max_batch=self.max_batch, table_choice=before, table=[
             f"b{r['batch']}: {r['frames_per_second']} f/s {r['ms']} ms ({r['passes']} batches)" for r in check.table()])
         self._save_tuning()

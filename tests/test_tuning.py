@@ -153,6 +153,7 @@ def test_a_real_actor_checks_its_contenders_on_live_batches_and_serves_the_winne
     if within:
         best = max(within, key=lambda r: (r["frames_per_second"], -r["batch"]))["batch"]
         assert check["batch"] == best and actor.max_batch == best == actor.tuned["batch"]
+        assert actor.tuned["frames_per_second"] == max(r["frames_per_second"] for r in within)
     assert max(r.batch_size for r in asyncio.run(actor.infer_batch(frames))) == actor.max_batch
 
 
