@@ -99,20 +99,43 @@ def run_demo(model_dir: Path, data: str, out: Path, fps: float = 0.0, overrides:
     return summary
 
 
-def agent_counts(http_port: int, camera: str) -> dict[str, float]:
-    """A camera's counters from the agent's own /metrics (received, processed, dropped, invalid)."""
+def _metric_samples(http_port: int) -> list | None:
+    """Every sample of the agent's own /metrics; None when it does not answer."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10).read().decode()
     except OSError:
-        return {}
+        return None
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def agent_batching(http_port: int) -> dict | None:
+    """The batch size and torch threads the agent serves with, from its /metrics, and the frames/s per
+    batch size of its check under load (empty until the agent has been saturated)."""
+    samples = _metric_samples(http_port)
+    if samples is None:
+        return None
+    out: dict = {"batch": None, "threads": None, "tuning": None, "under_load": {}}
+    for sample in samples:
+        if sample.name == "adtr_inference_max_batch":
+            out["batch"] = int(sample.value)
+        elif sample.name == "adtr_inference_torch_threads":
+            out["threads"] = int(sample.value)
+        elif sample.name == "adtr_tuning_state" and sample.value:
+            out["tuning"] = sample.labels["state"]
+        elif sample.name == "adtr_tuning_load_frames_per_second":
+            out["under_load"][int(sample.labels["batch"])] = sample.value
+    return out
+
+
+def agent_counts(http_port: int, camera: str) -> dict[str, float]:
+    """A camera's counters from the agent's own /metrics (received, processed, dropped, invalid)."""
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.labels.get("camera") == camera and sample.name.endswith("_total"):
-                key = sample.name.removeprefix("adtr_frames_").removeprefix("adtr_").removesuffix("_total")
-                out[key] = out.get(key, 0.0) + sample.value
+    for sample in _metric_samples(http_port) or []:
+        if sample.labels.get("camera") == camera and sample.name.endswith("_total"):
+            key = sample.name.removeprefix("adtr_frames_").removeprefix("adtr_").removesuffix("_total")
+            out[key] = out.get(key, 0.0) + sample.value
     return out
 
 
@@ -155,6 +178,7 @@ def _stream(test, labels, ingest: str, results: str, out: Path, fps: float, http
                 break
     if camera.poll() is None:
         camera.kill()
+    inference = agent_batching(http_port)  # before the agent stops: what it served with
     sub.close(linger=0)
     context.term()
     seqs = sorted(decisions)
@@ -172,6 +196,7 @@ def _stream(test, labels, ingest: str, results: str, out: Path, fps: float, http
         "frames_per_second": (len(seqs) - 1) / (last - first) if last and last > first else None,
         "latency_ms_p50": float(np.percentile(latency, 50)) if len(latency) else None,
         "latency_ms_p99": float(np.percentile(latency, 99)) if len(latency) else None,
+        "inference": inference,
     }
 
 
@@ -187,5 +212,10 @@ def _print_summary(s: dict) -> None:
           f"p99 {f(s['latency_ms_p99'], '.0f')} ms (capture → decision received"
           + ("; the camera sent as fast as the agent took frames, so latency includes queueing)" if not s.get("fps")
              else f"; camera at {s['fps']:g} fps)"))
+    inference = s.get("inference") or {}
+    if inference.get("batch"):
+        load = ", ".join(f"batch {b} {v:.1f}" for b, v in sorted(inference["under_load"].items()))
+        print(f"inference: batch {inference['batch']} × {inference['threads']} torch thread(s) "
+              f"({inference['tuning']}" + (f"; frames/s under load: {load})" if load else ")"))
     print(f"agent accounting: {json.dumps(s['agent_accounting'])}")
     print(f"anomalous frames, heatmap overlays and JSON sidecars: {s['anomaly_folder']}")

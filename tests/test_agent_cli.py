@@ -54,4 +54,6 @@ def test_demo_runs_agent_and_camera_as_processes_and_every_frame_is_decided(trai
     camera = summary["agent_accounting"]["demo-cam"]
     assert camera["processed"] == summary["frames_sent"] and not camera["dropped"] and not camera["invalid"]
     assert summary["live_image_auroc"] > 0.6
+    assert summary["inference"]["batch"] >= 1 and summary["inference"]["threads"] >= 1  # what it served with
     assert "live demo summary" in result.stdout and "#   0" in result.stdout
+    assert f"inference: batch {summary['inference']['batch']} ×" in result.stdout
