@@ -7,9 +7,11 @@ so `stats`/`ping` answer while a batch runs.
 
 Self-tuning (actors/tuning.py): before it serves, the actor times its forward pass for a ladder of
 batch sizes (and torch thread counts on a CPU) on frames of the model's size and serves with the most
-frames/s whose batch stays within `latency_budget_ms`; `max_batch` / `torch_threads` pin either. After
-a model swap it tunes again, one timed pass between two live batches, serving with the previous choice
-until the new table is complete.
+frames/s whose batch stays within `latency_budget_ms`; `max_batch` / `torch_threads` pin either. Once the
+agent is saturated, the table's contender batch sizes take turns on live batches (the check under load,
+`LoadCheck`; batches may then exceed the table's choice, up to the largest contender), and the one with
+the most frames/s under that load serves. After a model swap it tunes again, one timed pass between two
+live batches, serving with the previous choice until the new table is complete, then checks it anew.
 
 Versions: `prepare` loads a version in the background (reusing the loaded backbone when its weights
 match), warms it up and checks its outputs are finite; `activate` makes a prepared version the
@@ -204,6 +206,7 @@ class InferenceActor:
         """A new table for `model`, unless both values are pinned. Returns whether one was started."""
         pinned_batch, pinned_threads = self.cfg.max_batch, self.cfg.torch_threads
         self.load_check = None  # a new model: its own table first, then its own check under load
+        self.tuned.pop("load_check", None)
         if pinned_batch and pinned_threads:
             self.max_batch, self.threads = pinned_batch, pinned_threads
             self.tuner = None
@@ -232,6 +235,9 @@ class InferenceActor:
             return False
         self.max_batch, self.threads = saved["max_batch"], saved["threads"]
         self.tuned = dict(saved["tuned"], state="reused")
+        pending = self.tuned.get("load_check")
+        if pending and pending.get("state") in ("waiting", "checking") and not self.cfg.max_batch:
+            self._start_load_check(pending["batches"], self.tuned["budget_ms"])  # a restart mid-check: anew
         self.log.info("tuning reused from before the restart", max_batch=self.max_batch, torch_threads=self.threads)
         return True
 
@@ -297,33 +303,40 @@ class InferenceActor:
         if self.tuning_model is not self.serving:  # swapped again meanwhile: that model's own table follows
             return
         self.max_batch, self.threads = best["batch"], best["threads"]
+        near = [] if self.cfg.max_batch else contenders(table, tuner.budget_ms)
         self.tuned = {"state": "tuned", "model_version": self.tuning_model.version, "runs": self.tuned["runs"] + 1,
                       "budget_ms": tuner.budget_ms, "table": table, "batch": best["batch"],
                       "threads": best["threads"], "ms": best["ms"], "frames_per_second": best["frames_per_second"],
-                      "within_budget": best["within_budget"], "seconds": round(time.time() - self.tuned["started_at"], 2)}
+                      "within_budget": best["within_budget"], "seconds": round(time.time() - self.tuned["started_at"], 2),
+                      **({"load_check": {"state": "waiting", "batches": near, "table": []}} if near else {})}
         self.log.info("tuned", max_batch=self.max_batch, torch_threads=self.threads, batch_ms=best["ms"],
                       frames_per_second=best["frames_per_second"], budget_ms=tuner.budget_ms,
                       seconds=self.tuned["seconds"], table=[
                           f"{r['threads']}t b{r['batch']}: {r['frames_per_second']} f/s {r['ms']} ms"
                           + ("" if r["within_budget"] else " (over budget)" if r["failed"] is None else " (failed)")
                           for r in table])
-        near = [] if self.cfg.max_batch else contenders(table, tuner.budget_ms)
         if near:
             self.load_check = LoadCheck(near, tuner.budget_ms)
-            self.tuned["load_check"] = {"state": "waiting", "batches": near, "table": []}
         self._save_tuning()
         if not best["within_budget"]:
             self.log.warning("no batch size fits the latency budget on this device; serving the fastest batch",
                              budget_ms=tuner.budget_ms, batch_ms=best["ms"])
 
-    def _check_under_load(self, check: LoadCheck, batch: int, frames: int, seconds: float) -> None:
-        """One live batch for the check under load; once it is complete, its choice serves."""
+    def _start_load_check(self, batches: list[int], budget_ms: float) -> None:
+        self.load_check = LoadCheck(batches, budget_ms)
+        self.tuned["load_check"] = {"state": "waiting", "batches": self.load_check.batches, "table": []}
+
+    def _check_under_load(self, check: LoadCheck, batch: int, frames: int, seconds: float | None) -> None:
+        """One live batch for the check under load (seconds None: not a countable one); once the check is
+        complete, its choice serves; once it has expired, the table's stays."""
         if check is not self.load_check:  # a swap replaced it meanwhile
             return
-        check.record(batch, frames, seconds)
-        self.tuned["load_check"] = {"state": "done" if check.done else "checking", "batches": check.batches,
-                                    "table": check.table()}
-        if not check.done:
+        if seconds is not None:
+            check.record(batch, frames, seconds)
+        state = ("done" if check.done else "expired" if check.expired(time.monotonic())
+                 else "checking" if any(check.seconds.values()) else "waiting")
+        self.tuned["load_check"] = {"state": state, "batches": check.batches, "table": check.table()}
+        if state in ("checking", "waiting"):
             return
         self.load_check = None
         chosen = check.best()
@@ -333,13 +346,19 @@ class InferenceActor:
             live = next(r for r in check.table() if r["batch"] == chosen)  # what it serves with is live-timed
             self.tuned.update(batch=chosen, ms=live["ms"], frames_per_second=live["frames_per_second"])
         self.tuned["load_check"]["batch"] = chosen
-        self.log.info("tuned under load", max_batch=self.max_batch, table_choice=before, table=[
+        self.log.info("tuned under load" if chosen else f"check under load {state}; the table's choice stays",
+                      max_batch=self.max_batch, table_choice=before, table=[
             f"b{r['batch']}: {r['frames_per_second']} f/s {r['ms']} ms ({r['passes']} batches)" for r in check.table()])
         self._save_tuning()
 
+    @property
+    def serving_batch(self) -> int:
+        """The batch size served now: the check's contender while one runs, else the chosen one."""
+        return self.load_check.current() if self.load_check is not None else self.max_batch
+
     async def batching(self) -> dict[str, Any]:
         """The batch size and torch threads in use (the ingest sizes its chunks by the batch)."""
-        return {"max_batch": self.max_batch, "threads": self.threads, "state": self.tuned["state"]}
+        return {"max_batch": self.serving_batch, "threads": self.threads, "state": self.tuned["state"]}
 
     # ------------------------------------------------------------------ frames
     async def infer_batch(self, frames: list[np.ndarray | bytes]) -> list[InferenceResult]:
@@ -393,14 +412,14 @@ class InferenceActor:
                 self.arrived.clear()
                 await self.arrived.wait()
             check = self.load_check  # while it runs, its contenders take turns
-            size = check.current() if check is not None else self.max_batch
+            size = self.serving_batch
             deadline = loop.time() + self.cfg.max_wait_ms / 1000.0
             while len(self.queue) < size and loop.time() < deadline:
                 await asyncio.sleep(min(0.001, max(0.0, deadline - loop.time())))
             batch, self.queue = self.queue[:size], self.queue[size:]
             if not batch:
                 continue
-            backlog = bool(self.queue)  # frames still waiting: the pipeline is saturated
+            waiting = len(self.queue)  # frames left behind: how saturated the pipeline is
             since_probe += 1
             # The model and its version, taken together before the pass: a swap during it changes nothing.
             serving = self.serving
@@ -425,8 +444,9 @@ class InferenceActor:
             self.frames += len(batch) - len(refused)
             self.refused += len(refused)
             self.shadow_frames += len(batch) - len(refused) if shadow_maps is not None else 0
-            if check is not None and backlog and shadow_maps is None and not refused:  # saturated, serving model only
-                self._check_under_load(check, size, len(batch), seconds)
+            if check is not None:  # counted only saturated, and for the serving model alone
+                countable = check.saturated(waiting) and shadow_maps is None and not refused
+                self._check_under_load(check, size, len(batch), seconds if countable else None)
             row = 0  # maps hold the frames that decoded, in order
             for i, (_, future) in enumerate(batch):
                 if i in refused:
@@ -448,7 +468,7 @@ class InferenceActor:
                 "started_at": self.started_at, "ready_at": self.ready_at, "swaps": self.swaps,
                 "load_failures": self.load_failures, "frames": self.frames, "shadow_frames": self.shadow_frames,
                 "queued": len(self.queue), "busy": self.busy, "refused": self.refused,
-                "max_batch": self.max_batch, "torch_threads": self.threads,
+                "max_batch": self.serving_batch, "torch_threads": self.threads,
                 "backbone_graph": self.serving.detector.backbone.graph_state,
                 "tuning": {k: v for k, v in self.tuned.items() if k != "started_at"},
                 "batch_size": self.batch_sizes.cumulative(), "batch_size_sum": self.batch_sizes.total,

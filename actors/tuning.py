@@ -22,6 +22,7 @@ batches in turns, and the one with the most frames/s under that load serves from
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass, field
 
 
@@ -155,35 +156,45 @@ class LoadCheck:
     rounds: alone, batch 2 did 1.15 × batch 4's frames/s; in the saturated agent, 0.83 × it; each in 6
     of the 7). So once the agent is saturated, the contenders take turns serving: `turn_batches` full
     batches each per turn, for `rounds` rounds, then the one with the most frames/s over its live passes
-    (median per-frame time) within the budget serves. Only full batches count (the batch time of a
-    partial one says little about the batch size). The caller passes only batches taken while more frames
-    were waiting (a batch 1 served to a quiet camera would otherwise be timed on a quieter box than the
-    others) and leaves out those that also ran a shadow model.
+    (median batch time) within the budget serves. The caller passes only full batches taken while at
+    least as many frames as the largest contender were still waiting (the same load for every
+    contender: a batch of 1 is always full, and served to a quiet camera it would be timed on a quieter
+    box), and none that also ran a shadow model. Live batch times include the hand-over to the forward
+    thread, so they run a little above the table's.
+
+    A check that has not finished `max_seconds` after it started (a line that never saturates the agent,
+    contenders bigger than the ingest ever queues, a shadow on every batch) expires: the table's choice
+    stays.
     """
 
-    def __init__(self, batches: list[int], budget_ms: float, turn_batches: int = 3, rounds: int = 4):
-        if len(batches) < 2:
+    def __init__(self, batches: list[int], budget_ms: float, turn_batches: int = 3, rounds: int = 4,
+                 max_seconds: float = 600.0, now: float | None = None):
+        if len(set(batches)) < 2:
             raise ValueError("a load check needs at least two batch sizes to compare")
         self.batches, self.budget_ms = sorted(set(batches)), budget_ms
         self.turn_batches, self.rounds = turn_batches, rounds
+        self.deadline = (time.monotonic() if now is None else now) + max_seconds
         self.seconds: dict[int, list[float]] = {b: [] for b in self.batches}  # per full batch
-        self._turn = 0  # turns taken so far; the batch serving now is batches[_turn % len]
 
     @property
     def done(self) -> bool:
-        return self._turn >= self.rounds * len(self.batches)
+        return all(len(t) >= self.rounds * self.turn_batches for t in self.seconds.values())
+
+    def expired(self, now: float) -> bool:
+        return not self.done and now >= self.deadline
 
     def current(self) -> int:
-        """The batch size to serve next."""
-        return self.batches[self._turn % len(self.batches)]
+        """The batch size to serve next: the one with the fewest finished turns (smaller first on ties)."""
+        return min(self.batches, key=lambda b: (len(self.seconds[b]) // self.turn_batches, b))
+
+    def saturated(self, waiting: int) -> bool:
+        """Whether a batch taken with `waiting` frames left in the queue was taken under full load."""
+        return waiting >= self.batches[-1]
 
     def record(self, batch: int, frames: int, seconds: float) -> None:
         """One served batch of `frames` frames at size `batch`, its forward pass `seconds` long."""
-        if self.done or batch != self.current() or frames != batch:
-            return
-        self.seconds[batch].append(seconds)
-        if len(self.seconds[batch]) >= self.turn_batches * (self._turn // len(self.batches) + 1):
-            self._turn += 1
+        if not self.done and batch == self.current() and frames == batch:
+            self.seconds[batch].append(seconds)
 
     def table(self) -> list[dict]:
         rows = []
@@ -191,14 +202,14 @@ class LoadCheck:
             timed = self.seconds[b]
             ms = 1000.0 * statistics.median(timed) if timed else None
             rows.append({"batch": b, "ms": round(ms, 2) if ms is not None else None,
-                         "frames_per_second": round(1000.0 * b / ms, 2) if ms else 0.0, "passes": len(timed),
+                         "frames_per_second": round(1000.0 * b / ms, 2) if ms else None, "passes": len(timed),
                          "within_budget": ms is not None and ms <= self.budget_ms})
         return rows
 
     def best(self) -> int | None:
         """The batch size with the most live frames/s within the budget (ties: the smaller); None when
-        none is (then the table's choice stays)."""
-        within = [r for r in self.table() if r["within_budget"]]
+        none is, or the check did not finish (then the table's choice stays)."""
+        within = [r for r in self.table() if r["within_budget"]] if self.done else []
         return max(within, key=lambda r: (r["frames_per_second"], -r["batch"]))["batch"] if within else None
 
 

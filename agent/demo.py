@@ -215,7 +215,8 @@ def _print_summary(s: dict) -> None:
     inference = s.get("inference") or {}
     if inference.get("batch"):
         load = ", ".join(f"batch {b} {v:.1f}" for b, v in sorted(inference["under_load"].items()))
-        print(f"inference: batch {inference['batch']} × {inference['threads']} torch thread(s) "
-              f"({inference['tuning']}" + (f"; frames/s under load: {load})" if load else ")"))
+        notes = [n for n in (inference["tuning"], load and f"frames/s under load: {load}") if n]
+        print(f"inference: batch {inference['batch']} × {inference['threads']} torch thread(s)"
+              + (f" ({'; '.join(notes)})" if notes else ""))
     print(f"agent accounting: {json.dumps(s['agent_accounting'])}")
     print(f"anomalous frames, heatmap overlays and JSON sidecars: {s['anomaly_folder']}")

@@ -184,7 +184,8 @@ def _tuning_metrics(inference: dict[str, Any]):
     load = GaugeMetricFamily("adtr_tuning_load_frames_per_second", "Forward throughput per batch size on live "
                              "batches under load (the check after each table; its choice serves)", labels=["batch"])
     for row in (tuning.get("load_check") or {}).get("table", []):
-        load.add_metric([str(row["batch"])], row["frames_per_second"])
+        if row["frames_per_second"] is not None:  # a contender not timed yet has no rate
+            load.add_metric([str(row["batch"])], row["frames_per_second"])
     graph = GaugeMetricFamily("adtr_backbone_graph", "1 for what the backbone's CPU forward runs: graph (frozen, "
                               "oneDNN), pending, failed (eager after a tracing error), off, not_cpu", labels=["state"])
     graph.add_metric([inference.get("backbone_graph", "off")], 1.0)

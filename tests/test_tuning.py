@@ -105,7 +105,16 @@ def test_the_check_under_load_takes_turns_on_full_batches_and_picks_the_most_fra
     over.record(2, 2, 0.050)
     assert over.done and over.best() is None  # under load nothing fits the budget: the table's choice stays
     with pytest.raises(ValueError):
-        LoadCheck([2], budget_ms=100)
+        LoadCheck([2, 2], budget_ms=100)
+
+
+def test_the_check_under_load_counts_the_same_load_for_every_contender_and_expires_unfinished():
+    check = LoadCheck([1, 2, 4], budget_ms=100, turn_batches=1, rounds=1, max_seconds=60.0, now=1000.0)
+    assert not check.saturated(3) and check.saturated(4)  # as many waiting as the largest contender
+    check.record(1, 1, 0.02)
+    assert not check.expired(1059.0) and check.expired(1060.0)
+    assert check.best() is None  # unfinished: no choice, the table's stays
+    assert [r["frames_per_second"] for r in check.table()] == [50.0, None, None]  # untimed: no rate
 
 
 def test_the_thread_ladder_ends_at_the_cores():
@@ -125,7 +134,8 @@ def test_a_real_actor_serves_with_the_best_point_of_its_own_table(trained_model,
     chosen = best_point(tuning["table"], 200)
     assert (actor.max_batch, actor.threads) == (chosen["batch"], chosen["threads"])
     results = asyncio.run(actor.infer_batch(frames))
-    assert len(results) == len(frames) and all(r.batch_size <= actor.max_batch for r in results)
+    bound = max(actor.load_check.batches) if actor.load_check is not None else actor.max_batch  # its turns
+    assert len(results) == len(frames) and all(r.batch_size <= bound for r in results)
 
 
 def test_a_real_actor_checks_its_contenders_on_live_batches_and_serves_the_winner(trained_model, frames):
@@ -155,6 +165,30 @@ def test_a_real_actor_checks_its_contenders_on_live_batches_and_serves_the_winne
         assert check["batch"] == best and actor.max_batch == best == actor.tuned["batch"]
         assert actor.tuned["frames_per_second"] == max(r["frames_per_second"] for r in within)
     assert max(r.batch_size for r in asyncio.run(actor.infer_batch(frames))) == actor.max_batch
+
+
+def test_a_finished_table_starts_a_check_a_swap_drops_it_and_a_restart_takes_it_up_again(trained_model, tmp_path):
+    state = str(tmp_path / "inference.json")
+    actor = InferenceActor(str(trained_model), InferenceConfig(torch_threads=1, tune_seconds=0.01), state_file=state,
+                           run_id="run-1")
+    tuner = Tuner([1], [1, 2, 4], budget_ms=100, min_seconds=0.0, min_passes=1, rotation_passes=1)
+    while (probe := tuner.next_probe()) is not None:  # a table with batch 2 and 4 as close contenders
+        tuner.record(*probe, {1: 0.030, 2: 0.036, 4: 0.076}[probe[1]])
+    actor._tuner_for(actor.serving)  # as after a swap: a table is under way
+    actor.tuner = tuner
+    actor._finish_tuning(tuner)
+    assert actor.max_batch == 2 and actor.load_check is not None and actor.load_check.batches == [1, 2, 4]
+    assert actor.tuned["load_check"]["state"] == "waiting"
+    assert asyncio.run(actor.batching())["max_batch"] == actor.load_check.current() == 1  # the contender's turn
+    restarted = InferenceActor(str(trained_model), InferenceConfig(torch_threads=1, tune_seconds=0.01),
+                               state_file=state, run_id="run-1")
+    assert restarted.tuned["state"] == "reused" and restarted.load_check is not None
+    assert restarted.load_check.batches == [1, 2, 4] and restarted.max_batch == 2
+    pending = actor.load_check
+    actor._tuner_for(actor.serving)  # a swap: the new model gets its own table, then its own check
+    assert actor.load_check is None and "load_check" not in actor.tuned
+    actor._check_under_load(pending, 1, 1, 0.02)  # a batch of the dropped check, still in flight: ignored
+    assert actor.load_check is None and "load_check" not in actor.tuned
 
 
 def test_pinned_settings_are_served_as_they_are(trained_model, frames):
