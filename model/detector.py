@@ -274,7 +274,10 @@ def _load_scorer(model_dir: Path, manifest: dict[str, Any], tensors: dict[str, t
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{model_dir}: the fitted scorer does not fit its manifest: {exc}") from exc
     cells = feature_size * feature_size
-    expected = {"gauss_mean": (cells, channels), "gauss_basis": (cells, channels), "memory": (cells, None, channels),
+    projection = getattr(scorer, "memory_projection", None)
+    memory_channels = channels if projection is None else projection.shape[-1]
+    expected = {"gauss_mean": (cells, channels), "gauss_basis": (cells, channels),
+                "memory": (cells, None, memory_channels), "memory_projection": (channels, None),
                 "gauss_inv_eig": (cells,), "gauss_inv_rest": (cells,)}
     for name, buf in scorer.named_buffers():
         want = expected.get(name, ())

@@ -20,6 +20,7 @@ from .scoring import (
     channel_major_memory,
     fit_cell_gaussians,
     fit_cell_memory,
+    fit_channel_projection,
     mahalanobis_distance,
     memory_distance,
     memory_norms,
@@ -30,7 +31,8 @@ PREFIX = "scorer."
 # l2: the paper's ||f − f̂||₂ in the reconstructor's normalized space; l2_raw: the same residual in
 # the backbone's own units; mahalanobis: that raw-unit residual whitened per grid cell (measured:
 # whitening in raw units beats whitening the normalized residual, whose shrinkage then weighs every
-# channel alike); memory: distance of the raw feature to the nearest training feature at that cell.
+# channel alike); memory: distance of the raw feature to the nearest training feature at that cell
+# (in the training features' leading principal channels when `memory_dims` asks for them).
 TERMS = ("l2", "l2_raw", "mahalanobis", "memory")
 # What a checkpoint written before fitted scoring existed means: the paper's map, unscaled.
 LEGACY_FIT = {"terms": ["l2"], "scales": [1.0], "image": [0], "localization": [0]}
@@ -64,6 +66,10 @@ class FittedScorer(nn.Module):
         missing = [n for t in self.terms for n in need.get(t, ()) if not hasattr(self, n)]
         if missing:
             raise ValueError(f"the scorer needs fitted tensors {missing} for terms {self.terms}")
+        if hasattr(self, "memory_projection") and hasattr(self, "memory") \
+                and self.memory_projection.shape[-1] != self.memory.shape[-1]:
+            raise ValueError(f"the memory holds {self.memory.shape[-1]} channels, its projection gives "
+                             f"{self.memory_projection.shape[-1]}")
         if "memory" in self.terms:  # derived once here, never saved (the checkpoint holds the memory)
             self.register_buffer("memory_sq", memory_norms(self.memory), persistent=False)
 
@@ -76,6 +82,13 @@ class FittedScorer(nn.Module):
         bulky = {"gauss_basis", "memory"}
         return {PREFIX + name: (buf.half() if name in bulky else buf).contiguous()
                 for name, buf in self.state_dict().items()}
+
+    def memory_tokens(self, features: Tensor) -> Tensor:
+        """(B, C, S, S) features → the (B, P, D) tokens the memory searches: the fitted principal
+        channels when the memory was fitted on them, else every channel."""
+        tokens = cell_tokens(features)
+        projection = getattr(self, "memory_projection", None)
+        return tokens if projection is None else tokens @ projection.to(tokens.dtype)
 
     @torch.no_grad()
     def forward(self, features: Tensor, target: Tensor, reconstruction: Tensor, feature_std: Tensor) -> Tensor:
@@ -94,7 +107,7 @@ class FittedScorer(nn.Module):
                        "inv_eig": self.gauss_inv_eig, "inv_rest": self.gauss_inv_rest}
                 maps.append(mahalanobis_distance(cell_tokens(raw), fit).view(b, s, s))
             else:
-                maps.append(memory_distance(cell_tokens(features), self.memory, self.memory_sq).view(b, s, s))
+                maps.append(memory_distance(self.memory_tokens(features), self.memory, self.memory_sq).view(b, s, s))
         return torch.stack(maps, dim=1)  # (B, K, S, S)
 
 
@@ -135,7 +148,11 @@ def fit_scorer(cfg: ScoringConfig, reconstructor: Reconstructor, train_features:
                                  cfg.mahalanobis_rank, cfg.shrinkage)
         tensors.update({f"gauss_{k}": v for k, v in fit.items()})
     if "memory" in terms:
-        tensors["memory"] = fit_cell_memory(cell_tokens(train_features.float().cpu()), cfg.memory_size, seed)
+        tokens = cell_tokens(train_features.float().cpu())
+        if 0 < cfg.memory_dims < tokens.shape[-1]:
+            tensors["memory_projection"] = fit_channel_projection(tokens, cfg.memory_dims)
+            tokens = tokens @ tensors["memory_projection"]
+        tensors["memory"] = fit_cell_memory(tokens, cfg.memory_size, seed)
     scorer = FittedScorer(terms, tensors)
     # Scales from the tensors as the checkpoint will hold them (fp16 basis and memory).
     scorer = FittedScorer.from_checkpoint(terms, scorer.checkpoint_tensors())

@@ -268,6 +268,31 @@ def fit_cell_memory(tokens: Tensor, size: int, seed: int = 0, iterations: int = 
     return centroids
 
 
+def fit_channel_projection(tokens: Tensor, dims: int, chunk: int = 64) -> Tensor:
+    """The `dims` leading principal axes of (N, P, C) training tokens, all cells pooled: (C, dims),
+    orthonormal columns, largest variance first.
+
+    The memory searches `tokens @ projection` instead of the C raw channels: distances between
+    projections are distances within the subspace that holds most of the normal variation, and the
+    memory read per frame shrinks by C / dims. Covariance accumulated in float64, `chunk` images at a time.
+    """
+    n, _, c = tokens.shape
+    if not 0 < dims <= c:
+        raise ValueError(f"a projection keeps 1..{c} channels, got {dims}")
+    total = torch.zeros(c, dtype=torch.float64)
+    second = torch.zeros(c, c, dtype=torch.float64)
+    count = 0
+    for start in range(0, n, chunk):
+        x = tokens[start : start + chunk].reshape(-1, c).double()
+        total += x.sum(dim=0)
+        second += x.T @ x
+        count += x.shape[0]
+    mean = total / count
+    cov = second / count - torch.outer(mean, mean)
+    _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues
+    return vectors.flip(1)[:, :dims].float().contiguous()
+
+
 def memory_distance(tokens: Tensor, memory: Tensor, memory_sq: Tensor | None = None) -> Tensor:
     """Distance of each cell's token to its nearest memory entry AT THE SAME CELL: (B, P, C) → (B, P).
 

@@ -13,6 +13,7 @@ from model.scoring import (
     channel_major_memory,
     fit_cell_gaussians,
     fit_cell_memory,
+    fit_channel_projection,
     fuse_terms,
     image_score,
     mahalanobis_distance,
@@ -253,3 +254,48 @@ def test_a_cell_that_never_varied_in_training_keeps_normalized_scores_below_100x
     normalized = detector.score_features(torch.cat([val, shifted])).normalized
     assert torch.isfinite(normalized).all() and normalized.max() < 100
     assert normalized[len(val):].min() > normalized[: len(val)].median()  # and the change still shows
+
+
+def test_channel_projection_keeps_the_leading_principal_axes_orthonormal():
+    gen = torch.Generator().manual_seed(0)
+    # Variance 9 along channel 2, 4 along channel 0, 1e-2 elsewhere: the axes come out in that order.
+    x = torch.randn(300, 3, 5, generator=gen) * torch.tensor([2.0, 0.1, 3.0, 0.1, 0.1])
+    w = fit_channel_projection(x, 2)
+    assert w.shape == (5, 2)
+    torch.testing.assert_close(w.T @ w, torch.eye(2), atol=1e-5, rtol=0)
+    assert w[2, 0].abs() > 0.99 and w[0, 1].abs() > 0.99
+    full = fit_channel_projection(x, 5)  # every axis: a rotation, so distances are unchanged
+    memory = fit_cell_memory(x[:100], size=0)
+    queries = x[100:110]
+    torch.testing.assert_close(memory_distance(queries @ full, memory @ full), memory_distance(queries, memory),
+                               atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="1..5"):
+        fit_channel_projection(x, 6)
+
+
+def test_memory_in_principal_channels_is_fitted_stored_and_loaded_with_its_projection(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg = AdtrConfig.model_validate({"scoring": {"image_terms": ["memory"], "localization_terms": ["memory"],
+                                                 "memory_size": 8, "memory_dims": 4}})
+    model = Reconstructor(6, 3, ReconstructorConfig(hidden_dim=8, num_heads=2, ffn_dim=16, neighbor_mask=0))
+    train, val = torch.randn(40, 6, 3, 3), torch.randn(10, 6, 3, 3)
+    model.fit_normalization(train)
+    scorer, fit = fit_scorer(cfg.scoring, model, train, val)
+    assert scorer.memory_projection.shape == (6, 4) and scorer.memory.shape == (9, 8, 4)
+    # The distance is the one in the projected channels, to the memory fitted there.
+    expected = memory_distance(cell_tokens(val) @ scorer.memory_projection, scorer.memory)
+    torch.testing.assert_close(scorer(val, *model(val), model.feature_std)[:, 0].flatten(1), expected)
+    save_file(scorer.checkpoint_tensors(), str(tmp_path / "s.safetensors"))
+    stored = load_file(str(tmp_path / "s.safetensors"))
+    loaded = FittedScorer.from_checkpoint(fit["terms"], stored)
+    assert torch.equal(loaded(val, *model(val), model.feature_std), scorer(val, *model(val), model.feature_std))
+    # A projection that does not match its memory is refused with both sizes named.
+    stored["scorer.memory_projection"] = stored["scorer.memory_projection"][:, :3].contiguous()
+    with pytest.raises(ValueError, match="4 channels.*gives 3"):
+        FittedScorer.from_checkpoint(fit["terms"], stored)
+    # memory_dims 0 (or ≥ the channels) keeps every channel, without a projection.
+    every = AdtrConfig.model_validate({"scoring": {"image_terms": ["memory"], "localization_terms": ["memory"],
+                                                   "memory_size": 8, "memory_dims": 0}})
+    plain, _ = fit_scorer(every.scoring, model, train, val)
+    assert not hasattr(plain, "memory_projection") and plain.memory.shape == (9, 8, 6)
