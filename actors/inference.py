@@ -229,15 +229,22 @@ class InferenceActor:
             return False
         try:
             saved = json.loads(self.state_file.read_text())
-        except (OSError, json.JSONDecodeError):
+            if saved.get("run_id") != self.run_id or saved.get("key") != self._tuning_key(self.serving):
+                return False
+            max_batch, threads, tuned = saved["max_batch"], saved["threads"], dict(saved["tuned"])
+            if not all(type(v) is int and v >= 1 for v in (max_batch, threads)):
+                raise ValueError(f"max_batch {max_batch!r} and threads {threads!r} must be whole numbers >= 1")
+            pending = tuned.get("load_check")
+            restart = bool(pending) and pending.get("state") in ("waiting", "checking") and not self.cfg.max_batch
+            check = LoadCheck(pending["batches"], float(tuned["budget_ms"])) if restart else None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            # A torn or hand-edited file costs a re-tune, never the actor: it starts as if there were none.
+            self.log.warning("the saved tuning is unreadable; tuning again", path=str(self.state_file), error=str(exc))
             return False
-        if saved.get("run_id") != self.run_id or saved.get("key") != self._tuning_key(self.serving):
-            return False
-        self.max_batch, self.threads = saved["max_batch"], saved["threads"]
-        self.tuned = dict(saved["tuned"], state="reused")
-        pending = self.tuned.get("load_check")
-        if pending and pending.get("state") in ("waiting", "checking") and not self.cfg.max_batch:
-            self._start_load_check(pending["batches"], self.tuned["budget_ms"])  # a restart mid-check: anew
+        self.max_batch, self.threads = max_batch, threads
+        self.tuned = dict(tuned, state="reused")
+        if check is not None:  # a restart mid-check: the check starts anew
+            self._start_load_check(check)
         self.log.info("tuning reused from before the restart", max_batch=self.max_batch, torch_threads=self.threads)
         return True
 
@@ -322,9 +329,9 @@ class InferenceActor:
             self.log.warning("no batch size fits the latency budget on this device; serving the fastest batch",
                              budget_ms=tuner.budget_ms, batch_ms=best["ms"])
 
-    def _start_load_check(self, batches: list[int], budget_ms: float) -> None:
-        self.load_check = LoadCheck(batches, budget_ms)
-        self.tuned["load_check"] = {"state": "waiting", "batches": self.load_check.batches, "table": []}
+    def _start_load_check(self, check: LoadCheck) -> None:
+        self.load_check = check
+        self.tuned["load_check"] = {"state": "waiting", "batches": check.batches, "table": []}
 
     def _check_under_load(self, check: LoadCheck, batch: int, frames: int, seconds: float | None) -> None:
         """One live batch for the check under load (seconds None: not a countable one); once the check is

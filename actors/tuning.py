@@ -169,6 +169,8 @@ class LoadCheck:
 
     def __init__(self, batches: list[int], budget_ms: float, turn_batches: int = 3, rounds: int = 4,
                  max_seconds: float = 600.0, now: float | None = None):
+        if any(type(b) is not int or b < 1 for b in batches):
+            raise ValueError(f"a load check compares batch sizes (whole numbers >= 1), got {batches!r}")
         if len(set(batches)) < 2:
             raise ValueError("a load check needs at least two batch sizes to compare")
         self.batches, self.budget_ms = sorted(set(batches)), budget_ms

@@ -115,6 +115,9 @@ def test_the_check_under_load_counts_the_same_load_for_every_contender_and_expir
     assert not check.expired(1059.0) and check.expired(1060.0)
     assert check.best() is None  # unfinished: no choice, the table's stays
     assert [r["frames_per_second"] for r in check.table()] == [50.0, None, None]  # untimed: no rate
+    for bad in (["1", "2"], [0, 2], [1.0, 2], [True, 2]):  # e.g. from a hand-edited saved tuning
+        with pytest.raises(ValueError, match="whole numbers"):
+            LoadCheck(bad, budget_ms=100)
 
 
 def test_the_thread_ladder_ends_at_the_cores():
@@ -258,3 +261,29 @@ def test_a_restarted_actor_serves_with_its_previous_choice_and_a_new_agent_run_t
     assert restarted.tuned["state"] == "reused" and restarted.tuned["table"] == first.tuned["table"]
     assert (restarted.max_batch, restarted.threads) == (first.max_batch, first.threads)
     assert InferenceActor(str(trained_model), cfg, state_file=state, run_id="run-2").tuned["state"] == "tuned"
+
+
+@pytest.mark.parametrize("damage", ["torn", "no max_batch", "batch zero", "bad check"])
+def test_a_damaged_saved_tuning_costs_a_retune_and_is_logged_never_the_actor(trained_model, tmp_path, damage,
+                                                                             capfd):
+    state = tmp_path / "inference.json"
+    cfg = InferenceConfig(tune_seconds=0.01, tune_batches=[1, 2])
+    InferenceActor(str(trained_model), cfg, state_file=str(state), run_id="run-1")
+    saved = json.loads(state.read_text())
+    if damage == "torn":
+        state.write_text(state.read_text()[:40])
+    else:
+        if damage == "no max_batch":
+            del saved["max_batch"]
+        elif damage == "batch zero":
+            saved["max_batch"] = 0
+        else:
+            saved["tuned"]["load_check"] = {"state": "checking", "batches": "one, two"}
+        state.write_text(json.dumps(saved))
+    capfd.readouterr()
+    restarted = InferenceActor(str(trained_model), cfg, state_file=str(state), run_id="run-1")
+    assert restarted.tuned["state"] == "tuned" and restarted.max_batch in (1, 2)
+    logged = "".join(capfd.readouterr())  # the actor configures its own (JSON) logging, as in a Ray worker
+    assert "the saved tuning is unreadable; tuning again" in logged
+    # and what it saved now is whole again: the next restart reuses it
+    assert InferenceActor(str(trained_model), cfg, state_file=str(state), run_id="run-1").tuned["state"] == "reused"
