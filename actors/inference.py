@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import time
@@ -232,12 +233,16 @@ class InferenceActor:
             if saved.get("run_id") != self.run_id or saved.get("key") != self._tuning_key(self.serving):
                 return False
             max_batch, threads, tuned = saved["max_batch"], saved["threads"], dict(saved["tuned"])
-            if not all(type(v) is int and v >= 1 for v in (max_batch, threads)):
-                raise ValueError(f"max_batch {max_batch!r} and threads {threads!r} must be whole numbers >= 1")
+            if not all(type(v) is int and v >= 1 for v in (max_batch, threads, tuned["runs"] + 1)):
+                raise ValueError(f"max_batch {max_batch!r}, threads {threads!r} and runs {tuned['runs']!r} "
+                                 "must be whole numbers")
+            budget_ms = float(tuned["budget_ms"])
+            if not (math.isfinite(budget_ms) and budget_ms > 0):
+                raise ValueError(f"budget_ms {budget_ms!r} must be a positive number")
             pending = tuned.get("load_check")
             restart = bool(pending) and pending.get("state") in ("waiting", "checking") and not self.cfg.max_batch
-            check = LoadCheck(pending["batches"], float(tuned["budget_ms"])) if restart else None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            check = LoadCheck(pending["batches"], budget_ms) if restart else None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             # A torn or hand-edited file costs a re-tune, never the actor: it starts as if there were none.
             self.log.warning("the saved tuning is unreadable; tuning again", path=str(self.state_file), error=str(exc))
             return False

@@ -225,7 +225,13 @@ def require_threshold(detector: AnomalyDetector) -> float:
 
 def _manifest_config(model_dir: str | Path, manifest: dict[str, Any]) -> AdtrConfig:
     try:
-        cfg = AdtrConfig.model_validate(manifest["settings"])
+        settings = manifest["settings"]
+        scoring = settings.get("scoring") if isinstance(settings, dict) else None
+        if isinstance(scoring, dict) and "memory_dims" not in scoring:
+            # Written before the memory had a channel projection: it searched every channel, and a refit
+            # from this model (retrain, ADTR+) must not switch to the newer default.
+            settings = {**settings, "scoring": {**scoring, "memory_dims": 0}}
+        cfg = AdtrConfig.model_validate(settings)
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"{model_dir}: manifest settings are invalid: {exc}") from exc
     if "scoring_fit" not in manifest:  # written before fitted scoring: the paper's L2 map

@@ -66,10 +66,13 @@ class FittedScorer(nn.Module):
         missing = [n for t in self.terms for n in need.get(t, ()) if not hasattr(self, n)]
         if missing:
             raise ValueError(f"the scorer needs fitted tensors {missing} for terms {self.terms}")
-        if hasattr(self, "memory_projection") and hasattr(self, "memory") \
-                and self.memory_projection.shape[-1] != self.memory.shape[-1]:
-            raise ValueError(f"the memory holds {self.memory.shape[-1]} channels, its projection gives "
-                             f"{self.memory_projection.shape[-1]}")
+        if hasattr(self, "memory_projection") and hasattr(self, "memory"):
+            if self.memory_projection.dim() != 2:
+                raise ValueError(f"the memory's projection must be (channels, dims), got "
+                                 f"{tuple(self.memory_projection.shape)}")
+            if self.memory_projection.shape[-1] != self.memory.shape[-1]:
+                raise ValueError(f"the memory holds {self.memory.shape[-1]} channels, its projection gives "
+                                 f"{self.memory_projection.shape[-1]}")
         if "memory" in self.terms:  # derived once here, never saved (the checkpoint holds the memory)
             self.register_buffer("memory_sq", memory_norms(self.memory), persistent=False)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model.checkpoint import CheckpointError, load_checkpoint, read_manifest
+from model.config import AdtrConfig
 from model.data import read_image
 from model.detector import load_detector
 
@@ -95,6 +96,12 @@ def test_the_fitted_scorer_travels_in_the_checkpoint(trained_model):
     scorer_tensors = {k for k in tensors if k.startswith("scorer.")}
     if "memory" in fit["terms"]:
         assert "scorer.memory" in scorer_tensors
+        # the memory's channel projection travels with it whenever it was fitted on fewer channels
+        dims, channels = manifest["settings"]["scoring"]["memory_dims"], manifest["backbone"]["channels"]
+        assert ("scorer.memory_projection" in scorer_tensors) == (0 < dims < channels)
+        if 0 < dims < channels:
+            assert tuple(tensors["scorer.memory_projection"].shape) == (channels, dims)
+            assert tensors["scorer.memory"].shape[-1] == dims
     if "mahalanobis" in fit["terms"]:
         assert {"scorer.gauss_mean", "scorer.gauss_basis", "scorer.gauss_inv_eig"} <= scorer_tensors
     detector = load_detector(trained_model)
@@ -127,3 +134,26 @@ def test_a_checkpoint_from_before_fitted_scoring_scores_with_the_paper_map(train
     target, recon = detector.reconstructor(features)
     expected = (target - recon).pow(2).sum(dim=1).sqrt()
     assert torch.allclose(detector.coarse_maps(features)[:, 0], expected, atol=1e-5)
+
+
+def test_a_checkpoint_from_before_the_memory_projection_keeps_every_channel_on_a_refit(trained_model, tmp_path):
+    """Its settings never named memory_dims: loading reads 0 (what it was fitted with), not today's
+    default, so a retrain or ADTR+ refit from it keeps searching every channel."""
+    old = _copy_with_manifest(trained_model, tmp_path, lambda m: m["settings"]["scoring"].pop("memory_dims"))
+    assert load_detector(old).cfg.scoring.memory_dims == 0
+    assert load_detector(trained_model).cfg.scoring.memory_dims == AdtrConfig().scoring.memory_dims
+
+
+def test_a_memory_projection_that_does_not_fit_the_backbone_is_refused(trained_model, tmp_path):
+    from model.checkpoint import save_checkpoint
+
+    manifest, tensors = load_checkpoint(trained_model)
+    if "scorer.memory_projection" not in tensors:
+        pytest.fail("the test model should search its memory in principal channels (memory_dims < channels)")
+    bad = _copy(trained_model, tmp_path)
+    tensors["scorer.memory_projection"] = tensors["scorer.memory_projection"][:-1].contiguous()  # a channel short
+    for key in ("weights_sha256", "model_version"):
+        manifest.pop(key)
+    save_checkpoint(bad, tensors, manifest)
+    with pytest.raises(CheckpointError, match="memory_projection has shape"):
+        load_detector(bad)

@@ -294,6 +294,9 @@ def test_memory_in_principal_channels_is_fitted_stored_and_loaded_with_its_proje
     stored["scorer.memory_projection"] = stored["scorer.memory_projection"][:, :3].contiguous()
     with pytest.raises(ValueError, match="4 channels.*gives 3"):
         FittedScorer.from_checkpoint(fit["terms"], stored)
+    stored["scorer.memory_projection"] = torch.zeros(6, 2, 4)
+    with pytest.raises(ValueError, match="must be \\(channels, dims\\)"):
+        FittedScorer.from_checkpoint(fit["terms"], stored)
     # memory_dims 0 (or ≥ the channels) keeps every channel, without a projection.
     every = AdtrConfig.model_validate({"scoring": {"image_terms": ["memory"], "localization_terms": ["memory"],
                                                    "memory_size": 8, "memory_dims": 0}})

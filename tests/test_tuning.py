@@ -263,7 +263,7 @@ def test_a_restarted_actor_serves_with_its_previous_choice_and_a_new_agent_run_t
     assert InferenceActor(str(trained_model), cfg, state_file=state, run_id="run-2").tuned["state"] == "tuned"
 
 
-@pytest.mark.parametrize("damage", ["torn", "no max_batch", "batch zero", "bad check"])
+@pytest.mark.parametrize("damage", ["torn", "no max_batch", "batch zero", "bad check", "no runs", "budget nan"])
 def test_a_damaged_saved_tuning_costs_a_retune_and_is_logged_never_the_actor(trained_model, tmp_path, damage,
                                                                              capfd):
     state = tmp_path / "inference.json"
@@ -277,6 +277,10 @@ def test_a_damaged_saved_tuning_costs_a_retune_and_is_logged_never_the_actor(tra
             del saved["max_batch"]
         elif damage == "batch zero":
             saved["max_batch"] = 0
+        elif damage == "no runs":  # the next table after a swap counts on it
+            del saved["tuned"]["runs"]
+        elif damage == "budget nan":
+            saved["tuned"]["budget_ms"] = float("nan")
         else:
             saved["tuned"]["load_check"] = {"state": "checking", "batches": "one, two"}
         state.write_text(json.dumps(saved))
