@@ -316,19 +316,19 @@ class InferenceActor:
             return
         self.max_batch, self.threads = best["batch"], best["threads"]
         near = [] if self.cfg.max_batch else contenders(table, tuner.budget_ms)
+        check = LoadCheck(near, tuner.budget_ms) if near else None
         self.tuned = {"state": "tuned", "model_version": self.tuning_model.version, "runs": self.tuned["runs"] + 1,
                       "budget_ms": tuner.budget_ms, "table": table, "batch": best["batch"],
                       "threads": best["threads"], "ms": best["ms"], "frames_per_second": best["frames_per_second"],
                       "within_budget": best["within_budget"], "seconds": round(time.time() - self.tuned["started_at"], 2),
-                      **({"load_check": {"state": "waiting", "batches": near, "table": []}} if near else {})}
+                      **({"load_check": check.entry(time.monotonic())} if check else {})}
         self.log.info("tuned", max_batch=self.max_batch, torch_threads=self.threads, batch_ms=best["ms"],
                       frames_per_second=best["frames_per_second"], budget_ms=tuner.budget_ms,
                       seconds=self.tuned["seconds"], table=[
                           f"{r['threads']}t b{r['batch']}: {r['frames_per_second']} f/s {r['ms']} ms"
                           + ("" if r["within_budget"] else " (over budget)" if r["failed"] is None else " (failed)")
                           for r in table])
-        if near:
-            self.load_check = LoadCheck(near, tuner.budget_ms)
+        self.load_check = check
         self._save_tuning()
         if not best["within_budget"]:
             self.log.warning("no batch size fits the latency budget on this device; serving the fastest batch",
@@ -336,7 +336,7 @@ class InferenceActor:
 
     def _start_load_check(self, check: LoadCheck) -> None:
         self.load_check = check
-        self.tuned["load_check"] = {"state": "waiting", "batches": check.batches, "table": []}
+        self.tuned["load_check"] = check.entry(time.monotonic())
 
     def _check_under_load(self, check: LoadCheck, batch: int, frames: int, seconds: float | None) -> None:
         """One live batch for the check under load (seconds None: not a countable one); once the check is
@@ -345,22 +345,20 @@ class InferenceActor:
             return
         if seconds is not None:
             check.record(batch, frames, seconds)
-        state = ("done" if check.done else "expired" if check.expired(time.monotonic())
-                 else "checking" if any(check.seconds.values()) else "waiting")
-        self.tuned["load_check"] = {"state": state, "batches": check.batches, "table": check.table()}
-        if state in ("checking", "waiting"):
+        entry = self.tuned["load_check"] = check.entry(time.monotonic())
+        if entry["state"] in ("checking", "waiting"):
             return
         self.load_check = None
         chosen = check.best()
         before = self.max_batch
         if chosen is not None:
             self.max_batch = chosen
-            live = next(r for r in check.table() if r["batch"] == chosen)  # what it serves with is live-timed
+            live = next(r for r in entry["table"] if r["batch"] == chosen)  # what it serves with is live-timed
             self.tuned.update(batch=chosen, ms=live["ms"], frames_per_second=live["frames_per_second"])
-        self.tuned["load_check"]["batch"] = chosen
-        self.log.info("tuned under load" if chosen else f"check under load {state}; the table's choice stays",
+        entry["batch"] = chosen
+        self.log.info("tuned under load" if chosen else f"check under load {entry['state']}; the table's choice stays",
                       max_batch=self.max_batch, table_choice=before, table=[
-            f"b{r['batch']}: {r['frames_per_second']} f/s {r['ms']} ms ({r['passes']} batches)" for r in check.table()])
+            f"b{r['batch']}: {r['frames_per_second']} f/s {r['ms']} ms ({r['passes']} batches)" for r in entry["table"]])
         self._save_tuning()
 
     @property

@@ -185,6 +185,18 @@ class LoadCheck:
     def expired(self, now: float) -> bool:
         return not self.done and now >= self.deadline
 
+    def state(self, now: float) -> str:
+        """done, expired, checking (a contender has live batches) or waiting (none yet)."""
+        if self.done:
+            return "done"
+        if self.expired(now):
+            return "expired"
+        return "checking" if any(self.seconds.values()) else "waiting"
+
+    def entry(self, now: float) -> dict:
+        """The check as the actor's stats and saved tuning show it: state, contenders, live table."""
+        return {"state": self.state(now), "batches": self.batches, "table": self.table()}
+
     def current(self) -> int:
         """The batch size to serve next: the one with the fewest finished turns (smaller first on ties)."""
         return min(self.batches, key=lambda b: (len(self.seconds[b]) // self.turn_batches, b))

@@ -111,8 +111,10 @@ def test_the_check_under_load_takes_turns_on_full_batches_and_picks_the_most_fra
 def test_the_check_under_load_counts_the_same_load_for_every_contender_and_expires_unfinished():
     check = LoadCheck([1, 2, 4], budget_ms=100, turn_batches=1, rounds=1, max_seconds=60.0, now=1000.0)
     assert not check.saturated(3) and check.saturated(4)  # as many waiting as the largest contender
+    assert check.entry(1000.0) == {"state": "waiting", "batches": [1, 2, 4], "table": check.table()}
     check.record(1, 1, 0.02)
     assert not check.expired(1059.0) and check.expired(1060.0)
+    assert check.state(1059.0) == "checking" and check.state(1060.0) == "expired"
     assert check.best() is None  # unfinished: no choice, the table's stays
     assert [r["frames_per_second"] for r in check.table()] == [50.0, None, None]  # untimed: no rate
     for bad in (["1", "2"], [0, 2], [1.0, 2], [True, 2]):  # e.g. from a hand-edited saved tuning
