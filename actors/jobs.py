@@ -34,8 +34,8 @@ def _status(job) -> str:
     return str(getattr(job.status, "value", job.status)).rsplit(".", 1)[-1]
 
 
-def active_retrains(client) -> list[Any]:
-    return [j for j in client.list_jobs() if (j.submission_id or "").startswith("retrain-") and _status(j) in ACTIVE]
+def active_retrains(jobs) -> list[Any]:
+    return [j for j in jobs if (j.submission_id or "").startswith("retrain-") and _status(j) in ACTIVE]
 
 
 def submit_retrain(address: str, registry: str | Path, namespace: str, by: str,
@@ -43,13 +43,16 @@ def submit_retrain(address: str, registry: str | Path, namespace: str, by: str,
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    running = active_retrains(client)
+    # One listing decides both questions. Two listings (active jobs, then taken ids) let a trigger that
+    # listed before another's submission and took its ids after it pick `-2` beside a running job.
+    jobs = client.list_jobs()
+    running = active_retrains(jobs)
     if running:
         raise RetrainBusy(f"retrain job {running[0].submission_id} is {_status(running[0]).lower()}; "
                           "one retrain at a time (see `ray job status` / `adtr-edge retrain --status`)")
     store = SampleStore(Path(registry) / "store")
     base = f"retrain-{store.snapshot().fingerprint[:12]}"
-    taken = {j.submission_id for j in client.list_jobs()}
+    taken = {j.submission_id for j in jobs}
     submission_id, attempt = base, 1
     while submission_id in taken:
         attempt += 1

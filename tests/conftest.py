@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import cv2
@@ -107,6 +108,25 @@ def ray_cluster(ray_home):
     yield head
     ray.shutdown()
     head.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_retrain_left_running(request):
+    """The cluster is shared by the session: a retrain job a failed test leaves running would refuse
+    every later test's retrain as busy. After each test that uses the cluster, stop any still active."""
+    yield
+    if "ray_cluster" not in request.fixturenames:
+        return
+    from ray.job_submission import JobSubmissionClient
+
+    from actors.jobs import active_retrains
+
+    client = JobSubmissionClient(request.getfixturevalue("ray_cluster").dashboard)
+    for job in active_retrains(client.list_jobs()):
+        client.stop_job(job.submission_id)
+        deadline = time.monotonic() + 120
+        while client.get_job_status(job.submission_id).value in ("PENDING", "RUNNING") and time.monotonic() < deadline:
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")

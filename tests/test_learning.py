@@ -198,6 +198,33 @@ def test_one_retrain_at_a_time_and_a_stopped_one_changes_nothing(registry, tmp_p
     assert registry.pointers()["candidate"] == outcome["version"]
 
 
+def test_a_trigger_that_lists_before_another_submits_is_refused_not_given_a_second_id(
+        registry, extra_normals, ray_cluster, monkeypatch):
+    """The interleaving a CI run hit: trigger B lists the jobs, trigger A submits, B goes on. B must be
+    refused (it picks A's id and Ray says it exists), not handed `-2` to train beside A."""
+    from ray.job_submission import JobSubmissionClient
+
+    _accept(SampleStore(registry.store_dir), extra_normals[:5], "operator")
+    address = ray_cluster.dashboard
+    real = JobSubmissionClient.list_jobs
+    first: list = []
+
+    def list_then_let_another_submit(self):
+        jobs = real(self)
+        if not first:
+            first.append(None)  # A's own listing goes straight through
+            first[0] = submit_retrain(address, registry.root, "no-agent", "trigger A", ["learning.retrain.epochs=1"])
+        return jobs
+
+    monkeypatch.setattr(JobSubmissionClient, "list_jobs", list_then_let_another_submit)
+    with pytest.raises(RetrainBusy, match="another trigger at the same time"):
+        submit_retrain(address, registry.root, "no-agent", "trigger B", ["learning.retrain.epochs=1"])
+    monkeypatch.undo()
+    ids = [j.submission_id for j in JobSubmissionClient(address).list_jobs()
+           if (j.submission_id or "").startswith(first[0]["submission_id"])]
+    assert ids == [first[0]["submission_id"]]
+
+
 def _http(url: str, method: str = "GET", body: dict | None = None, token: str | None = None):
     request = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None,
                                      headers={"Content-Type": "application/json",
