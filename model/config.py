@@ -59,6 +59,8 @@ class ReconstructorConfig(_Strict):
     # Feature jitter (UniAD): Gaussian noise on input tokens in training, std = scale * |token| / C.
     jitter_scale: float = Field(0.0, ge=0.0)
     jitter_prob: float = Field(1.0, ge=0.0, le=1.0)
+    # Noisy bottleneck (Dinomaly): dropout on the input tokens in training only (the target is whole).
+    input_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # Standardize features before reconstruction: "position" subtracts each position's training mean
     # and divides by the channel std; "position_std" also divides by each position's own std;
     # "channel" uses the per-channel mean; "none" keeps raw features.
@@ -155,6 +157,10 @@ class TrainConfig(_Strict):
     lr_drop_at: float = Field(0.8, gt=0.0, le=1.0)
     warmup_steps: int = Field(20, ge=0)
     grad_clip: float = Field(0.1, ge=0.0)
+    # mse: the paper's L_norm over every cell; hard_mining: the MSE over each image's worst-reconstructed
+    # `hard_fraction` of cells only.
+    loss: Literal["mse", "hard_mining"] = "mse"
+    hard_fraction: float = Field(0.1, gt=0.0, le=1.0)
     seed: int = 0
     # Stop after this many minutes even if epochs remain (0 = no limit); the checkpoint still lands.
     max_minutes: float = Field(0.0, ge=0.0)

@@ -182,6 +182,9 @@ class Reconstructor(nn.Module):
             # UniAD's feature jitter: noise ∝ each token's norm, only on the input, never the target.
             scale = tokens.norm(dim=2, keepdim=True) / tokens.shape[2] * self.cfg.jitter_scale
             tokens = tokens + torch.randn_like(tokens) * scale
+        if self.training and self.cfg.input_dropout > 0:
+            # Dinomaly's noisy bottleneck: channels dropped from the input, never from the target.
+            tokens = F.dropout(tokens, self.cfg.input_dropout, training=True)
         # The 1×1 projections as matrix products on the tokens (the same weights and arithmetic as the
         # convolutions, whose modules keep the checkpoint's names and shapes).
         memory = F.linear(tokens, self.input_proj.weight.flatten(1), self.input_proj.bias)  # (B, S*S, D)
@@ -201,3 +204,12 @@ class Reconstructor(nn.Module):
 def reconstruction_loss(target: Tensor, reconstruction: Tensor) -> Tensor:
     """L_norm (eq. 1) as a plain MSE: ||f − f̂||² / (C·H·W), averaged over the batch."""
     return F.mse_loss(reconstruction, target)
+
+
+def hard_mining_loss(target: Tensor, reconstruction: Tensor, fraction: float) -> Tensor:
+    """The MSE over each image's worst-reconstructed `fraction` of cells only (at least one cell): cells
+    already reconstructed well give no gradient (the hard-mining idea of Dinomaly and EfficientAD's
+    hard loss). fraction 1 is `reconstruction_loss`."""
+    per_cell = (reconstruction - target).pow(2).mean(dim=1).flatten(1)  # (B, S*S)
+    k = max(1, round(fraction * per_cell.shape[1]))
+    return per_cell.topk(k, dim=1, sorted=False).values.mean()

@@ -26,7 +26,7 @@ from .config import AdtrConfig, TrainConfig
 from .data import BadFiles, Dataset
 from .detector import AnomalyDetector, resolve_device
 from .features import FeatureCache
-from .reconstructor import Reconstructor, reconstruction_loss
+from .reconstructor import Reconstructor, hard_mining_loss, reconstruction_loss
 from .scorer import fit_scorer
 from .scoring import threshold_f1_optimal, threshold_from_normals
 
@@ -44,6 +44,18 @@ def seed_everything(seed: int) -> None:
 def normal_loss(model: Reconstructor, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     target, recon = model(batch[0])
     return reconstruction_loss(target, recon)
+
+
+def normal_loss_for(tcfg: TrainConfig) -> LossFn:
+    """The normal-only training loss `tcfg.loss` names."""
+    if tcfg.loss == "mse":
+        return normal_loss
+
+    def hard_loss(model: Reconstructor, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        target, recon = model(batch[0])
+        return hard_mining_loss(target, recon, tcfg.hard_fraction)
+
+    return hard_loss
 
 
 @dataclass
@@ -66,13 +78,15 @@ def fit(
     *,
     epochs: int | None = None,
     lr: float | None = None,
-    loss_fn: LossFn = normal_loss,
+    loss_fn: LossFn | None = None,
     state_path: Path | None = None,
     state_tag: str = "",
     progress: bool = True,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> FitResult:
-    """Train `model` on tensors whose first dimension is the sample; returns the loss history."""
+    """Train `model` on tensors whose first dimension is the sample; returns the loss history. The loss
+    is `loss_fn`, or the normal-only loss `tcfg.loss` names."""
+    loss_fn = loss_fn or normal_loss_for(tcfg)
     epochs = epochs or tcfg.epochs
     lr = lr or tcfg.lr
     device = next(model.parameters()).device  # batches follow the model (the data may stay on the CPU)

@@ -120,3 +120,32 @@ def test_kept_decoder_queries_give_the_same_reconstruction_and_follow_the_weight
         stepped = model(x)[1]
     assert not torch.allclose(stepped, expected, atol=1e-4)
     assert torch.allclose(stepped, model.train()(x)[1].detach(), atol=1e-6)  # training path: no dropout here
+
+
+def test_input_dropout_applies_in_training_only_and_never_to_the_target():
+    model = _model(input_dropout=0.5, zero_init_output=False)
+    x = torch.randn(2, 12, 4, 4)
+    model.eval()
+    assert torch.equal(model(x)[1], model(x)[1])
+    model.train()
+    (t1, r1), (t2, r2) = model(x), model(x)
+    assert not torch.equal(r1, r2)
+    assert torch.equal(t1, t2)  # the target is the whole input, normalized
+
+
+def test_hard_mining_loss_is_the_mse_of_each_images_worst_cells():
+    from model.reconstructor import hard_mining_loss, reconstruction_loss
+
+    target = torch.zeros(2, 3, 2, 2, requires_grad=False)
+    recon = torch.zeros(2, 3, 2, 2)
+    recon[0, :, 0, 0] = 2.0  # image 0: one bad cell (per-cell MSE 4), image 1: cells of MSE 1, 0, 0, 0
+    recon[1, :, 1, 1] = 1.0
+    recon.requires_grad_(True)
+    loss = hard_mining_loss(target, recon, 0.25)  # one cell of four per image
+    assert torch.isclose(loss, torch.tensor((4.0 + 1.0) / 2))
+    loss.backward()
+    hit = recon.grad.abs().sum(dim=1) > 0  # only the worst cell of each image gets a gradient
+    assert hit.sum() == 2 and hit[0, 0, 0] and hit[1, 1, 1]
+    full = torch.randn(2, 3, 2, 2)
+    assert torch.isclose(hard_mining_loss(target, full, 1.0), reconstruction_loss(target, full))
+    assert torch.isclose(hard_mining_loss(target, full, 1e-9), full.pow(2).mean(1).flatten(1).amax(1).mean())

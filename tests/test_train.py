@@ -49,3 +49,31 @@ def test_state_from_other_settings_is_ignored(tmp_path):
     other, _ = _setup()
     result = fit(other, (feats,), None, _tcfg(epochs=2), state_path=state, state_tag="b", progress=False)
     assert [h["epoch"] for h in result.history] == [1, 2]
+
+
+def test_the_configured_loss_is_the_one_trained_on():
+    """train.loss=hard_mining trains on each image's worst cells: its reported loss is that loss (above
+    the plain MSE of the same model), and it is deterministic like the default."""
+    from model.reconstructor import hard_mining_loss, reconstruction_loss
+
+    model, feats = _setup()
+    result = fit(model, (feats,), (feats[:8],), _tcfg(epochs=2, loss="hard_mining", hard_fraction=0.25),
+                 progress=False)
+    with torch.no_grad():
+        target, recon = model(feats[:8])
+    assert abs(result.history[-1]["val_loss"] - hard_mining_loss(target, recon, 0.25).item()) < 1e-5
+    assert result.history[-1]["val_loss"] > reconstruction_loss(target, recon).item()
+    again, _ = _setup()
+    repeat = fit(again, (feats,), (feats[:8],), _tcfg(epochs=2, loss="hard_mining", hard_fraction=0.25),
+                 progress=False)
+    assert [h["train_loss"] for h in repeat.history] == [h["train_loss"] for h in result.history]
+
+
+def test_a_bad_loss_setting_is_refused_with_its_name():
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="loss"):
+        TrainConfig(loss="l1")
+    with pytest.raises(ValidationError, match="hard_fraction"):
+        TrainConfig(hard_fraction=0)

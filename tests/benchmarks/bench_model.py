@@ -503,6 +503,10 @@ TRAINING_VARIANTS = {
     "2+2 layers": ["reconstructor.num_encoder_layers=2", "reconstructor.num_decoder_layers=2"],
     "hidden 128, FFN 512": ["reconstructor.hidden_dim=128", "reconstructor.ffn_dim=512"],
     "no std floor": ["reconstructor.std_floor=0"],
+    "hard-mining loss (worst 10 % of cells)": ["train.loss=hard_mining", "train.hard_fraction=0.1"],
+    "noisy bottleneck (input dropout 0.2)": ["reconstructor.input_dropout=0.2"],
+    "hard-mining loss + noisy bottleneck, 40 epochs": ["train.loss=hard_mining", "reconstructor.input_dropout=0.2",
+                                                       "train.epochs=40", "train.max_minutes=0"],
 }
 
 
