@@ -1,4 +1,5 @@
-"""Reconstructor: shapes, normalization, the auxiliary query, jitter only in training."""
+"""Reconstructor: shapes, normalization, the auxiliary query, input noise only in training, the losses."""
+import pytest
 import torch
 
 from model.config import ReconstructorConfig
@@ -48,18 +49,19 @@ def test_decoder_sees_tokens_only_through_attention():
     assert torch.allclose(a, b)
 
 
-def test_jitter_applies_in_training_only():
-    model = _model(jitter_scale=50.0, zero_init_output=False)
+@pytest.mark.parametrize("noise", [{"jitter_scale": 50.0}, {"input_dropout": 0.5}], ids=["jitter", "input_dropout"])
+def test_input_noise_applies_in_training_only_and_never_to_the_target(noise):
+    model = _model(zero_init_output=False, **noise)
     x = torch.randn(2, 12, 4, 4)
     model.eval()
     assert torch.equal(model(x)[1], model(x)[1])
     model.train()
-    assert not torch.equal(model(x)[1], model(x)[1])
+    (t1, r1), (t2, r2) = model(x), model(x)
+    assert not torch.equal(r1, r2)
+    assert torch.equal(t1, t2)  # the target is the whole input, normalized
 
 
 def test_wrong_grid_size_is_rejected():
-    import pytest
-
     with pytest.raises(ValueError, match="built for"):
         _model()(torch.randn(1, 12, 8, 8))
 
@@ -77,8 +79,6 @@ def test_neighbor_mask_hides_the_window_around_each_position():
 
 
 def test_neighbor_mask_covering_the_grid_is_rejected():
-    import pytest
-
     with pytest.raises(ValueError, match="whole"):
         _model(neighbor_mask=9)
 
@@ -120,17 +120,6 @@ def test_kept_decoder_queries_give_the_same_reconstruction_and_follow_the_weight
         stepped = model(x)[1]
     assert not torch.allclose(stepped, expected, atol=1e-4)
     assert torch.allclose(stepped, model.train()(x)[1].detach(), atol=1e-6)  # training path: no dropout here
-
-
-def test_input_dropout_applies_in_training_only_and_never_to_the_target():
-    model = _model(input_dropout=0.5, zero_init_output=False)
-    x = torch.randn(2, 12, 4, 4)
-    model.eval()
-    assert torch.equal(model(x)[1], model(x)[1])
-    model.train()
-    (t1, r1), (t2, r2) = model(x), model(x)
-    assert not torch.equal(r1, r2)
-    assert torch.equal(t1, t2)  # the target is the whole input, normalized
 
 
 def test_hard_mining_loss_is_the_mse_of_each_images_worst_cells():
