@@ -510,6 +510,26 @@ TRAINING_VARIANTS = {
 }
 
 
+def _sections(command: str) -> list[str]:
+    """The sections a recorded bench command wrote: its `--only` list, or the default list without one."""
+    words = command.split()
+    if "--only" not in words:
+        return ["mt", "speed", "elpv", "ablations", "highres"]
+    rest = words[words.index("--only") + 1:]
+    return [w for w in rest[:next((i for i, w in enumerate(rest) if w.startswith("--")), len(rest))]]
+
+
+def _sources(commands: list[str]) -> list[str]:
+    """The commands, oldest first, that still wrote some section: one whose sections later commands all
+    rewrote is no longer the source of any number."""
+    kept, later = [], set()
+    for command in reversed(commands):
+        if not set(_sections(command)) <= later:
+            kept.append(command)
+        later |= set(_sections(command))
+    return kept[::-1]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "magnetic-tile"))
@@ -536,7 +556,7 @@ def main() -> None:
         old = json.loads(previous.read_text())
         commands = old.get("commands") or ([old["command"]] if old.get("command") else [])
         bench.results = {**old, **{k: bench.results[k] for k in ("date", "command", "machine", "settings")},
-                         "commands": [c for c in commands if c != bench.results["command"]] + [bench.results["command"]]}
+                         "commands": _sources([*commands, bench.results["command"]])}
     steps = {"mt": bench.magnetic_tile, "mt-baselines": bench.magnetic_tile_baselines, "cost": bench.magnetic_tile_cost,
              "speed": bench.training_speed, "elpv": bench.elpv,
              "ablations": bench.ablations, "highres": bench.highres}
