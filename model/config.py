@@ -59,7 +59,7 @@ class ReconstructorConfig(_Strict):
     # Feature jitter (UniAD): Gaussian noise on input tokens in training, std = scale * |token| / C.
     jitter_scale: float = Field(0.0, ge=0.0)
     jitter_prob: float = Field(1.0, ge=0.0, le=1.0)
-    # Noisy bottleneck (Dinomaly): dropout on the input tokens in training only (the target is whole).
+    # Noisy bottleneck (Dinomaly): dropout on the input tokens' values in training only (the target is whole).
     input_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # Standardize features before reconstruction: "position" subtracts each position's training mean
     # and divides by the channel std; "position_std" also divides by each position's own std;

@@ -183,7 +183,7 @@ class Reconstructor(nn.Module):
             scale = tokens.norm(dim=2, keepdim=True) / tokens.shape[2] * self.cfg.jitter_scale
             tokens = tokens + torch.randn_like(tokens) * scale
         if self.training and self.cfg.input_dropout > 0:
-            # Dinomaly's noisy bottleneck: channels dropped from the input, never from the target.
+            # Dinomaly's noisy bottleneck: input values dropped (and the rest scaled), never the target's.
             tokens = F.dropout(tokens, self.cfg.input_dropout, training=True)
         # The 1×1 projections as matrix products on the tokens (the same weights and arithmetic as the
         # convolutions, whose modules keep the checkpoint's names and shapes).

@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -510,27 +511,28 @@ TRAINING_VARIANTS = {
 }
 
 
-def _sections(command: str) -> list[str]:
-    """The sections a recorded bench command wrote: its `--only` list, or the default list without one."""
-    words = command.split()
-    if "--only" not in words:
-        return ["mt", "speed", "elpv", "ablations", "highres"]
-    rest = words[words.index("--only") + 1:]
-    return [w for w in rest[:next((i for i, w in enumerate(rest) if w.startswith("--")), len(rest))]]
+# What a step rewrites when it runs: `mt` writes the whole Magnetic Tile section, baselines and cost too.
+REWRITES = {"mt": {"mt", "mt-baselines", "cost"}}
+
+
+def _sections(command: str) -> set[str]:
+    """The steps a recorded bench command ran (its `--only`, read by this script's own parser)."""
+    only = _parser().parse_known_args(shlex.split(command)[2:])[0].only
+    return set().union(*(REWRITES.get(step, {step}) for step in only))
 
 
 def _sources(commands: list[str]) -> list[str]:
     """The commands, oldest first, that still wrote some section: one whose sections later commands all
-    rewrote is no longer the source of any number."""
+    rewrote is no longer the source of any number. Applied once a run has finished every step."""
     kept, later = [], set()
     for command in reversed(commands):
-        if not set(_sections(command)) <= later:
+        if not _sections(command) <= later:
             kept.append(command)
-        later |= set(_sections(command))
+        later |= _sections(command)
     return kept[::-1]
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "magnetic-tile"))
     p.add_argument("--out", default="runs/bench")
@@ -548,6 +550,11 @@ def main() -> None:
                    help="ablations: only rescore the trained model (no training variants)")
     p.add_argument("--speed-steps", type=int, default=6)
     p.add_argument("--no-readme", action="store_true")
+    return p
+
+
+def main() -> None:
+    p = _parser()
     args = p.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
     bench = Bench(args)
@@ -556,12 +563,15 @@ def main() -> None:
         old = json.loads(previous.read_text())
         commands = old.get("commands") or ([old["command"]] if old.get("command") else [])
         bench.results = {**old, **{k: bench.results[k] for k in ("date", "command", "machine", "settings")},
-                         "commands": _sources([*commands, bench.results["command"]])}
+                         "commands": [c for c in commands if c != bench.results["command"]] + [bench.results["command"]]}
     steps = {"mt": bench.magnetic_tile, "mt-baselines": bench.magnetic_tile_baselines, "cost": bench.magnetic_tile_cost,
              "speed": bench.training_speed, "elpv": bench.elpv,
              "ablations": bench.ablations, "highres": bench.highres}
     for name in args.only:
         steps[name]()
+    if "commands" in bench.results:
+        bench.results["commands"] = _sources(bench.results["commands"])
+        bench.save()
     if not args.no_readme:
         update_readme(ROOT / "README.md", bench.results)
     print(json.dumps(bench.results, indent=2)[:4000])
