@@ -41,21 +41,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def normal_loss(model: Reconstructor, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    target, recon = model(batch[0])
-    return reconstruction_loss(target, recon)
-
-
 def normal_loss_for(tcfg: TrainConfig) -> LossFn:
     """The normal-only training loss `tcfg.loss` names."""
-    if tcfg.loss == "mse":
-        return normal_loss
 
-    def hard_loss(model: Reconstructor, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def normal_loss(model: Reconstructor, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         target, recon = model(batch[0])
-        return hard_mining_loss(target, recon, tcfg.hard_fraction)
+        if tcfg.loss == "hard_mining":
+            return hard_mining_loss(target, recon, tcfg.hard_fraction)
+        return reconstruction_loss(target, recon)
 
-    return hard_loss
+    return normal_loss
 
 
 @dataclass

@@ -125,7 +125,7 @@ def no_retrain_left_running(request):
     for job in active_retrains(client.list_jobs()):
         client.stop_job(job.submission_id)
         deadline = time.monotonic() + 120
-        while client.get_job_status(job.submission_id).value in ("PENDING", "RUNNING"):
+        while active_retrains([client.get_job_info(job.submission_id)]):
             if time.monotonic() > deadline:
                 pytest.fail(f"retrain job {job.submission_id} left running by this test did not stop in 120 s")
             time.sleep(0.5)

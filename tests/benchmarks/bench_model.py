@@ -526,9 +526,10 @@ def _sources(commands: list[str]) -> list[str]:
     rewrote is no longer the source of any number. Applied once a run has finished every step."""
     kept, later = [], set()
     for command in reversed(commands):
-        if not _sections(command) <= later:
+        sections = _sections(command)
+        if not sections <= later:
             kept.append(command)
-        later |= _sections(command)
+        later |= sections
     return kept[::-1]
 
 
