@@ -175,6 +175,10 @@ class RetrainConfig(Section):
     # auto: promote when the gate passed with labelled defects, shadow when only normals could be checked.
     policy: Literal["register", "shadow", "auto"] = "auto"
     auto_without_defects: bool = False  # let `auto` promote on a normals-only gate too
+    # Before training, publish a refit-only candidate (the serving reconstructor, its scoring refitted on the
+    # snapshot: seconds) through the same gate and policy; the trained candidate then replaces it only if it
+    # is better on the same holdout. Off: the trained candidate alone, as before.
+    refit_first: bool = True
     warm_start: bool = True  # start from the serving version's weights (else from scratch)
     epochs: int = Field(24, ge=1)  # warm-started; a from-scratch retrain uses the model's own train.epochs
     lr: float | None = Field(None, gt=0)  # None: the model's train.lr (× 0.3 when warm-started)

@@ -4,19 +4,24 @@
    so a resumed run trains on exactly the same samples).
 2. Backbone features for every sample, through the feature cache (only frames it has not seen cost a
    forward pass; the cache is keyed by content, like the store).
-3. Train the reconstructor with Ray Train (`TorchTrainer`: one CPU worker on a small box, N workers or
+3. Refit first (`retrain.refit_first`): the serving reconstructor unchanged, its scoring terms and
+   thresholds refitted on the snapshot, gated against the serving model on the holdout and published and
+   acted on by policy within seconds, so a line's obvious change (lighting) is answered before training.
+4. Train the reconstructor with Ray Train (`TorchTrainer`: one CPU worker on a small box, N workers or
    a GPU worker where the cluster has them), warm-started from the serving version or from scratch,
    checkpointing every epoch under a unique run name, so a crashed run resumes where it stopped.
    Workers run at a lower CPU priority with the threads they reserved: training never starves serving.
    With confirmed defects in the store's training split, an ADTR+ phase follows (model.adtr_plus: pixel
    push-pull where the operator drew a box or a mask, top-k where only the image is labelled).
-4. Refit the scoring terms and calibrate the thresholds on the run's own training and validation
+5. Refit the scoring terms and calibrate the thresholds on the run's own training and validation
    features (`fit_scoring`, as `train` does: a new reconstructor must not ship the serving model's
    residual statistics); score the candidate and the serving model on the same holdout normals and
-   labelled defects; gate (`model.gate`).
-5. Publish the version in the registry (with its gate result and the dataset list), then act by
+   labelled defects; gate (`model.gate`). With a refit-only candidate published, the trained one must
+   also pass the gate against it and be better on the same holdout, or it is rejected with that reason.
+6. Publish the version in the registry (with its gate result and the dataset list), then act by
    policy: register, shadow, or promote (through the running agent when there is one).
-The serving model and the store are never written by a run that fails or is stopped.
+A run that fails or is stopped publishes nothing more than what it had published (its gated refit-only
+candidate, when it got that far) and never writes the store; resumed, it keeps that refit candidate.
 """
 from __future__ import annotations
 
@@ -42,8 +47,8 @@ from model.config import AdtrConfig
 from model.data import BadFiles, Sample
 from model.detector import AnomalyDetector, load_detector
 from model.features import FeatureCache
-from model.gate import GateTolerances, evaluate_model, gate
-from model.reconstructor import Reconstructor
+from model.gate import GateTolerances, ModelEvaluation, evaluate_model, gate
+from model.reconstructor import Reconstructor, explained_variance
 from model.registry import Registry
 from model.samples import SampleStore, Snapshot, StoredSample, StoreLimits
 from model.scorer import reconstructor_tensors
@@ -294,8 +299,54 @@ def retrain(registry_path: str | Path, cfg: RetrainConfig, run_name: str | None 
             np.save(run_dir / "val_features.npy", val.numpy())
             val_path = run_dir / "val_features.npy"
 
-        t0 = time.monotonic()
         model_cfg = serving.cfg
+        if len(val) == 0:
+            raise RetrainError("the store has no validation normals to calibrate a threshold on")
+        tolerances = GateTolerances(**cfg.gate.model_dump())
+        serving_eval = evaluate_model(serving, holdout_normals, holdout_defects)
+        data_info = {"name": "sample-store", "root": str(registry.store_dir), "layout": "store",
+                     "fingerprint": snapshot.fingerprint, "counts": snapshot.counts(), "skipped_files": bad.items}
+
+        def publish(detector: AnomalyDetector, calibration, result, training: dict[str, Any]) -> str:
+            """The candidate as an immutable registry version, with its gate record and the dataset list."""
+            manifest = model_manifest(model_cfg, serving.backbone, calibration, data=data_info, training={
+                **training, "feature_seconds": timings["features_s"], "features_computed": computed, "run": run_name,
+                "by": by, "val_explained_variance": explained_variance(detector.reconstructor, val)
+                if len(val) >= 2 else None})
+            manifest["parent_model_version"] = serving_version
+            staging = registry.versions_dir / f".staging-{run_name}"
+            shutil.rmtree(staging, ignore_errors=True)
+            manifest = save_checkpoint(staging, checkpoint_tensors(detector), manifest)
+            return registry.add_version(staging, by=by, extra={
+                "gate.json": dict(result.to_json(), run=run_name, tolerances=tolerances.__dict__),
+                "dataset.json": snapshot.to_json()})
+
+        refit = refit_eval = None
+        refit_file = run_dir / "refit.json"
+        if cfg.refit_first and resuming and refit_file.is_file():  # published before the crash: judged against it
+            refit = json.loads(refit_file.read_text())
+            refit_eval = evaluate_model(load_detector(registry.version_dir(refit["version"]), serving.backbone),
+                                        holdout_normals, holdout_defects)
+        elif cfg.refit_first:
+            # The obvious part first, in seconds: the serving reconstructor unchanged, its scoring terms and
+            # thresholds refitted on this snapshot, through the same gate and policy as a trained candidate.
+            t0 = time.monotonic()
+            refit_detector = AnomalyDetector(model_cfg, serving.backbone, serving.reconstructor,
+                                             manifest={"model_version": "refit-candidate"})
+            refit_calibration = fit_scoring(refit_detector, train, val, np.zeros(len(val), int))
+            refit_eval = evaluate_model(refit_detector, holdout_normals, holdout_defects)
+            refit_result = gate(refit_eval, serving_eval, tolerances)
+            refit_version = publish(refit_detector, refit_calibration, refit_result,
+                                    {"kind": "refit", "history": [], "seconds": 0.0, "epochs": 0, "lr": 0.0,
+                                     "warm_start": serving_version})
+            timings["refit_s"] = time.monotonic() - t0
+            refit = {"version": refit_version, "gate": refit_result.to_json(),
+                     "action": _act(registry, cfg, refit_version, refit_result, by, namespace),
+                     "seconds_since_start": round(time.monotonic() - started, 2)}
+            refit_file.write_text(json.dumps(refit))
+            log.info("refit-only candidate published", run=run_name, **refit)
+
+        t0 = time.monotonic()
         warm = serving_dir if cfg.warm_start else None
         epochs = cfg.epochs if cfg.warm_start else model_cfg.train.epochs
         lr = cfg.lr or (model_cfg.train.lr * (0.3 if cfg.warm_start else 1.0))
@@ -309,34 +360,25 @@ def retrain(registry_path: str | Path, cfg: RetrainConfig, run_name: str | None 
                                       model_cfg.reconstructor)
         reconstructor.load_state_dict(state["model"])
         candidate = AnomalyDetector(model_cfg, serving.backbone, reconstructor, manifest={"model_version": "candidate"})
-        if len(val) == 0:
-            raise RetrainError("the store has no validation normals to calibrate a threshold on")
         # A new reconstructor has new residual statistics: its scoring terms, fusion scales and
         # thresholds are refitted on this run's own training and validation features, as `train` does.
         calibration = fit_scoring(candidate, train, val, np.zeros(len(val), int))
-        tolerances = GateTolerances(**cfg.gate.model_dump())
-        result = gate(evaluate_model(candidate, holdout_normals, holdout_defects),
-                      evaluate_model(serving, holdout_normals, holdout_defects), tolerances)
+        candidate_eval = evaluate_model(candidate, holdout_normals, holdout_defects)
+        result = gate(candidate_eval, serving_eval, tolerances)
+        if refit is not None and refit["action"] != "rejected" and result.passed:
+            reason = not_better_than(candidate_eval, refit_eval, tolerances, refit["version"])
+            if reason:  # training must earn its swap: the refit-only candidate stays where the policy put it
+                result.passed = False
+                result.reasons.append(reason)
         timings["evaluate_s"] = time.monotonic() - t0
 
-        manifest = model_manifest(
-            model_cfg, serving.backbone, calibration,
-            data={"name": "sample-store", "root": str(registry.store_dir), "layout": "store",
-                  "fingerprint": snapshot.fingerprint, "counts": snapshot.counts(), "skipped_files": bad.items},
-            training={"history": history, "seconds": timings["train_s"], "feature_seconds": timings["features_s"],
-                      "features_computed": computed, "run": run_name, "warm_start": serving_version if warm else None,
-                      "epochs": epochs, "lr": lr, "workers": worker_info, "by": by, "adtr_plus": plus_info})
-        manifest["parent_model_version"] = serving_version
-        staging = registry.versions_dir / f".staging-{run_name}"
-        shutil.rmtree(staging, ignore_errors=True)
-        manifest = save_checkpoint(staging, checkpoint_tensors(candidate), manifest)
-        version = manifest["model_version"]
-        registry.add_version(staging, by=by, extra={
-            "gate.json": dict(result.to_json(), run=run_name, tolerances=tolerances.__dict__),
-            "dataset.json": snapshot.to_json()})
+        version = publish(candidate, calibration, result, {
+            "kind": "trained", "history": history, "seconds": timings["train_s"],
+            "warm_start": serving_version if warm else None, "epochs": epochs, "lr": lr, "workers": worker_info,
+            "adtr_plus": plus_info})
         outcome = {"run": run_name, "version": version, "serving": serving_version, "gate": result.to_json(),
-                   "features_computed": computed, "samples": snapshot.counts(), "node_id": worker_info.get("node_id"),
-                   "adtr_plus": plus_info,
+                   "refit": refit, "features_computed": computed, "samples": snapshot.counts(),
+                   "node_id": worker_info.get("node_id"), "adtr_plus": plus_info,
                    "timings": {k: round(v, 2) for k, v in timings.items()}}
         outcome["action"] = _act(registry, cfg, version, result, by, namespace)
         registry.retain(cfg.keep_versions)
@@ -351,6 +393,25 @@ def retrain(registry_path: str | Path, cfg: RetrainConfig, run_name: str | None 
 
 
 PLUS_FILES = ("plus_features.npy", "plus_cell_masks.npy", "plus_has_mask.npy")
+
+
+def not_better_than(trained: ModelEvaluation, refit: ModelEvaluation, tolerances: GateTolerances,
+                    refit_version: str) -> str | None:
+    """Why a trained candidate does not replace the refit-only one, or None when it may: it must pass the
+    gate against the refit candidate on the same holdout AND improve on something the holdout measures
+    (fewer false alarms, higher recall, or a higher AUROC). Equal is not better: a swap costs a reload."""
+    against = gate(trained, refit, tolerances)
+    if not against.passed:
+        return f"worse than the refit-only candidate {refit_version}: " + "; ".join(against.reasons)
+    better = (trained.false_alarm_rate is not None and refit.false_alarm_rate is not None
+              and trained.false_alarm_rate < refit.false_alarm_rate)
+    better |= trained.recall is not None and refit.recall is not None and trained.recall > refit.recall
+    better |= trained.auroc is not None and refit.auroc is not None and trained.auroc > refit.auroc + 1e-3
+    if better:
+        return None
+    return (f"not better than the refit-only candidate {refit_version} on the same holdout (false alarms "
+            f"{trained.false_alarm_rate} vs {refit.false_alarm_rate}, recall {trained.recall} vs {refit.recall}, "
+            f"AUROC {trained.auroc} vs {refit.auroc})")
 
 
 def _plus_inputs(cfg: RetrainConfig, model_cfg: AdtrConfig, run_dir: Path, features: torch.Tensor,

@@ -211,7 +211,7 @@ def run_loop_demo(model_dir: Path, data: str, out: Path, overrides: list[str] | 
         if code != 200:
             raise AgentError(f"retrain was not submitted: {job}")
         print(f"── 4. retrain submitted as Ray job {job['submission_id']} …", flush=True)
-        info = _wait_for_job(operator, job["submission_id"])
+        info = _wait_for_job(operator, job["submission_id"], registry=registry)
         candidate = registry.pointers()["candidate"]
         gate = registry.show(candidate)["gate"] if candidate else None
         steps.append({"phase": "4. retrain (Ray job, Ray Train)", "job": job["submission_id"],
@@ -219,6 +219,17 @@ def run_loop_demo(model_dir: Path, data: str, out: Path, overrides: list[str] | 
                       "candidate": candidate, "gate": gate and {k: gate[k] for k in ("passed", "mode", "reasons")}})
         print(f"   job {info['status']} in {steps[-1]['seconds']} s; candidate {candidate}; gate "
               f"{json.dumps(steps[-1]['gate'])}", flush=True)
+        refit, trained = _retrain_rows(registry)
+        appeared = info.get("versions_appeared_after_s", {})
+        for row in (refit, trained):
+            if row:  # submit → this candidate published (gated), measured from outside the job
+                row["submit_to_published_s"] = appeared.get(row["version"])
+        steps[-1].update(refit=refit, trained=trained)
+        if refit:  # the control beside the claim: what a refit of the scoring alone gave, before any training
+            print(f"   refit-only candidate {refit['version']}: {refit['action']} {refit['submit_to_published_s']} s "
+                  f"after the submission; trained candidate {trained['version']}: {trained['action']} after "
+                  f"{trained['submit_to_published_s']} s"
+                  + (f" ({'; '.join(trained['reasons'])})" if trained["reasons"] else ""), flush=True)
         if not candidate:
             raise AgentError("the retrain produced no candidate (see the job log in agent.log / the registry events)")
         assert_shadow = _wait(lambda: operator.call("GET", "/v1/models")[1].get("status", {}).get("shadow")
@@ -272,11 +283,21 @@ def _wait(predicate, timeout_s: float) -> bool:
     return False
 
 
-def _wait_for_job(operator: Operator, submission_id: str, stall_s: float = 900.0) -> dict:
-    """Until the job ends; gives up only if its log has not moved for `stall_s`."""
-    last, moved = None, time.monotonic()
+def _wait_for_job(operator: Operator, submission_id: str, stall_s: float = 900.0,
+                  registry: Registry | None = None) -> dict:
+    """Until the job ends; gives up only if its log has not moved for `stall_s`. With `registry`, the
+    returned info also says when (seconds after this call) each version the job published appeared."""
+    last, moved, start = None, time.monotonic(), time.monotonic()
+    known = {v["version"] for v in registry.versions()} if registry else set()
+    appeared: dict[str, float] = {}
     while True:
+        if registry:
+            for v in registry.versions():
+                if v["version"] not in known and v["version"] not in appeared:
+                    appeared[v["version"]] = round(time.monotonic() - start, 1)
         code, info = operator.call("GET", f"/v1/retrain/{submission_id}")
+        if code == 200 and info:
+            info = {**info, "versions_appeared_after_s": appeared}
         if code == 200 and info and info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
             if info["status"] != "SUCCEEDED":
                 raise AgentError(f"retrain job {submission_id} {info['status']}: " + "\n".join(info["log_tail"][-10:]))
@@ -305,6 +326,20 @@ def _shadow_stats(operator: Operator, candidate: str) -> dict | None:
                 key = s.name.removeprefix("adtr_shadow_") + (f"_{s.labels['model']}" if "model" in s.labels else "")
                 out[key] = s.value
     return out
+
+
+def _retrain_rows(registry: Registry) -> tuple[dict | None, dict]:
+    """The newest retrain's refit-only candidate (None when it had none) and its trained candidate, each
+    with its action and its holdout false-alarm rate, from the run's outcome."""
+    outcome = json.loads(max((registry.root / "runs").glob("*/outcome.json"), key=lambda p: p.stat().st_mtime)
+                         .read_text())
+    def row(entry: dict) -> dict:
+        gate = entry["gate"]
+        return {"version": entry["version"], "action": entry["action"], "reasons": gate["reasons"],
+                "holdout_false_alarm_rate": gate["candidate"]["false_alarm_rate"],
+                "explained_variance": gate["candidate"].get("explained_variance"),
+                **({"seconds_since_start": entry["seconds_since_start"]} if "seconds_since_start" in entry else {})}
+    return (row(outcome["refit"]) if outcome.get("refit") else None), row(outcome)
 
 
 def _print_summary(s: dict) -> None:

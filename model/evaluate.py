@@ -20,6 +20,7 @@ from .detector import AnomalyDetector, require_threshold
 from .features import FeatureCache
 from .scoring import normalized_score
 from .metrics import aupro, auroc, precision_recall_f1, roc_points
+from .reconstructor import reconstruction_report
 from .visualize import heatmap_overlay, roc_image
 
 log = structlog.get_logger(__name__)
@@ -103,6 +104,9 @@ def evaluate(detector: AnomalyDetector, dataset: Dataset, out_dir: Path | None =
         "counts": {"test": len(samples), "anomalous": int(labels.sum()), "normal": int((labels == 0).sum()),
                    "with_pixel_masks": int((usable & (labels == 1)).sum())},
         "per_type": per_type,
+        # What the reconstructor explains of the test normals, and how much more it misses on defect cells.
+        "reconstruction": reconstruction_report(detector.reconstructor, test.features, labels,
+                                                masks if (usable & (labels == 1)).any() else None),
         "skipped_files": bad.items,
         "images_per_second": len(samples) / max(score_seconds, 1e-9),
         "scores": [

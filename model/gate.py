@@ -25,6 +25,7 @@ import torch
 
 from .detector import AnomalyDetector
 from .metrics import auroc
+from .reconstructor import explained_variance
 from .train import batched_scores
 
 
@@ -49,6 +50,8 @@ class ModelEvaluation:
     finite: bool
     normal_scores: list[float] = field(default_factory=list, repr=False)
     defect_scores: list[float] = field(default_factory=list, repr=False)
+    # What the reconstructor explains of the holdout normals (1 − MSE(f, f̂) / MSE(f, mean)).
+    explained_variance: float | None = None
 
     def summary(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("normal_scores", "defect_scores")}
@@ -81,6 +84,7 @@ def evaluate_model(detector: AnomalyDetector, normals: torch.Tensor, defects: to
         auroc=auroc(labels, both) if len(normal_scores) and len(defect_scores) else None,
         normals=len(normal_scores), defects=len(defect_scores),
         finite=bool(np.isfinite(both).all() and math.isfinite(threshold) and threshold > 0),
+        explained_variance=explained_variance(detector.reconstructor, normals) if len(normals) >= 2 else None,
         normal_scores=normal_scores.tolist(), defect_scores=defect_scores.tolist())
 
 

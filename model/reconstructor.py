@@ -213,3 +213,71 @@ def hard_mining_loss(target: Tensor, reconstruction: Tensor, fraction: float) ->
     per_cell = (reconstruction - target).pow(2).mean(dim=1).flatten(1)  # (B, S*S)
     k = max(1, round(fraction * per_cell.shape[1]))
     return per_cell.topk(k, dim=1, sorted=False).values.mean()
+
+
+@torch.no_grad()
+def residual_energy(model: Reconstructor, features: Tensor, batch: int = 32) -> Tensor:
+    """Per-cell squared residual ‖t − f̂‖² in the model's normalized space t: (N, C, S, S) → (N, S, S)."""
+    was_training = model.training
+    model.eval()
+    device = model.feature_std.device
+    out = []
+    for i in range(0, len(features), batch):
+        target, recon = model(features[i : i + batch].to(device))
+        out.append((target.float() - recon.float()).pow(2).sum(dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def deviation_energy(model: Reconstructor, features: Tensor, batch: int = 32) -> float:
+    """Σ‖t − t̄‖² over images and cells, t̄ the per-cell mean of these features: what predicting each
+    cell's mean would leave, in the model's normalized space."""
+    total, total_sq, count = 0.0, 0.0, 0
+    device = model.feature_std.device
+    for i in range(0, len(features), batch):
+        t = model.normalize(channels_last(features[i : i + batch].to(device))).double().cpu()
+        total, total_sq, count = total + t.sum(dim=0), total_sq + float(t.pow(2).sum()), count + t.shape[0]
+    # Σ_n ‖t_n − t̄‖² = Σ_n ‖t_n‖² − N ‖t̄‖²
+    return total_sq - float((total / max(count, 1)).pow(2).sum()) * count if count else 0.0
+
+
+def explained_variance(model: Reconstructor, features: Tensor, batch: int = 32) -> float:
+    """1 − MSE(f, f̂) / MSE(f, mean): the share of the features' variation around their per-cell mean
+    that the reconstruction predicts (≈ 0 for a model that outputs each cell's training mean, 1 for a
+    perfect one; negative when it does worse than the mean). In the normalized space the model trains in."""
+    residual = float(residual_energy(model, features, batch).double().sum())
+    return 1.0 - residual / max(deviation_energy(model, features, batch), 1e-12)
+
+
+def defect_residual_ratio(residual: Tensor, cell_masks: Tensor, normal: Tensor) -> float | None:
+    """Mean residual energy of defect cells (`cell_masks`, (N, S, S) bool, images with defects) over that
+    of every cell of normal images (`normal`, (N, S, S) residual energy). None without defect cells.
+    A reconstructor that models normals and fails on defects drives it up."""
+    if not bool(cell_masks.any()) or normal.numel() == 0:
+        return None
+    return float(residual[cell_masks].mean() / normal.mean().clamp_min(1e-12))
+
+
+def cell_masks(masks, feature_size: int, coverage: float = 0.25) -> Tensor:
+    """Pixel masks (N, H, W) bool → (N, S, S) bool: the grid cells at least `coverage` covered by defect."""
+    m = torch.as_tensor(masks, dtype=torch.float32).unsqueeze(1)
+    return F.adaptive_avg_pool2d(m, feature_size)[:, 0] >= coverage
+
+
+def reconstruction_report(model: Reconstructor, features: Tensor, labels, masks=None,
+                          batch: int = 32) -> dict[str, float | int | None]:
+    """What the reconstructor explains on a labelled set: the explained variance of its normals and, when
+    pixel `masks` (N, H, W) are given, the residual energy of defect cells over normal images' cells."""
+    normal = torch.as_tensor(labels) == 0
+    out: dict[str, float | int | None] = {"explained_variance": None, "defect_residual_ratio": None,
+                                          "normals": int(normal.sum())}
+    if int(normal.sum()) < 2:
+        return out
+    residual = residual_energy(model, features, batch)
+    deviation = deviation_energy(model, features[normal], batch)
+    out["explained_variance"] = 1.0 - float(residual[normal].double().sum()) / max(deviation, 1e-12)
+    if masks is not None and bool((~normal).any()):
+        defect_cells = cell_masks(torch.as_tensor(masks)[~normal], model.feature_size)
+        out["defect_residual_ratio"] = defect_residual_ratio(residual[~normal], defect_cells, residual[normal])
+    return out

@@ -26,7 +26,7 @@ from .config import AdtrConfig, TrainConfig
 from .data import BadFiles, Dataset
 from .detector import AnomalyDetector, resolve_device
 from .features import FeatureCache
-from .reconstructor import Reconstructor, hard_mining_loss, reconstruction_loss
+from .reconstructor import Reconstructor, explained_variance, hard_mining_loss, reconstruction_loss
 from .scorer import fit_scorer
 from .scoring import threshold_f1_optimal, threshold_from_normals
 
@@ -135,6 +135,8 @@ def fit(
                   "seconds": time.monotonic() - t_epoch}
         if val_data is not None:
             record["val_loss"] = evaluate_loss(model, val_data, loss_fn, tcfg.batch_size)
+            # What the loss cannot say across settings: the share of the normals' variation predicted.
+            record["val_explained_variance"] = explained_variance(unwrap(model), val_data[0], tcfg.batch_size)
         result.history.append(record)
         log.info("epoch done", **{k: round(v, 5) for k, v in record.items()})
         if state_path is not None:
@@ -315,7 +317,8 @@ def train_model(cfg: AdtrConfig, dataset: Dataset, out_dir: Path, progress: bool
         data={"name": dataset.name, "root": dataset.root, "layout": dataset.layout,
               "fingerprint": data_fingerprint(train.digests), **dataset.summary(), "skipped_files": bad.items},
         training={"history": fitted.history, "seconds": fitted.seconds, "device": str(device),
-                  "feature_seconds": feature_seconds, "stopped_early": fitted.stopped_early})
+                  "feature_seconds": feature_seconds, "stopped_early": fitted.stopped_early,
+                  "val_explained_variance": explained_variance(model, val_normal) if len(val_normal) >= 2 else None})
     manifest = save_checkpoint(out_dir, checkpoint_tensors(detector), manifest)
     (out_dir / STATE_FILE).unlink(missing_ok=True)
     log.info("model saved", path=str(out_dir), threshold=round(threshold, 5),

@@ -95,33 +95,51 @@ def test_a_retrain_job_trains_with_ray_train_and_promotes_live_while_a_camera_st
                               "learning.retrain.gate.max_far_increase=0.2"])
         info = _wait_job(agent.jobs_address, job["submission_id"])
         assert info["status"] == "SUCCEEDED", "\n".join(info["log_tail"])
+        outcome = json.loads(next((registry.root / "runs").glob("*/outcome.json")).read_text())
+        # Refit first: the serving reconstructor with its scoring refitted, gated and promoted before training;
+        # the trained candidate then serves only if the gate finds it better than that on the same holdout.
+        refit, trained = outcome["refit"]["version"], outcome["version"]
+        assert outcome["refit"]["action"] == "promoted" and outcome["refit"]["gate"]["passed"]
+        expected = [v1, refit] + ([trained] if outcome["action"] == "promoted" else [])
         v2 = registry.current()
-        assert v2 != v1
+        assert v2 == expected[-1]
         assert wait_until(lambda: sum(d["model_version"] == v2 for d in list(decisions.by_key.values())) >= 10, 60)
         sent = camera.stop()
         totals = settled_totals(agent)["line"]
         assert decisions.wait_for(sent, 60)
         decisions.close()
-    assert versions_in_order(decisions, "line") == [v1, v2]  # v1 until the swap, v2 after, nothing else
+    assert versions_in_order(decisions, "line") == expected  # each version from its swap on, nothing else
     assert totals["processed"] == sent == accounted(totals)
     assert not totals["dropped"] and not totals["invalid"], totals
     promoted = [e for e in registry.events() if e["version"] == v2]
     assert [e["event"] for e in promoted] == ["registered", "promoted"]
     assert all(job["submission_id"] in e["by"] for e in promoted)
-    manifest = registry.show(v2)["manifest"]
-    assert manifest["parent_model_version"] == v1
+    if outcome["action"] != "promoted":
+        assert outcome["action"] == "rejected" and "refit-only candidate" in " ".join(outcome["gate"]["reasons"])
+    assert registry.show(refit)["manifest"]["training"]["kind"] == "refit"
+    manifest = registry.show(trained)["manifest"]
+    assert manifest["parent_model_version"] == v1 and manifest["training"]["kind"] == "trained"
     assert manifest["training"]["workers"]["node_id"] and manifest["training"]["epochs"] == 3
-    assert registry.show(v2)["gate"]["passed"]
-    # The new reconstructor's scoring terms were refitted on the run's own features, not inherited.
+    assert [r["epoch"] for r in manifest["training"]["history"]] == [1, 2, 3]
+    assert all(-1.0 < r["val_explained_variance"] <= 1.0 for r in manifest["training"]["history"])
+    assert registry.show(refit)["gate"]["passed"]
+    # Both candidates' scoring terms were refitted on the run's own features, not inherited; the refit kept
+    # the serving reconstructor's weights exactly.
     parent = registry.show(v1)["manifest"]["scoring_fit"]
-    assert manifest["scoring_fit"]["terms"] == parent["terms"] and manifest["scoring_fit"]["scales"] != parent["scales"]
-    old_tensors, new_tensors = (load_checkpoint(registry.version_dir(v))[1] for v in (v1, v2))
-    fitted = [k for k in new_tensors if k.startswith("scorer.")]
-    assert fitted and all(not torch.equal(old_tensors[k], new_tensors[k]) for k in fitted)
+    old_tensors = load_checkpoint(registry.version_dir(v1))[1]
+    for version in (refit, trained):
+        fit = registry.show(version)["manifest"]["scoring_fit"]
+        assert fit["terms"] == parent["terms"] and fit["scales"] != parent["scales"]
+        new_tensors = load_checkpoint(registry.version_dir(version))[1]
+        fitted = [k for k in new_tensors if k.startswith("scorer.")]
+        assert fitted and all(not torch.equal(old_tensors[k], new_tensors[k]) for k in fitted)
+    refit_tensors = load_checkpoint(registry.version_dir(refit))[1]
+    assert all(torch.equal(old_tensors[k], refit_tensors[k]) for k in old_tensors if not k.startswith("scorer."))
+    assert outcome["refit"]["seconds_since_start"] < outcome["timings"]["total_s"]
     ordered = sorted(decisions.received_at.values())
-    outcome = json.loads(next((registry.root / "runs").glob("*/outcome.json")).read_text())
     print(f"longest gap between decisions of the streaming camera: {max(np.diff(ordered)):.2f} s (camera at 8 fps); "
-          f"retrain timings {outcome['timings']}")
+          f"refit-only candidate {outcome['refit']['seconds_since_start']} s after the job started, trained "
+          f"candidate {outcome['action']}; retrain timings {outcome['timings']}")
 
 
 def test_a_worse_candidate_is_rejected_by_the_gate_and_never_serves(registry, tmp_path, test_frames, defect_images):
@@ -138,17 +156,20 @@ def test_a_worse_candidate_is_rejected_by_the_gate_and_never_serves(registry, tm
         assert decisions.wait_for(sent, 60)
         inference = agent.snapshot()["inference"]
         decisions.close()
+    # Defects accepted as normal poison the refitted statistics and the training alike: both candidates fail.
+    assert outcome["refit"]["action"] == "rejected" and not outcome["refit"]["gate"]["passed"]
     assert outcome["action"] == "rejected" and not outcome["gate"]["passed"]
     assert outcome["gate"]["mode"] == "full"
     assert registry.current() == v1 and registry.pointers()["candidate"] is None
-    rejected = registry.events()[-1]
-    assert rejected["event"] == "rejected" and rejected["version"] == outcome["version"]
-    assert rejected["reason"].startswith("gate: ") and ("AUROC" in rejected["reason"] or "recall" in rejected["reason"])
+    rejected = [e for e in registry.events() if e["event"] == "rejected"]
+    assert [e["version"] for e in rejected] == [outcome["refit"]["version"], outcome["version"]]
+    for event in rejected:
+        assert event["reason"].startswith("gate: ") and ("AUROC" in event["reason"] or "recall" in event["reason"])
     assert {d["model_version"] for d in decisions.by_key.values()} == {v1}
     assert inference["swaps"] == 0 and inference["shadow_version"] is None and not inference["staged"]
 
 
-def test_one_retrain_at_a_time_and_a_stopped_one_changes_nothing(registry, tmp_path, extra_normals, ray_cluster):
+def test_one_retrain_at_a_time_and_a_stopped_one_leaves_only_its_gated_refit(registry, tmp_path, extra_normals, ray_cluster):
     store = SampleStore(registry.store_dir)
     _accept(store, extra_normals[:40], "operator")
     address = ray_cluster.dashboard
@@ -186,16 +207,23 @@ def test_one_retrain_at_a_time_and_a_stopped_one_changes_nothing(registry, tmp_p
 
     JobSubmissionClient(address).stop_job(submission)
     assert _wait_job(address, submission)["status"] == "STOPPED"
-    after = (registry.pointers(), [v["version"] for v in registry.versions()], store.snapshot().fingerprint)
-    assert after == before  # no version, no pointer move, the store as it was
-    # The next retrain succeeds: the stopped run, resumed by its name from its last checkpoint.
     run = next(p.name for p in (registry.root / "runs").iterdir() if p.name.startswith("retrain-"))
+    refit = json.loads((registry.root / "runs" / run / "refit.json").read_text())
+    after = (registry.pointers(), [v["version"] for v in registry.versions()], store.snapshot().fingerprint)
+    # Nothing but the gated refit-only candidate it published before training (shadow without an agent: the
+    # candidate pointer); no trained version, current and previous as they were, the store as it was.
+    assert refit["action"] in ("shadow", "rejected")
+    shadowed = refit["version"] if refit["action"] == "shadow" else None
+    assert after == ({**before[0], "candidate": shadowed}, before[1] + [refit["version"]], before[2])
+    # The next retrain succeeds: the stopped run, resumed by its name from its last checkpoint, keeps its refit.
     checkpoints = sorted((run_root / run).rglob("checkpoint_*"))
     outcome = retrain(registry.root, RetrainConfig(epochs=len(checkpoints) + 1, policy="register",
                                                    gate={"max_far_increase": 1.0}), run_name=run, by="test")
-    assert outcome["run"] == run and outcome["action"] == "registered"
+    assert outcome["run"] == run and outcome["refit"] == refit
+    assert outcome["action"] in ("registered", "rejected")  # registered only when better than the refit
     assert registry.show(outcome["version"])["manifest"]["training"]["workers"]["resumed_from_epoch"] >= 1
-    assert registry.pointers()["candidate"] == outcome["version"]
+    assert registry.pointers()["candidate"] == (outcome["version"] if outcome["action"] == "registered" else shadowed)
+    assert len(registry.versions()) == len(before[1]) + 2
 
 
 def test_a_trigger_that_lists_before_another_submits_is_refused_not_given_a_second_id(
@@ -550,4 +578,7 @@ def test_a_retrain_that_cannot_get_its_resources_fails_in_bounded_time_with_the_
     print(f"unplaceable training failed after {seconds:.0f} s: {failure.value}")
     assert "training failed" in str(failure.value)
     assert seconds < 180
-    assert [e["event"] for e in registry.events()] == ["registered", "promoted"]  # nothing published
+    # Nothing published but the refit-only candidate, gated before training (shadowed, as no agent runs, or
+    # rejected by the gate).
+    events = [e["event"] for e in registry.events()]
+    assert events[:3] == ["registered", "promoted", "registered"] and events[3:] in (["shadow"], ["rejected"])

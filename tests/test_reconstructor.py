@@ -138,3 +138,46 @@ def test_hard_mining_loss_is_the_mse_of_each_images_worst_cells():
     full = torch.randn(2, 3, 2, 2)
     assert torch.isclose(hard_mining_loss(target, full, 1.0), reconstruction_loss(target, full))
     assert torch.isclose(hard_mining_loss(target, full, 1e-9), full.pow(2).mean(1).flatten(1).amax(1).mean())
+
+
+def test_explained_variance_is_zero_for_the_mean_and_follows_its_definition():
+    from model.reconstructor import explained_variance
+
+    feats = torch.randn(30, 12, 4, 4) * 2 + 1
+    model = _model(feature_norm="position").eval()
+    model.fit_normalization(feats)
+    # Untrained (zero-initialized output): each cell's training mean, which explains nothing of these features.
+    assert explained_variance(model, feats) == pytest.approx(0.0, abs=1e-5)
+    model = _model(feature_norm="position", zero_init_output=False).eval()
+    model.fit_normalization(feats)
+    with torch.no_grad():
+        target, recon = model(feats)
+    expected = 1 - float((target - recon).pow(2).sum()) / float((target - target.mean(0)).pow(2).sum())
+    assert explained_variance(model, feats, batch=7) == pytest.approx(expected, abs=1e-5)
+
+
+def test_explained_variance_counts_a_worse_than_mean_reconstruction_as_negative():
+    from model.reconstructor import explained_variance
+
+    model = _model(feature_norm="position", zero_init_output=False).eval()
+    feats = torch.randn(30, 12, 4, 4)
+    model.fit_normalization(feats)
+    torch.nn.init.normal_(model.output_proj.bias, std=3.0)  # a constant offset: far worse than the mean
+    assert explained_variance(model, feats) < -1.0
+
+
+def test_defect_cells_with_a_larger_residual_raise_the_ratio():
+    from model.reconstructor import cell_masks, defect_residual_ratio, reconstruction_report
+
+    model = _model(feature_norm="position").eval()
+    normals = torch.randn(20, 12, 4, 4)
+    model.fit_normalization(normals)
+    defects = torch.randn(4, 12, 4, 4)
+    defects[:, :, 1, 2] += 10.0  # one cell far off the normals
+    masks = torch.zeros(24, 32, 32, dtype=torch.bool)
+    masks[20:, 8:16, 16:24] = True  # the pixels of cell (1, 2) on a 4x4 grid
+    assert cell_masks(masks, 4)[20:, 1, 2].all() and cell_masks(masks, 4).sum() == 4
+    report = reconstruction_report(model, torch.cat([normals, defects]), [0] * 20 + [1] * 4, masks)
+    assert report["normals"] == 20 and report["explained_variance"] == pytest.approx(0.0, abs=1e-5)
+    assert report["defect_residual_ratio"] > 50
+    assert defect_residual_ratio(torch.ones(2, 4, 4), torch.zeros(2, 4, 4, dtype=torch.bool), torch.ones(3, 4, 4)) is None

@@ -287,3 +287,18 @@ def test_a_trained_manifest_keeps_the_quantiles_drift_needs(trained_model):
     assert [p for p, _ in stats["quantiles"]] == [0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99]
     assert reference_bins(stats) is not None
 
+
+
+def test_a_trained_candidate_replaces_the_refit_only_one_only_when_better_on_the_same_holdout():
+    from actors.retrain import not_better_than
+
+    refit = _evaluation(_flags(50, 1, 2, 3), _flags(20, *range(18)), 0.94)
+    better = _evaluation(_flags(50, 1), _flags(20, *range(18)), 0.94)  # two false alarms fewer
+    assert not_better_than(better, refit, GateTolerances(), "r1") is None
+    same = _evaluation(_flags(50, 1, 2, 3), _flags(20, *range(18)), 0.94)  # equal is not better
+    assert "not better than the refit-only candidate r1" in not_better_than(same, refit, GateTolerances(), "r1")
+    higher_auroc = _evaluation(_flags(50, 1, 2, 3), _flags(20, *range(18)), 0.96)
+    assert not_better_than(higher_auroc, refit, GateTolerances(), "r1") is None
+    # Fewer false alarms bought with misses the gate calls a regression: worse, whatever else improved.
+    blind = _evaluation(_flags(50), _flags(20, *range(8)), 0.94)
+    assert "worse than the refit-only candidate r1" in not_better_than(blind, refit, GateTolerances(), "r1")

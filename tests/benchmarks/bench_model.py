@@ -39,7 +39,7 @@ from model.detector import AnomalyDetector, ScoreHead, load_detector  # noqa: E4
 from model.evaluate import evaluate, load_masks, score_feature_set  # noqa: E402
 from model.features import FeatureCache  # noqa: E402
 from model.metrics import aupro, auroc  # noqa: E402
-from model.reconstructor import Reconstructor, reconstruction_loss  # noqa: E402
+from model.reconstructor import Reconstructor, reconstruction_loss, reconstruction_report  # noqa: E402
 from model.train import fit_scoring, train_model  # noqa: E402
 
 from baselines import LABELS, METHODS, coarse_map, fit_baseline, save_baseline  # noqa: E402
@@ -142,6 +142,10 @@ class Bench:
     def score_set(self, detector: AnomalyDetector, t: dict) -> dict:
         maps, scores = score_feature_set(detector, t["features"])
         out = self.metrics(t, maps, scores)
+        # What the reconstructor explains of this set's normals, and its residual on defect cells over normal ones.
+        reconstruction = reconstruction_report(detector.reconstructor, t["features"], t["labels"],
+                                               t["masks"] if t["masks"].any() else None)
+        out.update({k: reconstruction[k] for k in ("explained_variance", "defect_residual_ratio")})
         if detector.threshold:
             normalized = scores / detector.threshold
             out["max_normalized_score"] = float(np.max(normalized)) if np.isfinite(normalized).all() else float("inf")

@@ -26,8 +26,11 @@ def _pm(row: dict, key: str) -> str:
 
 
 def _val(row: dict) -> str:
+    """Validation image / pixel AUROC / AUPRO, and for a reconstructor the share of the validation normals'
+    feature variation it explains ("EV"; a baseline has none)."""
     v = row.get("validation") or {}
-    return " / ".join(_f(v.get(k)) for k in ("image_auroc", "pixel_auroc", "aupro"))
+    text = " / ".join(_f(v.get(k)) for k in ("image_auroc", "pixel_auroc", "aupro"))
+    return text + (f" · EV {v['explained_variance']:.2f}" if v.get("explained_variance") is not None else "")
 
 
 def _best_baseline(baselines: dict, key: str) -> tuple[str, float | None]:

@@ -1,0 +1,160 @@
+"""What does the reconstructor learn, and does it help? Trained against untrained, several sets, validation only.
+
+For each data set (Magnetic Tile, ELPV mono and poly by default) and each reconstructor/training variant
+(JSON overrides of the settings), for each seed: train the reconstructor on cached features exactly as
+`train` does (`model.train.fit`), then report on VALIDATION data only (validation normals + synthetic
+defects painted on them, `synthetic_sets.py`):
+- explained variance of the validation normals' features (1 − MSE(f, f̂) / MSE(f, mean)), per epoch too;
+- the residual energy of defect cells over normal cells (synthetic defects' masks on the feature grid);
+- image AUROC, pixel AUROC, AUPRO with the variant's scoring refitted, beside the same variant untrained
+  (zero epochs: the reconstruction is each cell's training mean) with the same scoring refitted.
+
+    python tests/benchmarks/reconstructor_study.py --sets mt elpv:mono elpv:poly --seeds 0 1 2 \\
+        --variants '{"default": [], "mask 3, 60 epochs": ["reconstructor.neighbor_mask=3", "train.epochs=60"]}'
+
+Writes runs/study/<name>.json (every row, as measured) and prints one table.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import structlog
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from agent.settings import load_settings, merge  # noqa: E402
+from model.data import Dataset, load_dataset  # noqa: E402
+from model.evaluate import score_feature_set  # noqa: E402
+from model.metrics import auroc  # noqa: E402
+from model.reconstructor import reconstruction_report  # noqa: E402
+from model.train import fit, new_reconstructor, seed_everything  # noqa: E402
+
+from bench_model import Bench  # noqa: E402
+
+log = structlog.get_logger("study")
+
+
+def dataset_for(spec: str, data_root: str, cfg) -> Dataset:
+    ds = load_dataset(data_root if spec == "mt" else spec, cfg.data)
+    if spec.startswith("elpv"):  # as bench_model: p=0 against p=1 (1/3 and 2/3 are reported apart there)
+        ds = Dataset(ds.name, ds.layout, ds.root, ds.train, ds.val,
+                     [s for s in ds.test if s.defect_type in ("good", "p=1")])
+    return ds
+
+
+def reconstruction_stats(model, val: dict) -> dict:
+    """Explained variance of the validation normals, defect/normal residual ratio on the synthetic defects."""
+    report = reconstruction_report(model, val["features"], val["labels"], val["masks"])
+    return {k: report[k] for k in ("explained_variance", "defect_residual_ratio")}
+
+
+TRAINED: dict[str, dict] = {}  # a trained reconstructor's state by everything that shaped it: variants that
+# differ only in scoring rescore the same network instead of training it again
+
+
+def run_variant(bench: Bench, cfg, spec: str, ds: Dataset, seed: int, epochs_override: int | None = None) -> dict:
+    cfg = merge(cfg, [f"train.seed={seed}"])
+    seed_everything(seed)
+    train = bench.features(cfg, ds.train, "train features")
+    val = bench.val_set(cfg, ds)
+    val_normal = val["features"][torch.from_numpy(val["labels"] == 0)]
+    model = new_reconstructor(cfg, train.shape[1], train)
+    epochs = cfg.train.epochs if epochs_override is None else epochs_override
+    key = json.dumps([spec, epochs, cfg.backbone.model_dump(), cfg.reconstructor.model_dump(),
+                      cfg.train.model_dump()], sort_keys=True)
+    t0 = time.monotonic()
+    if key in TRAINED:
+        model.load_state_dict(TRAINED[key]["state"])
+        curve, train_seconds = TRAINED[key]["curve"], TRAINED[key]["seconds"]
+    else:
+        curve = []
+        if epochs:
+            def on_epoch(record):
+                if record["epoch"] in (1, 2, 5) or record["epoch"] % 10 == 0 or record["epoch"] == epochs:
+                    curve.append({"epoch": record["epoch"], "val_loss": record.get("val_loss"),
+                                  "explained_variance": record.get("val_explained_variance")})
+            fit(model, (train,), (val_normal,), cfg.train, epochs=epochs, progress=False, on_epoch=on_epoch)
+        train_seconds = time.monotonic() - t0
+        TRAINED[key] = {"state": {k: v.clone() for k, v in model.state_dict().items()}, "curve": curve,
+                        "seconds": train_seconds}
+        if bench.args.save_models:
+            folder = Path(bench.args.out) / "models"
+            folder.mkdir(parents=True, exist_ok=True)
+            name = hashlib.sha256(key.encode()).hexdigest()[:12]
+            torch.save({"key": key, "state": TRAINED[key]["state"]}, folder / f"{name}.pt")
+    model.eval()
+    stats = reconstruction_stats(model, val)
+    detector = bench.fitted(cfg, model, ds)
+    maps, image_scores = score_feature_set(detector, val["features"])
+    scores = bench.metrics(val, maps, image_scores)
+    normal = val["types"] == "good"
+    by_kind = {kind: auroc(val["labels"][normal | (val["types"] == kind)],
+                           image_scores[normal | (val["types"] == kind)])
+               for kind in sorted(set(val["types"]) - {"good"})}
+    return {"seed": seed, "epochs": epochs, "train_seconds": round(train_seconds, 1), **stats,
+            "validation": {k: scores[k] for k in ("image_auroc", "pixel_auroc", "aupro")},
+            "image_auroc_by_kind": by_kind, "curve": curve}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(ROOT.parent / "shared/data/magnetic-tile"))
+    p.add_argument("--sets", nargs="+", default=["mt", "elpv:mono", "elpv:poly"])
+    p.add_argument("--variants", default='{"default": []}', help="JSON: name -> list of --set overrides")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--untrained", action="store_true", help="also each variant untrained (the control)")
+    p.add_argument("--set", action="append", default=[], help="an override for every variant")
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--name", default="study")
+    p.add_argument("--save-models", action="store_true", help="keep each trained state under OUT/models")
+    args = p.parse_args()
+    bench = Bench(argparse.Namespace(out=args.out, set=args.set, save_models=args.save_models))
+    variants = json.loads(args.variants)
+    out_path = Path(args.out) / f"{args.name}.json"
+    rows = []
+    for spec in args.sets:
+        for name, overrides in variants.items():
+            cfg = merge(load_settings(overrides=args.set), overrides)
+            ds = dataset_for(spec, args.data, cfg)
+            kinds = [("trained", None)] + ([("untrained", 0)] if args.untrained else [])
+            for kind, epochs in kinds:
+                for seed in args.seeds:
+                    row = {"set": spec, "variant": name, "kind": kind,
+                           **run_variant(bench, cfg, spec, ds, seed, epochs)}
+                    rows.append(row)
+                    log.info("study row", **{k: v for k, v in row.items() if k != "curve"})
+                    out_path.write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| set | variant | kind | seeds | explained var. | defect/normal residual | val img / px / PRO | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["set"], r["variant"], r["kind"]), []).append(r)
+    for (spec, name, kind), group in groups.items():
+        def m(key, sub=None):
+            values = [(g[sub] if sub else g)[key] for g in group]
+            values = [v for v in values if v is not None]
+            if not values:
+                return "—"
+            return f"{np.mean(values):.3f}" + (f"±{np.std(values):.3f}" if len(values) > 1 else "")
+        lines.append(f"| {spec} | {name} | {kind} | {len(group)} | {m('explained_variance')} | "
+                     f"{m('defect_residual_ratio')} | {m('image_auroc', 'validation')} / "
+                     f"{m('pixel_auroc', 'validation')} / {m('aupro', 'validation')} | "
+                     f"{np.mean([g['train_seconds'] for g in group]):.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
