@@ -231,21 +231,26 @@ def residual_energy(model: Reconstructor, features: Tensor, batch: int = 32) -> 
 
 @torch.no_grad()
 def deviation_energy(model: Reconstructor, features: Tensor, batch: int = 32) -> float:
-    """Σ‖t − t̄‖² over images and cells, t̄ the per-cell mean of these features: what predicting each
-    cell's mean would leave, in the model's normalized space."""
+    """Σ‖t − m‖² over images and cells: what predicting each cell's mean m would leave, in the model's
+    normalized space t. m is the per-cell TRAINING mean (0 in that space) when the normalization is per
+    position, which is what an untrained (zero-output) reconstructor predicts; under a per-channel or no
+    normalization the reconstructor keeps no per-cell mean, and m is these features' own."""
     total, total_sq, count = 0.0, 0.0, 0
     device = model.feature_std.device
     for i in range(0, len(features), batch):
         t = model.normalize(channels_last(features[i : i + batch].to(device))).double().cpu()
         total, total_sq, count = total + t.sum(dim=0), total_sq + float(t.pow(2).sum()), count + t.shape[0]
+    if not count or model.cfg.feature_norm in ("position", "position_std"):
+        return total_sq
     # Σ_n ‖t_n − t̄‖² = Σ_n ‖t_n‖² − N ‖t̄‖²
-    return total_sq - float((total / max(count, 1)).pow(2).sum()) * count if count else 0.0
+    return total_sq - float((total / count).pow(2).sum()) * count
 
 
 def explained_variance(model: Reconstructor, features: Tensor, batch: int = 32) -> float:
-    """1 − MSE(f, f̂) / MSE(f, mean): the share of the features' variation around their per-cell mean
-    that the reconstruction predicts (≈ 0 for a model that outputs each cell's training mean, 1 for a
-    perfect one; negative when it does worse than the mean). In the normalized space the model trains in."""
+    """1 − MSE(f, f̂) / MSE(f, mean): the share of the features' variation around each cell's training mean
+    that the reconstruction predicts (≈ 0 for an untrained model, which outputs that mean; 1 for a perfect
+    reconstruction; negative when it does worse than the mean). In the normalized space the model trains
+    in; see `deviation_energy` for the mean."""
     residual = float(residual_energy(model, features, batch).double().sum())
     return 1.0 - residual / max(deviation_energy(model, features, batch), 1e-12)
 

@@ -148,7 +148,17 @@ def test_explained_variance_is_zero_for_the_mean_and_follows_its_definition():
     model.fit_normalization(feats)
     # Untrained (zero-initialized output): each cell's training mean, which explains nothing of these features.
     assert explained_variance(model, feats) == pytest.approx(0.0, abs=1e-5)
+    # On other features of the same kind, still ~0: the baseline is the training mean, not the new set's own
+    # (which a handful of validation images would fit better than the training mean, reading negative).
+    assert abs(explained_variance(model, torch.randn(5, 12, 4, 4) * 2 + 1)) < 0.5
     model = _model(feature_norm="position", zero_init_output=False).eval()
+    model.fit_normalization(feats)
+    with torch.no_grad():
+        target, recon = model(feats)
+    expected = 1 - float((target - recon).pow(2).sum()) / float(target.pow(2).sum())
+    assert explained_variance(model, feats, batch=7) == pytest.approx(expected, abs=1e-5)
+    # Without a per-position normalization there is no training mean per cell: these features' own.
+    model = _model(feature_norm="channel", zero_init_output=False).eval()
     model.fit_normalization(feats)
     with torch.no_grad():
         target, recon = model(feats)

@@ -43,12 +43,25 @@ from bench_model import Bench  # noqa: E402
 log = structlog.get_logger("study")
 
 
-def dataset_for(spec: str, data_root: str, cfg) -> Dataset:
+def dataset_for(spec: str, data_root: str, cfg) -> tuple[Dataset, list[tuple[str, int]]]:
+    """The set a spec names ("mt", "elpv:mono", …, or several joined by "+": one model for all, the products
+    mixed) and its parts: (name, validation normals) in validation order."""
+    if "+" in spec:
+        sets = [dataset_for(part, data_root, cfg)[0] for part in spec.split("+")]
+        joined = Dataset(spec, "mixed", "", [s for d in sets for s in d.train], [s for d in sets for s in d.val],
+                         [s for d in sets for s in d.test])
+        return joined, [(part, sum(s.label == 0 for s in d.val)) for part, d in zip(spec.split("+"), sets)]
     ds = load_dataset(data_root if spec == "mt" else spec, cfg.data)
     if spec.startswith("elpv"):  # as bench_model: p=0 against p=1 (1/3 and 2/3 are reported apart there)
         ds = Dataset(ds.name, ds.layout, ds.root, ds.train, ds.val,
                      [s for s in ds.test if s.defect_type in ("good", "p=1")])
-    return ds
+    return ds, [(spec, sum(s.label == 0 for s in ds.val))]
+
+
+def part_of_each(val: dict, parts: list[tuple[str, int]]) -> np.ndarray:
+    """Which part each validation item comes from: normals in order, then four painted defects per normal."""
+    normals = np.concatenate([[name] * n for name, n in parts])
+    return np.concatenate([normals, np.repeat(normals, int((val["labels"] == 1).sum()) // len(normals))])
 
 
 def reconstruction_stats(model, val: dict) -> dict:
@@ -57,11 +70,13 @@ def reconstruction_stats(model, val: dict) -> dict:
     return {k: report[k] for k in ("explained_variance", "defect_residual_ratio")}
 
 
+UNTRAINED: dict[str, dict] = {}  # untrained rows by what they depend on (see main)
 TRAINED: dict[str, dict] = {}  # a trained reconstructor's state by everything that shaped it: variants that
 # differ only in scoring rescore the same network instead of training it again
 
 
-def run_variant(bench: Bench, cfg, spec: str, ds: Dataset, seed: int, epochs_override: int | None = None) -> dict:
+def run_variant(bench: Bench, cfg, spec: str, ds: Dataset, parts: list[tuple[str, int]], seed: int,
+                epochs_override: int | None = None) -> dict:
     cfg = merge(cfg, [f"train.seed={seed}"])
     seed_everything(seed)
     train = bench.features(cfg, ds.train, "train features")
@@ -100,9 +115,19 @@ def run_variant(bench: Bench, cfg, spec: str, ds: Dataset, seed: int, epochs_ove
     by_kind = {kind: auroc(val["labels"][normal | (val["types"] == kind)],
                            image_scores[normal | (val["types"] == kind)])
                for kind in sorted(set(val["types"]) - {"good"})}
-    return {"seed": seed, "epochs": epochs, "train_seconds": round(train_seconds, 1), **stats,
-            "validation": {k: scores[k] for k in ("image_auroc", "pixel_auroc", "aupro")},
-            "image_auroc_by_kind": by_kind, "curve": curve}
+    row = {"seed": seed, "epochs": epochs, "train_seconds": round(train_seconds, 1), **stats,
+           "validation": {k: scores[k] for k in ("image_auroc", "pixel_auroc", "aupro")},
+           "image_auroc_by_kind": by_kind, "curve": curve}
+    if len(parts) > 1:  # one model for several products: each product's own numbers too
+        which = part_of_each(val, parts)
+        row["by_part"] = {}
+        for name, _ in parts:
+            sel = which == name
+            sub = {k: val[k][sel] for k in ("labels", "masks", "usable")}
+            rec = reconstruction_report(model, val["features"][torch.from_numpy(sel)], sub["labels"], sub["masks"])
+            row["by_part"][name] = {**bench.metrics(sub, maps[sel], image_scores[sel]),
+                                    **{k: rec[k] for k in ("explained_variance", "defect_residual_ratio")}}
+    return row
 
 
 def main() -> None:
@@ -124,12 +149,21 @@ def main() -> None:
     for spec in args.sets:
         for name, overrides in variants.items():
             cfg = merge(load_settings(overrides=args.set), overrides)
-            ds = dataset_for(spec, args.data, cfg)
+            ds, parts = dataset_for(spec, args.data, cfg)
             kinds = [("trained", None)] + ([("untrained", 0)] if args.untrained else [])
             for kind, epochs in kinds:
                 for seed in args.seeds:
-                    row = {"set": spec, "variant": name, "kind": kind,
-                           **run_variant(bench, cfg, spec, ds, seed, epochs)}
+                    # An untrained model is each cell's mean whatever its architecture: one with the same
+                    # normalization and scoring was measured already when only the training differs.
+                    same = json.dumps([spec, seed, cfg.backbone.model_dump(), cfg.scoring.model_dump(),
+                                       cfg.reconstructor.feature_norm, cfg.reconstructor.std_floor])
+                    if kind == "untrained" and same in UNTRAINED:
+                        result = UNTRAINED[same]
+                    else:
+                        result = run_variant(bench, cfg, spec, ds, parts, seed, epochs)
+                        if kind == "untrained":
+                            UNTRAINED[same] = result
+                    row = {"set": spec, "variant": name, "kind": kind, **result}
                     rows.append(row)
                     log.info("study row", **{k: v for k, v in row.items() if k != "curve"})
                     out_path.write_text(json.dumps(rows, indent=1))
@@ -140,7 +174,10 @@ def table(rows: list[dict]) -> str:
     lines = ["| set | variant | kind | seeds | explained var. | defect/normal residual | val img / px / PRO | train s |",
              "|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
+    parts = [{**r, "set": f"{r['set']} › {name}", "validation": part, **{k: part[k] for k in
+              ("explained_variance", "defect_residual_ratio")}}
+             for r in rows for name, part in (r.get("by_part") or {}).items()]
+    for r in rows + parts:
         groups.setdefault((r["set"], r["variant"], r["kind"]), []).append(r)
     for (spec, name, kind), group in groups.items():
         def m(key, sub=None):
