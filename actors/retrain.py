@@ -348,7 +348,7 @@ def retrain(registry_path: str | Path, cfg: RetrainConfig, run_name: str | None 
 
         t0 = time.monotonic()
         warm = serving_dir if cfg.warm_start else None
-        epochs = cfg.epochs if cfg.warm_start else model_cfg.train.epochs
+        epochs = cfg.epochs if cfg.warm_start else max(1, model_cfg.train.epochs)  # a statistics-only model has 0
         lr = cfg.lr or (model_cfg.train.lr * (0.3 if cfg.warm_start else 1.0))
         state, worker_info, history = _train_with_ray(cfg, model_cfg, run_dir, paths.runs / "ray", run_name,
                                                       run_dir / "train_features.npy", val_path, warm, epochs, lr,

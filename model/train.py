@@ -82,7 +82,7 @@ def fit(
     """Train `model` on tensors whose first dimension is the sample; returns the loss history. The loss
     is `loss_fn`, or the normal-only loss `tcfg.loss` names."""
     loss_fn = loss_fn or normal_loss_for(tcfg)
-    epochs = epochs or tcfg.epochs
+    epochs = tcfg.epochs if epochs is None else epochs
     lr = lr or tcfg.lr
     device = next(model.parameters()).device  # batches follow the model (the data may stay on the CPU)
     n = train_data[0].shape[0]

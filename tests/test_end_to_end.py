@@ -180,3 +180,16 @@ def test_the_trained_reconstructor_explains_part_of_the_normals_and_misses_more_
     print(f"explained variance per epoch {[round(v, 3) for v in curve]}; test {reconstruction}")
     assert 0.0 < reconstruction["explained_variance"] < 1.0 and reconstruction["normals"] > 5
     assert reconstruction["defect_residual_ratio"] > 1.5  # the masks' cells are reconstructed worse than normals
+
+
+def test_a_statistics_only_model_trains_nothing_and_still_finds_real_defects(small_config, small_dataset, tmp_path):
+    """train.epochs 0: the reconstruction stays each cell's training mean, the model is its fitted scoring."""
+    from model.train import train_model
+
+    cfg = small_config.model_copy(update={"train": small_config.train.model_copy(update={"epochs": 0})})
+    manifest = train_model(cfg, small_dataset, tmp_path / "statistics", progress=False)
+    assert manifest["training"]["history"] == [] and abs(manifest["training"]["val_explained_variance"]) < 0.3
+    detector = load_detector(tmp_path / "statistics")
+    assert detector.reconstructor.outputs_the_mean()
+    r = evaluate(detector, small_dataset, None, progress=False)
+    assert r["image_auroc"] > 0.85 and abs(r["reconstruction"]["explained_variance"]) < 0.3

@@ -191,3 +191,22 @@ def test_defect_cells_with_a_larger_residual_raise_the_ratio():
     assert report["normals"] == 20 and report["explained_variance"] == pytest.approx(0.0, abs=1e-5)
     assert report["defect_residual_ratio"] > 50
     assert defect_residual_ratio(torch.ones(2, 4, 4), torch.zeros(2, 4, 4, dtype=torch.bool), torch.ones(3, 4, 4)) is None
+
+
+def test_an_untrained_reconstructor_skips_the_transformer_with_the_same_output():
+    model = _model(feature_norm="position").eval()
+    feats = torch.randn(6, 12, 4, 4)
+    model.fit_normalization(feats)
+    calls = []
+    model.encoder[0].register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        target, recon = model(feats)
+    assert not calls and torch.count_nonzero(recon) == 0 and recon.shape == target.shape
+    with torch.enable_grad():  # where something is learned, the transformer always runs
+        model(feats)
+    assert calls
+    calls.clear()
+    torch.nn.init.normal_(model.output_proj.bias, std=0.1)  # trained a little: the fast path is gone
+    with torch.no_grad():
+        _, recon = model(feats)
+    assert calls and torch.count_nonzero(recon) > 0

@@ -52,7 +52,7 @@ def test_set_values_are_parsed_as_yaml():
 
 
 @pytest.mark.parametrize("override, message", [
-    (["train.epochs=0"], "train.epochs"),
+    (["train.epochs=-1"], "train.epochs"),
     (["train.epochz=3"], "train.epochz"),
     (["backbone.levels=[7]"], "backbone.levels"),
     (["reconstructor.hidden_dim=100", "reconstructor.num_heads=3"], "divisible"),
