@@ -77,7 +77,8 @@ def main() -> None:
                       "operator": sum(s.defect_type == "operator" for s in train_fs.samples)}), flush=True)
     # The control first: the serving reconstructor unchanged, only its scoring refitted on the same store
     # snapshot (what a retrain at lr ~0 gives); a trained row must beat it to show that training helps.
-    for c in [{"epochs": 0, "lr": 0.0, "rep": 1, "control": "refit only"}] + json.loads(args.configs):
+    # Operator frames repeated as the job repeats them for its own refit (retrain.operator_repeat, 4).
+    for c in [{"epochs": 0, "lr": 0.0, "rep": 4, "control": "refit only"}] + json.loads(args.configs):
         seed_everything(0)
         reps = [c["rep"] if s.defect_type == "operator" else 1 for s in train_fs.samples]
         train = train_fs.features.repeat_interleave(torch.tensor(reps), dim=0)
@@ -96,6 +97,7 @@ def main() -> None:
         print(json.dumps({**c, **flagged(det), "threshold": round(det.threshold, 3),
                           "explained_variance_relit": round(explained_variance(model, sets["relit_normals"]), 3),
                           "train_seconds": round(time.monotonic() - t0, 1)}), flush=True)
+
 
 if __name__ == "__main__":
     main()
