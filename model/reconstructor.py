@@ -143,17 +143,8 @@ class Reconstructor(nn.Module):
         device = self.query_embed.device.type
         autocast = (torch.is_autocast_enabled(device),
                     torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
-        try:
-            key = (autocast, *((p.data_ptr(), p._version) for p in params))
-        except RuntimeError:  # inference tensors track no version
-            key = None
-        cached = self.__dict__.get("_query_cache")
-        if key is None or cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, layer.self_attend(self.query_embed, self.pos_embed, self.attn_mask))
-            if key is not None:
-                self.__dict__["_query_cache"] = cached
-        return cached[1]
+        return self._kept("_query_cache", params, (autocast,),
+                          lambda: layer.self_attend(self.query_embed, self.pos_embed, self.attn_mask))
 
     def outputs_the_mean(self) -> bool:
         """True while the output projection is all zeros (untrained, zero-initialized): the reconstruction is
@@ -161,32 +152,40 @@ class Reconstructor(nn.Module):
         the transformer for it (exact, not an approximation). Kept per the projection's version, like the
         decoder's first-layer queries."""
         weight, bias = self.output_proj.weight, self.output_proj.bias
+        return self._kept("_mean_cache", (weight, bias), (), lambda: not bool(weight.any()) and not bool(bias.any()))
+
+    _CACHES = ("_query_cache", "_mean_cache")  # derived from parameters by `_kept`; never saved
+
+    def _kept(self, name: str, params, extra: tuple, compute):
+        """`compute()` (under no_grad), kept under `name` for as long as `params` are the same tensors at the
+        same version and `extra` is unchanged. Parameters without a version (inference tensors) are never
+        kept for; a move, cast or switch of mode drops every kept value (`_apply`, `train`)."""
         try:
-            key = (weight.data_ptr(), weight._version, bias.data_ptr(), bias._version)
+            key = (*extra, *((p.data_ptr(), p._version) for p in params))
         except RuntimeError:  # inference tensors track no version
             key = None
-        cached = self.__dict__.get("_mean_cache")
+        cached = self.__dict__.get(name)
         if key is None or cached is None or cached[0] != key:
             with torch.no_grad():
-                cached = (key, not bool(weight.any()) and not bool(bias.any()))
+                cached = (key, compute())
             if key is not None:
-                self.__dict__["_mean_cache"] = cached
+                self.__dict__[name] = cached
         return cached[1]
 
     def train(self, mode: bool = True) -> "Reconstructor":
-        self.__dict__.pop("_query_cache", None)
-        self.__dict__.pop("_mean_cache", None)
+        for name in self._CACHES:
+            self.__dict__.pop(name, None)
         return super().train(mode)
 
     def _apply(self, fn, recurse: bool = True):
-        self.__dict__.pop("_query_cache", None)
-        self.__dict__.pop("_mean_cache", None)
+        for name in self._CACHES:
+            self.__dict__.pop(name, None)
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state.pop("_query_cache", None)  # derived data
-        state.pop("_mean_cache", None)
+        for name in self._CACHES:
+            state.pop(name, None)
         return state
 
     def normalize(self, features: Tensor) -> Tensor:
@@ -274,8 +273,12 @@ def explained_variance(model: Reconstructor, features: Tensor, batch: int = 32) 
     that the reconstruction predicts (≈ 0 for an untrained model, which outputs that mean; 1 for a perfect
     reconstruction; negative when it does worse than the mean). In the normalized space the model trains
     in; see `deviation_energy` for the mean."""
-    residual = float(residual_energy(model, features, batch).double().sum())
-    return 1.0 - residual / max(deviation_energy(model, features, batch), 1e-12)
+    return _share_explained(residual_energy(model, features, batch), deviation_energy(model, features, batch))
+
+
+def _share_explained(residual: Tensor, deviation: float) -> float:
+    """1 − Σ residual energy / the energy left by predicting each cell's mean."""
+    return 1.0 - float(residual.double().sum()) / max(deviation, 1e-12)
 
 
 def defect_residual_ratio(residual: Tensor, cell_masks: Tensor, normal: Tensor) -> float | None:
@@ -304,7 +307,7 @@ def reconstruction_report(model: Reconstructor, features: Tensor, labels, masks=
         return out
     residual = residual_energy(model, features, batch)
     deviation = deviation_energy(model, features[normal], batch)
-    out["explained_variance"] = 1.0 - float(residual[normal].double().sum()) / max(deviation, 1e-12)
+    out["explained_variance"] = _share_explained(residual[normal], deviation)
     if masks is not None and bool((~normal).any()):
         defect_cells = cell_masks(torch.as_tensor(masks)[~normal], model.feature_size)
         out["defect_residual_ratio"] = defect_residual_ratio(residual[~normal], defect_cells, residual[normal])
