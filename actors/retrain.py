@@ -49,7 +49,7 @@ from model.detector import AnomalyDetector, load_detector
 from model.features import FeatureCache
 from model.gate import GateTolerances, ModelEvaluation, evaluate_model, gate
 from model.reconstructor import Reconstructor, explained_variance
-from model.registry import Registry
+from model.registry import Registry, write_json_atomic
 from model.samples import SampleStore, Snapshot, StoredSample, StoreLimits
 from model.scorer import reconstructor_tensors
 from model.train import checkpoint_tensors, fit, fit_scoring, model_manifest, seed_everything
@@ -343,7 +343,7 @@ def retrain(registry_path: str | Path, cfg: RetrainConfig, run_name: str | None 
             refit = {"version": refit_version, "gate": refit_result.to_json(),
                      "action": _act(registry, cfg, refit_version, refit_result, by, namespace),
                      "seconds_since_start": round(time.monotonic() - started, 2)}
-            refit_file.write_text(json.dumps(refit))
+            write_json_atomic(refit_file, refit)  # a resumed run reads it: never half-written
             log.info("refit-only candidate published", run=run_name, **refit)
 
         t0 = time.monotonic()

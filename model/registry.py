@@ -49,7 +49,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any) -> None:
+    """JSON written to a temp file, fsynced and renamed in: a crash leaves the old file or the new, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as fh:
         json.dump(data, fh, indent=2, sort_keys=True)
@@ -78,9 +79,9 @@ class Registry:
         if root.exists() and any(root.iterdir()):
             raise RegistryError(f"{root} exists and is not empty; pick a new folder for the registry")
         (root / "versions").mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(root / MARKER, {"format": FORMAT, "created_at": _now_iso()})
+        write_json_atomic(root / MARKER, {"format": FORMAT, "created_at": _now_iso()})
         registry = cls(root)
-        _write_json_atomic(registry.root / "pointers.json", dict.fromkeys(POINTERS))
+        write_json_atomic(registry.root / "pointers.json", dict.fromkeys(POINTERS))
         version = registry.add_version(first_model, by=by, copy=True)
         registry.promote(version, by=by, reason="first version of the registry")
         return registry
@@ -188,7 +189,7 @@ class Registry:
         else:
             model_dir.rename(staging)
         for name, data in {**(extra or {}), "registered.json": {"at": _now_iso(), "by": by}}.items():
-            _write_json_atomic(staging / name, data)
+            write_json_atomic(staging / name, data)
         staging.rename(target)
         _fsync_dir(self.versions_dir)
         self.record("registered", version, by, source=str(model_dir))
@@ -198,7 +199,7 @@ class Registry:
         with self.locked():
             pointers = self.pointers()
             pointers.update(changes)
-            _write_json_atomic(self.root / "pointers.json", pointers)
+            write_json_atomic(self.root / "pointers.json", pointers)
         self.record(event, version, by, reason, pointers=pointers)
         return pointers
 
