@@ -28,6 +28,7 @@ from .detector import AnomalyDetector, resolve_device
 from .features import FeatureCache
 from .reconstructor import Reconstructor, explained_variance, hard_mining_loss, reconstruction_loss
 from .scorer import fit_scorer
+from .sizing import sized_for_defects, small_defect_check
 from .scoring import threshold_f1_optimal, threshold_from_normals
 
 log = structlog.get_logger(__name__)
@@ -295,9 +296,16 @@ def train_model(cfg: AdtrConfig, dataset: Dataset, out_dir: Path, progress: bool
         torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
     out_dir.mkdir(parents=True, exist_ok=True)
+    bad = BadFiles()
+    cfg, sizing = sized_for_defects(cfg, dataset.train, bad)
+    if sizing is not None:
+        log.info("input size chosen for the smallest defect", min_defect_px=cfg.backbone.min_defect_px,
+                 **sizing.as_dict())
+        if cache is not None and cache.backbone.cfg.image_size != sizing.image_size:
+            raise ValueError(f"the feature cache's backbone reads {cache.backbone.cfg.image_size} px, "
+                             f"but min_defect_px asks for {sizing.image_size} px")
     backbone = (cache.backbone if cache else Backbone(cfg.backbone)).to(device)
     cache = cache or FeatureCache(backbone, cfg.data.cache_dir)
-    bad = BadFiles()
     t0 = time.monotonic()
     train = cache.extract(dataset.train, bad, cfg.data.bad_files, cfg.train.feature_batch_size, progress, "train features")
     val = cache.extract(dataset.val, bad, cfg.data.bad_files, cfg.train.feature_batch_size, progress, "val features")
@@ -312,13 +320,18 @@ def train_model(cfg: AdtrConfig, dataset: Dataset, out_dir: Path, progress: bool
     detector = AnomalyDetector(cfg, backbone, model).to(device)
     calibration = fit_scoring(detector, train.features, val.features, np.array([s.label for s in val.samples]))
     threshold = calibration.threshold
+    training = {"history": fitted.history, "seconds": fitted.seconds, "device": str(device),
+                "feature_seconds": feature_seconds, "stopped_early": fitted.stopped_early,
+                "val_explained_variance": explained_variance(model, val_normal) if len(val_normal) >= 2 else None}
+    if sizing is not None:
+        training["sizing"] = {**sizing.as_dict(), "check": small_defect_check(
+            detector, [s for s in dataset.val if s.label == 0], cfg.backbone.min_defect_px, bad,
+            cfg.data.bad_files, cfg.train.seed)}
     manifest = model_manifest(
         cfg, backbone, calibration,
         data={"name": dataset.name, "root": dataset.root, "layout": dataset.layout,
               "fingerprint": data_fingerprint(train.digests), **dataset.summary(), "skipped_files": bad.items},
-        training={"history": fitted.history, "seconds": fitted.seconds, "device": str(device),
-                  "feature_seconds": feature_seconds, "stopped_early": fitted.stopped_early,
-                  "val_explained_variance": explained_variance(model, val_normal) if len(val_normal) >= 2 else None})
+        training=training)
     manifest = save_checkpoint(out_dir, checkpoint_tensors(detector), manifest)
     (out_dir / STATE_FILE).unlink(missing_ok=True)
     log.info("model saved", path=str(out_dir), threshold=round(threshold, 5),

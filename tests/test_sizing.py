@@ -1,0 +1,67 @@
+"""The smallest-defect setting: input size arithmetic, the painted defects, and `train` using both."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from model.sizing import CELL_SHARE, input_size_for, paint_disc
+
+
+def test_the_input_grows_until_the_smallest_defect_covers_half_a_cell():
+    size = input_size_for(8, native_side=1024, floor=256)
+    # 8 px of 1024 must become 8 input px (half a 16 px cell): 1024 px, 64 cells, 0.5 cell wide
+    assert (size.image_size, size.feature_size, size.capped) == (1024, 64, False)
+    assert size.defect_cells == pytest.approx(CELL_SHARE)
+    # a larger defect needs less: rounded up to a multiple of 32, never below the configured size
+    assert input_size_for(20, 1024, 256).image_size == 416
+    assert input_size_for(200, 1024, 256).image_size == 256
+    sizes = [input_size_for(d, 2000, 128).image_size for d in (40, 30, 20, 16)]
+    assert sizes == sorted(sizes) and all(s % 32 == 0 for s in sizes)
+    for d in (40, 30, 20, 16):
+        assert input_size_for(d, 2000, 128).defect_cells >= CELL_SHARE
+
+
+def test_a_defect_too_small_for_the_largest_input_says_so():
+    size = input_size_for(2, native_side=4000, floor=256)
+    assert size.image_size == 1024 and size.capped and size.defect_cells < CELL_SHARE
+    with pytest.raises(ValueError, match="positive"):
+        input_size_for(0, 1000, 256)
+
+
+def test_a_painted_disc_has_the_asked_diameter_and_changes_only_its_pixels():
+    image = np.full((300, 500, 3), 128, np.uint8)
+    painted, mask = paint_disc(image, 20, np.random.default_rng(0))
+    ys, xs = np.nonzero(mask)
+    assert 18 <= xs.max() - xs.min() + 1 <= 22 and 18 <= ys.max() - ys.min() + 1 <= 22
+    changed = np.abs(painted.astype(int) - image).max(axis=2) > 0
+    assert changed[mask].all() and changed.sum() <= mask.sum() * 1.3
+    assert abs(int(painted[mask].mean()) - 128) >= 35
+
+
+def test_train_sizes_the_input_for_the_smallest_defect_and_reports_how_many_it_flags(
+        small_config, small_dataset, tmp_path):
+    from model.data import BadFiles
+    from model.detector import load_detector
+    from model.sizing import native_side
+    from model.train import train_model
+
+    native = native_side(small_dataset.train, BadFiles(), "skip")
+    backbone = small_config.backbone.model_copy(update={"min_defect_px": 16.0})
+    train = small_config.train.model_copy(update={"epochs": 0})
+    cfg = small_config.model_copy(update={"backbone": backbone, "train": train})
+    manifest = train_model(cfg, small_dataset, tmp_path / "sized", progress=False)
+
+    expected = input_size_for(16.0, native, small_config.backbone.image_size)
+    assert expected.image_size > small_config.backbone.image_size  # the setting changed something
+    assert manifest["image_size"] == expected.image_size
+    assert manifest["feature_shape"][1:] == [expected.feature_size] * 2
+    sizing = manifest["training"]["sizing"]
+    print(json.dumps(sizing))
+    assert sizing["native_side"] == native and sizing["image_size"] == expected.image_size
+    check = sizing["check"]
+    assert check["images"] >= 5 and 0.0 <= check["recall"] <= 1.0 and 0.0 <= check["false_alarms"] <= 1.0
+    assert check["auroc"] > 0.5  # painted discs score above the same images without them
+    detector = load_detector(tmp_path / "sized")
+    assert detector.image_size == expected.image_size
