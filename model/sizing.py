@@ -72,13 +72,27 @@ def native_side(samples: list[Sample], bad: BadFiles, policy: str, limit: int = 
 
 
 def sized_for_defects(cfg: AdtrConfig, samples: list[Sample], bad: BadFiles) -> tuple[AdtrConfig, InputSize | None]:
-    """`cfg` with image_size / feature_size set from `backbone.min_defect_px` (unchanged when 0)."""
+    """`cfg` with image_size / feature_size set from `backbone.min_defect_px` (unchanged when 0).
+
+    A larger grid has more cells, and the scorer keeps its eigenvectors and memory centroids per cell:
+    as `configs/highres.yaml` does by hand, they shrink with the grid (eigenvectors with its side,
+    centroids with its area, neither below 16) so the scorer's memory stays near the configured grid's,
+    and the neighbour mask grows with the grid's side (it hides the same part of the image)."""
     px = cfg.backbone.min_defect_px
     if not px:
         return cfg, None
     size = input_size_for(px, native_side(samples, bad, cfg.data.bad_files), cfg.backbone.image_size)
+    grow = size.feature_size / cfg.backbone.feature_size
     backbone = cfg.backbone.model_copy(update={"image_size": size.image_size, "feature_size": size.feature_size})
-    return cfg.model_copy(update={"backbone": backbone}), size
+    update: dict = {"backbone": backbone}
+    if grow > 1:
+        sc, rc = cfg.scoring, cfg.reconstructor
+        update["scoring"] = sc.model_copy(update={
+            "mahalanobis_rank": max(16, min(sc.mahalanobis_rank, round(sc.mahalanobis_rank / grow))),
+            "memory_size": sc.memory_size and max(16, min(sc.memory_size, round(sc.memory_size / grow ** 2)))})
+        if rc.neighbor_mask:
+            update["reconstructor"] = rc.model_copy(update={"neighbor_mask": 2 * round(rc.neighbor_mask * grow / 2) + 1})
+    return cfg.model_copy(update=update), size
 
 
 def paint_disc(image: np.ndarray, diameter: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -65,3 +65,20 @@ def test_train_sizes_the_input_for_the_smallest_defect_and_reports_how_many_it_f
     assert check["auroc"] > 0.5  # painted discs score above the same images without them
     detector = load_detector(tmp_path / "sized")
     assert detector.image_size == expected.image_size
+
+
+def test_a_larger_grid_keeps_the_scorer_near_the_configured_grids_memory(small_config, small_dataset):
+    from model.data import BadFiles
+    from model.sizing import sized_for_defects
+
+    cfg = small_config.model_copy(update={"backbone": small_config.backbone.model_copy(update={"min_defect_px": 8.0})})
+    sized, size = sized_for_defects(cfg, small_dataset.train, BadFiles())
+    grow = size.feature_size / small_config.backbone.feature_size
+    assert grow >= 2
+    s, c = sized.scoring, small_config.scoring
+    assert s.mahalanobis_rank == max(16, round(c.mahalanobis_rank / grow))
+    assert s.memory_size == max(16, round(c.memory_size / grow ** 2))
+    assert sized.reconstructor.neighbor_mask > small_config.reconstructor.neighbor_mask
+    assert sized.reconstructor.neighbor_mask % 2 == 1
+    unchanged, none = sized_for_defects(small_config, small_dataset.train, BadFiles())
+    assert unchanged is small_config and none is None
