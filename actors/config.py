@@ -15,6 +15,35 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+DEFAULT_POINT = "default"  # the point of `run --model`: every camera no other point lists
+POINT_NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+
+
+class PointConfig(Section):
+    """An inspection point: cameras that see the same thing, served by one model (a registry or a model
+    folder) with its own threshold, gate, guard, drift reference, sample store and retrain jobs. All
+    points of an agent share the backbone (loaded once; frames of every point batched together)."""
+
+    model: Path
+    cameras: list[str] = Field(default_factory=list)
+
+
+def point_paths(model_path: str | dict[str, str]) -> dict[str, str]:
+    """{point: model path}; a single path is the one point `default`."""
+    return {DEFAULT_POINT: model_path} if isinstance(model_path, str) else dict(model_path)
+
+
+def camera_points(points: dict[str, list[str]]) -> dict[str, str]:
+    """{camera: point} from {point: cameras}; a camera in two points is an error."""
+    out: dict[str, str] = {}
+    for point, cameras in points.items():
+        for camera in cameras:
+            if camera in out:
+                raise ValueError(f"camera {camera!r} is in two inspection points: {out[camera]!r} and {point!r}")
+            out[camera] = point
+    return out
+
+
 class CurveConfig(Section):
     """ZeroMQ CURVE on the ingest sockets: only cameras whose public key is in `allowed_keys_dir` get in."""
 

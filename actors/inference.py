@@ -30,7 +30,7 @@ import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ import torch
 from model.detector import AnomalyDetector, load_detector
 from model.registry import resolve_model
 
-from .config import InferenceConfig
+from .config import DEFAULT_POINT, InferenceConfig, point_paths
 from .logs import configure_logging
 from .stats import BATCH_BUCKETS, Histogram
 from .tuning import LoadCheck, Tuner, contenders, ladder
@@ -60,6 +60,7 @@ class InferenceResult:
     shadow_version: str | None = None
     shadow_coarse: np.ndarray | None = None  # the shadow model's map of the same frame, when sampled
     refused: str | None = None  # a frame sent as JPEG bytes that the device's decoder refused (no map)
+    point: str = DEFAULT_POINT  # the inspection point whose model made the map
 
 
 @dataclass
@@ -67,6 +68,16 @@ class LoadedModel:
     detector: AnomalyDetector
     version: str
     loaded_s: float
+
+
+@dataclass
+class PointModels:
+    """One inspection point's models: its registry (or model folder), serving, shadow and staged versions."""
+
+    model_path: str
+    serving: LoadedModel
+    shadow: LoadedModel | None = None
+    staged: dict[str, LoadedModel] = field(default_factory=dict)
 
 
 class ModelLoadError(RuntimeError):
@@ -84,19 +95,25 @@ def cpu_cores() -> int:
 
 
 class InferenceActor:
-    def __init__(self, model_path: str, cfg: InferenceConfig, shadow_sample: float = 0.25,
+    def __init__(self, model_path: str | dict[str, str], cfg: InferenceConfig, shadow_sample: float = 0.25,
                  state_file: str | None = None, run_id: str = "", cpu_budget: int | None = None):
         configure_logging("info", json_output=True)  # worker stderr reaches the driver
-        self.model_path, self.cfg, self.shadow_sample = model_path, cfg, shadow_sample
+        self.cfg, self.shadow_sample = cfg, shadow_sample
         self.state_file, self.run_id = (Path(state_file) if state_file else None), run_id
         self.started_at = time.time()
         self.cpu_budget = cpu_budget or cpu_cores()  # the CPUs it reserved: the ceiling of its torch threads
         self.threads = cfg.torch_threads or self.cpu_budget  # until tuned
         torch.set_num_threads(self.threads)
-        self.serving = self._load_current()
+        # Inspection points: each its own model (registry), all on the first one's backbone when the weights
+        # match, so a batch of frames from several points is embedded once.
+        self.points: dict[str, PointModels] = {}
+        for point, path in point_paths(model_path).items():
+            backbone = self.serving.detector.backbone if self.points else None
+            self.points[point] = PointModels(path, self._load_current(path, backbone))
+        sizes = {point: m.serving.detector.image_size for point, m in self.points.items()}
+        if len(set(sizes.values())) > 1:  # one batch, one input size: the ingest resizes every frame once
+            raise ModelLoadError(f"inspection points must share the input size to be batched together: {sizes}")
         self.device = self.serving.detector.device
-        self.shadow: LoadedModel | None = None
-        self.staged: dict[str, LoadedModel] = {}
         self.queue: list[tuple[Any, asyncio.Future]] = []
         self.arrived: asyncio.Event | None = None
         self.batcher: asyncio.Task | None = None
@@ -137,69 +154,81 @@ class InferenceActor:
             raise ModelLoadError(f"{model_dir}: the model's outputs on a warm-up batch are not finite")
         return LoadedModel(detector, detector.model_version, time.monotonic() - started)
 
-    def _load_current(self) -> LoadedModel:
+    def _load_current(self, model_path: str, backbone=None) -> LoadedModel:
         """The registry's current version; if it will not load (a damaged file), its previous one, so a
         restarted actor never crash-loops on a bad pointer (the model manager then fixes the pointer)."""
-        model_dir, registry = resolve_model(self.model_path)
+        model_dir, registry = resolve_model(model_path)
         try:
-            return self._load(str(model_dir), backbone=None)
+            return self._load(str(model_dir), backbone=backbone)
         except ModelLoadError as exc:
             previous = registry.pointers()["previous"] if registry is not None else None
             if not previous:
                 raise
             log.error("current version does not load; serving the previous one", error=str(exc)[:300],
                       previous=previous)
-            return self._load(self._version_dir(previous), backbone=None)
+            return self._load(str(resolve_model(model_path, previous)[0]), backbone=backbone)
 
-    def _version_dir(self, version: str) -> str:
-        return str(resolve_model(self.model_path, version)[0])
+    @property
+    def serving(self) -> LoadedModel:
+        """The first point's serving model: the one the batch size is tuned on (all share the backbone)."""
+        return next(iter(self.points.values())).serving
 
-    async def prepare(self, version: str) -> dict[str, Any]:
-        """Load `version` in the background and keep it ready to activate; batches go on meanwhile."""
-        if version == self.serving.version:
+    def _point(self, point: str) -> PointModels:
+        if point not in self.points:
+            raise ValueError(f"no inspection point {point!r} here (points: {', '.join(self.points)})")
+        return self.points[point]
+
+    async def prepare(self, version: str, point: str = DEFAULT_POINT) -> dict[str, Any]:
+        """Load `version` of `point` in the background and keep it ready to activate; batches go on meanwhile."""
+        models = self._point(point)
+        if version == models.serving.version:
             return {"version": version, "prepared": True, "already_serving": True}
-        if version not in self.staged:
+        if version not in models.staged:
             loop = asyncio.get_running_loop()
             try:
-                model_dir = self._version_dir(version)
-                self.staged[version] = await loop.run_in_executor(
+                model_dir = str(resolve_model(models.model_path, version)[0])
+                models.staged[version] = await loop.run_in_executor(
                     self.loader, self._load, model_dir, self.serving.detector.backbone)
             except Exception as exc:  # noqa: BLE001
                 self.load_failures += 1
-                self.log.error("model version refused", version=version, error=str(exc)[:300])
+                self.log.error("model version refused", version=version, point=point, error=str(exc)[:300])
                 raise ModelLoadError(str(exc)[:500]) from None
-        staged = self.staged[version]
+        staged = models.staged[version]
         shares = staged.detector.backbone is self.serving.detector.backbone
-        self.log.info("model version prepared", version=version, load_s=round(staged.loaded_s, 2),
+        self.log.info("model version prepared", version=version, point=point, load_s=round(staged.loaded_s, 2),
                       shares_backbone=shares)
         return {"version": version, "prepared": True, "load_s": staged.loaded_s, "shares_backbone": shares}
 
-    async def activate(self, version: str, role: str = "serving") -> dict[str, Any]:
-        """Make a version the serving one (or the shadow), from the next batch on. Prepares it if needed."""
+    async def activate(self, version: str, role: str = "serving", point: str = DEFAULT_POINT) -> dict[str, Any]:
+        """Make a version `point`'s serving one (or its shadow), from the next batch on. Prepares it if needed."""
         if role not in ("serving", "shadow"):
             raise ValueError(f"role must be serving or shadow, not {role!r}")
-        if version == self.serving.version:
+        models = self._point(point)
+        if version == models.serving.version:
             if role == "shadow":
                 raise ValueError(f"{version} is the serving version; it cannot shadow itself")
             return {"version": version, "role": role, "changed": False}
-        await self.prepare(version)
-        model = self.staged.pop(version, None) or self.serving
+        await self.prepare(version, point)
+        model = models.staged.pop(version, None) or models.serving
         if role == "serving":
-            previous, self.serving = self.serving, model  # the batch loop reads it once per batch
-            if self.shadow is not None and self.shadow.version == version:
-                self.shadow = None
+            first = models is next(iter(self.points.values()))
+            previous, models.serving = models.serving, model  # the batch loop reads it once per batch
+            if models.shadow is not None and models.shadow.version == version:
+                models.shadow = None
             self.swaps += 1
-            self.log = log.bind(model_version=version, device=str(self.device))
-            self.log.info("serving model switched", previous=previous.version)
-            if self._tuner_for(model):  # timed between live batches by the batch loop
-                self._start_batcher()
+            self.log.info("serving model switched", point=point, version=version, previous=previous.version)
+            if first:
+                self.log = log.bind(model_version=version, device=str(self.device))
+                if self._tuner_for(model):  # timed between live batches by the batch loop
+                    self._start_batcher()
             return {"version": version, "role": role, "changed": True, "previous": previous.version}
-        self.shadow = model
-        self.log.info("shadow model set", shadow_version=version)
+        models.shadow = model
+        self.log.info("shadow model set", point=point, shadow_version=version)
         return {"version": version, "role": role, "changed": True}
 
-    async def clear_shadow(self) -> str | None:
-        version, self.shadow = (self.shadow.version if self.shadow else None), None
+    async def clear_shadow(self, point: str = DEFAULT_POINT) -> str | None:
+        models = self._point(point)
+        version, models.shadow = (models.shadow.version if models.shadow else None), None
         return version
 
     # ------------------------------------------------------------------ tuning
@@ -371,14 +400,15 @@ class InferenceActor:
         return {"max_batch": self.serving_batch, "threads": self.threads, "state": self.tuned["state"]}
 
     # ------------------------------------------------------------------ frames
-    async def infer_batch(self, frames: list[np.ndarray | bytes]) -> list[InferenceResult]:
-        """Frames in (RGB uint8 at the model's size, or a JPEG's bytes with jpeg_decode=device), one result
-        each out, once their batches ran. Calls from all cameras share the batches: a call is a unit of
-        transport, not a batch."""
+    async def infer_batch(self, frames: list[np.ndarray | bytes], point: str = DEFAULT_POINT) -> list[InferenceResult]:
+        """Frames of one inspection point in (RGB uint8 at the model's size, or a JPEG's bytes with
+        jpeg_decode=device), one result each out, once their batches ran. Calls from all cameras and
+        points share the batches: a call is a unit of transport, not a batch."""
+        self._point(point)
         loop = asyncio.get_running_loop()
         self._start_batcher()
         futures = [loop.create_future() for _ in frames]
-        self.queue.extend(zip(frames, futures))
+        self.queue.extend((frame, point, future) for frame, future in zip(frames, futures))
         self.arrived.set()
         return list(await asyncio.gather(*futures))
 
@@ -405,10 +435,40 @@ class InferenceActor:
         shadow_features = features if same_backbone else shadow.detector.embed(frames)
         return maps, shadow.detector.coarse_maps(shadow_features).numpy(), refused
 
-    def _run_batch(self, serving: LoadedModel, shadow: LoadedModel | None, frames: list):
+    def _run_batch(self, plan: dict[str, tuple[LoadedModel, LoadedModel | None]], points: list[str], frames: list):
+        """Each frame's serving map (and its point's shadow map where sampled), and the frames refused. The
+        backbone runs once over the whole batch when the points share it; each point's reconstructor and
+        scorer run on that point's rows."""
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
-        return self._forward(serving, shadow, frames)
+        if len(plan) == 1:
+            serving, shadow = next(iter(plan.values()))
+            maps, shadow_maps, refused = self._forward(serving, shadow, frames)
+            return list(maps), (list(shadow_maps) if shadow_maps is not None else [None] * len(maps)), refused
+        refused: dict[int, str] = {}
+        if any(not isinstance(f, np.ndarray) for f in frames):  # JPEG bytes: decoded on the device
+            from .device_decode import decode_batch
+
+            frames, refused = decode_batch(frames, self.serving.detector.image_size, self.device)
+        points = [p for i, p in enumerate(points) if i not in refused]
+        maps: list = [None] * len(points)
+        shadow_maps: list = [None] * len(points)
+        if not len(points):
+            return maps, shadow_maps, refused
+        shared = self.serving.detector
+        features = shared.embed(frames)
+        for point, (serving, shadow) in plan.items():
+            rows = [i for i, p in enumerate(points) if p == point]
+            if not rows:
+                continue
+            for model, out in ((serving, maps), (shadow, shadow_maps)):
+                if model is None:
+                    continue
+                own = features[rows] if model.detector.backbone is shared.backbone else \
+                    model.detector.embed([frames[i] for i in rows])
+                for i, m in zip(rows, model.detector.coarse_maps(own).numpy()):
+                    out[i] = m
+        return maps, shadow_maps, refused
 
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -431,18 +491,22 @@ class InferenceActor:
                 continue
             waiting = len(self.queue)  # frames left behind: how saturated the pipeline is
             since_probe += 1
-            # The model and its version, taken together before the pass: a swap during it changes nothing.
-            serving = self.serving
-            shadow = self.shadow if self.shadow is not None and random.random() < self.shadow_sample else None
-            frames = [frame for frame, _ in batch]
+            # Each point's model and version, taken together before the pass: a swap during it changes nothing.
+            points = [point for _, point, _ in batch]
+            plan = {}
+            for point in dict.fromkeys(points):
+                models = self.points[point]
+                sampled = models.shadow is not None and random.random() < self.shadow_sample
+                plan[point] = (models.serving, models.shadow if sampled else None)
+            frames = [frame for frame, _, _ in batch]
             self.busy = True
             started = time.perf_counter()
             try:
                 maps, shadow_maps, refused = await loop.run_in_executor(
-                    self.executor, self._run_batch, serving, shadow, frames)
+                    self.executor, self._run_batch, plan, points, frames)
             except Exception as exc:  # noqa: BLE001 - fail this batch's frames, keep serving
                 self.log.error("batch failed", size=len(batch), error=f"{type(exc).__name__}: {exc}")
-                for _, future in batch:
+                for _, _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
@@ -453,28 +517,35 @@ class InferenceActor:
             self.forward_seconds.observe(seconds)
             self.frames += len(batch) - len(refused)
             self.refused += len(refused)
-            self.shadow_frames += len(batch) - len(refused) if shadow_maps is not None else 0
+            shadowed = sum(m is not None for m in shadow_maps)
+            self.shadow_frames += shadowed
             if check is not None:  # counted only saturated, and for the serving model alone
-                countable = check.saturated(waiting) and shadow_maps is None and not refused
+                countable = check.saturated(waiting) and not shadowed and not refused
                 self._check_under_load(check, size, len(batch), seconds if countable else None)
             row = 0  # maps hold the frames that decoded, in order
-            for i, (_, future) in enumerate(batch):
+            for i, (_, point, future) in enumerate(batch):
+                serving, shadow = plan[point]
                 if i in refused:
                     result = InferenceResult(np.zeros((0, 0), np.float32), serving.version, len(batch),
-                                             seconds * 1000.0, refused=refused[i])
+                                             seconds * 1000.0, refused=refused[i], point=point)
                 else:
+                    shadow_map = shadow_maps[row]
                     result = InferenceResult(
                         maps[row], serving.version, len(batch), seconds * 1000.0,
-                        shadow.version if shadow_maps is not None else None,
-                        shadow_maps[row] if shadow_maps is not None else None)
+                        shadow.version if shadow_map is not None else None, shadow_map, point=point)
                     row += 1
                 if not future.done():  # else the caller went away (e.g. cancelled)
                     future.set_result(result)
 
     # ------------------------------------------------------------------ observation
     async def stats(self) -> dict[str, Any]:
-        return {"model_version": self.serving.version, "shadow_version": self.shadow.version if self.shadow else None,
-                "staged": sorted(self.staged), "device": str(self.device), "pid": os.getpid(),
+        first = next(iter(self.points.values()))
+        return {"model_version": self.serving.version, "shadow_version": first.shadow.version if first.shadow else None,
+                "staged": sorted(first.staged), "device": str(self.device), "pid": os.getpid(),
+                "points": {name: {"model_version": m.serving.version,
+                                  "shadow_version": m.shadow.version if m.shadow else None, "staged": sorted(m.staged),
+                                  "shares_backbone": m.serving.detector.backbone is self.serving.detector.backbone}
+                           for name, m in self.points.items()},
                 "started_at": self.started_at, "ready_at": self.ready_at, "swaps": self.swaps,
                 "load_failures": self.load_failures, "frames": self.frames, "shadow_frames": self.shadow_frames,
                 "queued": len(self.queue), "busy": self.busy, "refused": self.refused,
@@ -485,5 +556,5 @@ class InferenceActor:
                 "batch_count": self.batch_sizes.n, "forward": self.forward_seconds.cumulative(),
                 "forward_sum": self.forward_seconds.total, "forward_count": self.forward_seconds.n}
 
-    async def ping(self) -> str:
-        return self.serving.version
+    async def ping(self, point: str | None = None) -> str:
+        return self._point(point).serving.version if point else self.serving.version

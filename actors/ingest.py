@@ -42,7 +42,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from model.data import resize_image
 
-from .config import IngestConfig
+from .config import DEFAULT_POINT, IngestConfig
 from .logs import configure_logging
 from .protocol import MAX_HEADER_BYTES, UNKNOWN_CAMERA, FrameError, FrameLimits, Message, check_message
 from .stats import COST_BUCKETS_S, CameraStats, Histogram
@@ -77,10 +77,13 @@ def _curve_server(socket: zmq.Socket, context: zmq.Context, cfg: IngestConfig) -
 
 class IngestActor:
     def __init__(self, endpoint: str, cfg: IngestConfig, image_size: int, inference: str, scoring: str,
-                 chunk: int = 8, state_file: str | None = None, run_id: str = "", jpeg_bytes: bool = False):
+                 chunk: int = 8, state_file: str | None = None, run_id: str = "", jpeg_bytes: bool = False,
+                 routes: dict[str, str] | None = None, default_point: str | None = DEFAULT_POINT):
         configure_logging("info", json_output=True)  # worker stderr reaches the driver
         cv2.setNumThreads(1)  # each dispatcher decodes on its own thread: decode_threads is the CPU budget
         self.endpoint, self.cfg, self.image_size = endpoint, cfg, image_size
+        # camera → inspection point; a camera in none goes to `default_point` (None: it is refused)
+        self.routes, self.default_point = dict(routes or {}), default_point
         self.state_file, self.run_id = (Path(state_file) if state_file else None), run_id
         self.chunk = chunk  # frames per inference call at most: the inference actor's batch size (refreshed)
         self.jpeg_bytes = jpeg_bytes
@@ -378,6 +381,9 @@ class IngestActor:
         camera = header.camera_id
         if self.cfg.allowed_cameras and camera not in self.cfg.allowed_cameras:
             raise FrameError("unknown_camera", f"camera {camera!r} is not in ingest.allowed_cameras", camera, header.seq)
+        if camera not in self.routes and self.default_point is None:
+            raise FrameError("unknown_camera", f"camera {camera!r} is in no inspection point (points.<name>.cameras) "
+                             "and the agent serves no default point", camera, header.seq)
         clock_problem = False
         with self.lock:
             camera = self._label(camera, claim=True)
@@ -495,7 +501,8 @@ class IngestActor:
         """One inference call and one scoring call for a chunk of one camera's frames. Frames and payloads
         go as plain arguments: Ray inlines small ones and moves large ones (> 100 KB) through the
         shared-memory object store itself (an explicit ray.put per frame cost a third of this actor's CPU)."""
-        result_ref = self.inference.infer_batch.remote(frames)
+        point = self.routes.get(items[0].header.camera_id, self.default_point)
+        result_ref = self.inference.infer_batch.remote(frames, point)
         decisions_ref = self.scoring.score_batch.remote(
             [item.header.model_dump() for item in items], result_ref, [item.payload for item in items],
             [item.received_at for item in items], [item.clock_ok for item in items])

@@ -26,7 +26,7 @@ import structlog
 from model.registry import Registry
 from model.samples import SampleStore
 
-from .config import LearningConfig, RetrainConfig
+from .config import DEFAULT_POINT, LearningConfig, RetrainConfig
 from .jobs import job_info, submit_retrain
 from .logs import configure_logging
 from .retrain import RetrainBusy
@@ -49,9 +49,9 @@ def in_window(window: str | None, now: datetime) -> bool:
 
 class ModelManager:
     def __init__(self, registry_path: str, learning: LearningConfig, namespace: str, jobs_address: str | None,
-                 inference: str = "inference", scoring: str = "scoring"):
+                 inference: str = "inference", scoring: str = "scoring", point: str = DEFAULT_POINT):
         configure_logging("info", json_output=True)
-        self.registry = Registry(registry_path)
+        self.registry, self.point = Registry(registry_path), point
         self.cfg, self.namespace, self.jobs_address = learning, namespace, jobs_address
         self.inference = ray.get_actor(inference, namespace=namespace)
         self.scoring = ray.get_actor(scoring, namespace=namespace)
@@ -61,7 +61,7 @@ class ModelManager:
         self.last_job: dict[str, Any] | None = None
         self.reconcile_failures: dict[str, str] = {}
         self.schedule_state = Path(self.registry.root) / "schedule.json"
-        self.log = log.bind(registry=str(self.registry.root))
+        self.log = log.bind(registry=str(self.registry.root), point=point)
 
     async def start(self) -> dict[str, Any]:
         """Start the background loops (once; a restarted actor is started again by the agent's reconcile)."""
@@ -79,7 +79,7 @@ class ModelManager:
     # ------------------------------------------------------------------ versions
     async def _prepare(self, version: str, by: str) -> None:
         try:
-            await self.inference.prepare.remote(version)
+            await self.inference.prepare.remote(version, self.point)
         except Exception as exc:  # noqa: BLE001 - ModelLoadError arrives wrapped in a RayTaskError
             reason = str(exc).strip().splitlines()[-1][:400]
             self.registry.record("load_failed", version, by, reason)
@@ -93,10 +93,10 @@ class ModelManager:
             if version == previous:
                 raise PromotionError(f"{version} is already serving")
             await self._prepare(version, by)
-            before = await self.scoring.anomaly_rates.remote()
+            before = await self.scoring.anomaly_rates.remote(self.point)
             pointers = self.registry.promote(version, by, reason)
-            await self.inference.activate.remote(version, "serving")
-            await self.scoring.reset_shadow.remote()
+            await self.inference.activate.remote(version, "serving", self.point)
+            await self.scoring.reset_shadow.remote(self.point)
             self._start_guard(previous, version, before)
             self.log.info("promoted", version=version, previous=previous, by=by)
             return {"promoted": version, "previous": previous, "pointers": pointers}
@@ -112,7 +112,7 @@ class ModelManager:
             raise PromotionError("nothing to roll back to: the registry has no previous version")
         await self._prepare(target, by)
         pointers = self.registry.rollback(by, reason)
-        await self.inference.activate.remote(target, "serving")
+        await self.inference.activate.remote(target, "serving", self.point)
         self.guard = None
         self.log.warning("rolled back", version=target, by=by, reason=reason)
         return {"serving": target, "pointers": pointers}
@@ -121,13 +121,13 @@ class ModelManager:
         async with self._lock():
             await self._prepare(version, by)
             pointers = self.registry.set_candidate(version, by, reason or "shadowing on live frames", event="shadow")
-            await self.scoring.reset_shadow.remote()
-            await self.inference.activate.remote(version, "shadow")
+            await self.scoring.reset_shadow.remote(self.point)
+            await self.inference.activate.remote(version, "shadow", self.point)
             return {"shadow": version, "pointers": pointers}
 
     async def clear_shadow(self, by: str) -> dict[str, Any]:
         async with self._lock():
-            version = await self.inference.clear_shadow.remote()
+            version = await self.inference.clear_shadow.remote(self.point)
             return {"cleared": version}
 
     # ------------------------------------------------------------------ the guard after a promotion
@@ -147,7 +147,7 @@ class ModelManager:
             await asyncio.sleep(1.0)
             if self.guard is None or self.guard["version"] != guard["version"]:
                 return  # superseded by another promotion or a rollback
-            rates = await self.scoring.anomaly_rates.remote()
+            rates = await self.scoring.anomaly_rates.remote(self.point)
             self.guard["checks"] += 1
             for camera, (n_old, a_old) in guard["baseline"].items():
                 n_new, a_new = rates.get(camera, {}).get(guard["version"], [0, 0])
@@ -176,7 +176,7 @@ class ModelManager:
     async def reconcile(self) -> dict[str, Any]:
         """Serve the registry's current version (a pointer moved elsewhere, a missed call, a restart)."""
         current = self.registry.current()
-        serving = await self.inference.ping.remote()
+        serving = await self.inference.ping.remote(self.point)
         if serving == current:
             return {"serving": serving, "changed": False}
         if current in self.reconcile_failures:
@@ -190,7 +190,7 @@ class ModelManager:
                 if pointers["previous"] == serving:  # put the pointer back on what really serves
                     self.registry.rollback("reconcile", f"current {current} failed to load: {exc}")
                 return {"serving": serving, "changed": False, "error": str(exc)}
-            await self.inference.activate.remote(current, "serving")
+            await self.inference.activate.remote(current, "serving", self.point)
         self.log.info("reconciled: now serving the registry's current version", version=current, was=serving)
         return {"serving": current, "changed": True, "was": serving}
 
@@ -239,8 +239,8 @@ class ModelManager:
 
     # ------------------------------------------------------------------ observation
     async def status(self) -> dict[str, Any]:
-        inference = await self.inference.stats.remote()
-        return {"pointers": self.registry.pointers(), "serving": inference["model_version"],
+        inference = (await self.inference.stats.remote())["points"][self.point]
+        return {"point": self.point, "pointers": self.registry.pointers(), "serving": inference["model_version"],
                 "shadow": inference["shadow_version"], "guard": self.guard, "last_job": self.last_job,
                 "schedule": self.cfg.schedule.model_dump(), "reconcile_failures": self.reconcile_failures}
 

@@ -54,12 +54,17 @@ from model.samples import SampleStore, Snapshot, StoredSample, StoreLimits
 from model.scorer import reconstructor_tensors
 from model.train import checkpoint_tensors, fit, fit_scoring, model_manifest, seed_everything
 
-from .config import RetrainConfig
+from .config import DEFAULT_POINT, RetrainConfig
 
 log = structlog.get_logger(__name__)
 STATE_FILE = "train_state.pt"
 PLUS_STATE_FILE = "train_state_plus.pt"  # the ADTR+ phase (labelled defects), after the normal epochs
-MANAGER_ACTOR = "models"
+MANAGER_ACTOR = "models"  # the default point's model manager; another point's is "models-<point>"
+AGENT_FILE = "agent.json"  # in the registry: the agent serving it (HTTP, Ray Jobs, its inspection point)
+
+
+def manager_name(point: str) -> str:
+    return MANAGER_ACTOR if point == DEFAULT_POINT else f"{MANAGER_ACTOR}-{point}"
 
 
 class RetrainError(RuntimeError):
@@ -444,14 +449,19 @@ def _load_snapshot(run_dir: Path) -> Snapshot:
     return Snapshot(samples, data["fingerprint"], data["taken_at"])
 
 
-def _manager(namespace: str | None):
-    """The running agent's model manager, or None when no agent runs in this Ray cluster."""
+def _manager(namespace: str | None, registry: Registry):
+    """The model manager of the running agent's point this registry serves, or None when no agent runs
+    in this Ray cluster."""
     if not namespace:
         return None
     import ray
 
     try:
-        return ray.get_actor(MANAGER_ACTOR, namespace=namespace)
+        announced = json.loads((registry.root / AGENT_FILE).read_text())
+    except (OSError, ValueError):
+        announced = {}
+    try:
+        return ray.get_actor(manager_name(str(announced.get("point", DEFAULT_POINT))), namespace=namespace)
     except ValueError:
         return None
 
@@ -471,7 +481,7 @@ def _act(registry: Registry, cfg: RetrainConfig, version: str, result, by: str, 
     if policy == "register":
         registry.set_candidate(version, by, "gate passed; waiting for promotion", event="candidate")
         return "registered"
-    manager = _manager(namespace)
+    manager = _manager(namespace, registry)
     if manager is not None:
         try:  # through the running agent: it loads, checks and switches the actors live
             if policy == "shadow":

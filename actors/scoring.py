@@ -35,7 +35,7 @@ from model.samples import SampleStore, StoreLimits
 from model.scoring import defect_regions
 from model.visualize import heatmap_overlay
 
-from .config import LearningConfig, OutputConfig
+from .config import LearningConfig, OutputConfig, point_paths
 from .inference import InferenceResult
 from .logs import configure_logging
 from .protocol import FrameHeader, decision_message, decode_jpeg, decode_payload, finite_or_none, strict_json
@@ -230,6 +230,39 @@ class NormalSaver:
 class VersionHead:
     head: ScoreHead
     drift_reference: Reference | None
+    # The share of normal frames the threshold promises to flag (1 − threshold.normal_quantile when it was
+    # calibrated on normals alone; None when it was chosen with labelled defects).
+    false_alarm_promise: float | None = None
+
+
+def false_alarm_promise(manifest: dict[str, Any]) -> float | None:
+    if manifest.get("threshold_method") != "normal_quantile":
+        return None
+    quantile = manifest.get("settings", {}).get("threshold", {}).get("normal_quantile")
+    return 1.0 - float(quantile) if quantile is not None else None
+
+
+class PointStats:
+    """One inspection point's decisions: totals and the flagged share of its last `window` decisions, the
+    live false-alarm rate on a line of normal parts (every flag counts until an operator reviews it)."""
+
+    def __init__(self, window: int):
+        self.decisions = self.anomalies = 0
+        self.recent: deque[bool] = deque(maxlen=window)
+        self.promise: float | None = None
+        self.model_version = ""
+
+    def observe(self, is_anomaly: bool, version: str, promise: float | None) -> None:
+        self.decisions += 1
+        self.anomalies += int(is_anomaly)
+        self.recent.append(is_anomaly)
+        self.model_version, self.promise = version, promise
+
+    def summary(self) -> dict[str, Any]:
+        n = len(self.recent)
+        return {"decisions": self.decisions, "anomalies": self.anomalies, "model_version": self.model_version,
+                "window": n, "flag_rate": sum(self.recent) / n if n else None,
+                "false_alarm_promise": self.promise}
 
 
 @dataclass
@@ -309,7 +342,7 @@ class AutoSampler:
 
 
 class ScoringActor:
-    def __init__(self, model_path: str, results_endpoint: str, cfg: OutputConfig,
+    def __init__(self, model_path: str | dict[str, str], results_endpoint: str, cfg: OutputConfig,
                  learning: LearningConfig | None = None, threads: int = 1):
         configure_logging("info", json_output=True)  # worker stderr reaches the driver
         # Its CPU budget (scoring.threads): the score maps and overlays are small; more threads would
@@ -317,11 +350,18 @@ class ScoringActor:
         torch.set_num_threads(threads)
         cv2.setNumThreads(threads)
         self.seconds = Histogram(COST_BUCKETS_S)  # per frame: score, decide, publish, save
-        self.model_path, self.cfg = model_path, cfg
+        self.paths, self.cfg = point_paths(model_path), cfg
         self.learning = learning or LearningConfig()
-        model_dir, registry = resolve_model(model_path)
-        self.heads: OrderedDict[str, VersionHead] = OrderedDict()
-        self.serving_version = self._head(str(read_manifest(model_dir)["model_version"]), model_dir).head.model_version
+        self.heads: OrderedDict[tuple[str, str], VersionHead] = OrderedDict()
+        self.points: dict[str, PointStats] = {}
+        self.camera_point: dict[str, str] = {}
+        registries = {}
+        for point, path in self.paths.items():
+            model_dir, registries[point] = resolve_model(path)
+            version = self._head(point, str(read_manifest(model_dir)["model_version"]), model_dir).head.model_version
+            self.points[point] = PointStats(self.learning.guard.window)
+            self.points[point].model_version = version
+        self.serving_version = next(iter(self.points.values())).model_version
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.PUB)
         self.socket.sndhwm = 10_000
@@ -338,25 +378,36 @@ class ScoringActor:
         self.recent: dict[str, deque[tuple[str, bool]]] = {}
         self.shadow: dict[tuple[str, str], ShadowStats] = {}
         self.log = log.bind(model_version=self.serving_version)
-        self.sampler = None
-        if registry is not None and self.learning.auto_sample.enabled:
+        # Confident normals go to their point's sample store (a point served from a registry).
+        self.samplers: dict[str, AutoSampler] = {}
+        if self.learning.auto_sample.enabled:
             limits = StoreLimits(**self.learning.store.model_dump())
-            self.sampler = AutoSampler(registry.store_dir, limits, self.learning.auto_sample, self.log)
+            self.samplers = {point: AutoSampler(registry.store_dir, limits, self.learning.auto_sample,
+                                                self.log.bind(point=point))
+                             for point, registry in registries.items() if registry is not None}
         self.log.info("scoring ready", results=self.bound, output=str(cfg.dir) if self.store else None,
-                      auto_sample=self.sampler is not None)
+                      auto_sample=sorted(self.samplers), points=sorted(self.paths))
 
-    def _head(self, version: str, model_dir: Path | None = None) -> VersionHead:
+    @property
+    def sampler(self) -> AutoSampler | None:  # the first point's (one point: the agent's)
+        return self.samplers.get(next(iter(self.paths)))
+
+    def _head(self, point: str, version: str, model_dir: Path | None = None) -> VersionHead:
         """The threshold and drift reference must be those of the model that made the map."""
-        if version in self.heads:
-            self.heads.move_to_end(version)
-            return self.heads[version]
-        model_dir = model_dir or resolve_model(self.model_path, version)[0]
+        key = (point, version)
+        if key in self.heads:
+            self.heads.move_to_end(key)
+            return self.heads[key]
+        if point not in self.paths:
+            raise RuntimeError(f"map from inspection point {point!r}, which this agent does not serve")
+        model_dir = model_dir or resolve_model(self.paths[point], version)[0]
         head = load_score_head(model_dir)
         if head.model_version != version:
             raise RuntimeError(f"map from model {version}, but {model_dir} holds {head.model_version}")
-        entry = VersionHead(head, reference_bins(read_manifest(model_dir).get("validation_scores", {})))
-        self.heads[version] = entry
-        while len(self.heads) > MAX_HEADS:
+        manifest = read_manifest(model_dir)
+        entry = VersionHead(head, reference_bins(manifest.get("validation_scores", {})), false_alarm_promise(manifest))
+        self.heads[key] = entry
+        while len(self.heads) > MAX_HEADS * len(self.paths):
             self.heads.popitem(last=False)
         return entry
 
@@ -372,13 +423,14 @@ class ScoringActor:
         for i, r in enumerate(results):
             if r.refused is not None:  # the inference actor's decoder refused its bytes: counted as invalid
                 out[i] = {"refused": r.refused, "is_anomaly": False, "latency_ms": None}
-        # One ScoreHead call per model version (there is one, except across a model swap).
-        for version in dict.fromkeys(r.model_version for r in results if r.refused is None):
-            idx = [i for i, r in enumerate(results) if r.model_version == version and r.refused is None]
-            head = self._head(version).head
-            scored = head.score(torch.from_numpy(np.stack([np.asarray(results[i].coarse, np.float32) for i in idx])))
+        # One ScoreHead call per point and model version (one, except across a model swap).
+        for key in dict.fromkeys((r.point, r.model_version) for r in results if r.refused is None):
+            idx = [i for i, r in enumerate(results) if (r.point, r.model_version) == key and r.refused is None]
+            entry = self._head(*key)
+            scored = entry.head.score(torch.from_numpy(np.stack([np.asarray(results[i].coarse, np.float32)
+                                                                 for i in idx])))
             for j, i in enumerate(idx):
-                out[i] = self._decide(head, headers[i], results[i], payloads[i], received_at[i], scored, j,
+                out[i] = self._decide(entry, headers[i], results[i], payloads[i], received_at[i], scored, j,
                                       clock_ok[i])
         self._compare_shadow(headers, results, out)
         per_frame = (time.perf_counter() - started) / max(1, len(results))
@@ -386,8 +438,9 @@ class ScoringActor:
             self.seconds.observe(per_frame)
         return out
 
-    def _decide(self, head: ScoreHead, header, result: InferenceResult, payload: bytes, received_at: float,
+    def _decide(self, entry: VersionHead, header, result: InferenceResult, payload: bytes, received_at: float,
                 scored, j: int, clock_ok: bool = True) -> dict:
+        head = entry.head
         amap = scored.maps[j].numpy()
         score, threshold = float(scored.scores[j]), head.decision_threshold
         is_anomaly = bool(scored.is_anomaly[j])
@@ -398,6 +451,7 @@ class ScoringActor:
             "camera_id": header["camera_id"], "seq": header["seq"], "ts": header["ts"],
             "score": score, "normalized_score": float(scored.normalized[j]), "threshold": threshold,
             "is_anomaly": is_anomaly, "regions": regions, "model_version": head.model_version,
+            "point": result.point,
             # capture → published, only when the camera's clock is plausible (a ms clock, 1e306: null)
             "latency_ms": (now - header["ts"]) * 1000.0 if clock_ok else None,
             "agent_ms": (now - received_at) * 1000.0,
@@ -410,24 +464,28 @@ class ScoringActor:
         self.socket.send_multipart(decision_message(decision))
         self.decisions += 1
         self.anomalies += int(is_anomaly)
-        self._watch(header["camera_id"], head.model_version, score, is_anomaly)
-        if self.sampler is not None and not is_anomaly:
-            self.sampler.consider(header, payload, head.model_version, score, decision["normalized_score"])
+        self.points[result.point].observe(is_anomaly, head.model_version, entry.false_alarm_promise)
+        self.camera_point[header["camera_id"]] = result.point
+        self._watch(result.point, header["camera_id"], head.model_version, score, is_anomaly)
+        sampler = self.samplers.get(result.point)
+        if sampler is not None and not is_anomaly:
+            sampler.consider(header, payload, head.model_version, score, decision["normalized_score"])
         if self.normal_saver is not None and not is_anomaly:
             self.normal_saver.consider(header, decision, amap, payload, received_at)
         return {"is_anomaly": is_anomaly, "latency_ms": decision["latency_ms"], "score": score,
                 "normalized_score": decision["normalized_score"]}
 
-    def _watch(self, camera: str, version: str, score: float, is_anomaly: bool) -> None:
+    def _watch(self, point: str, camera: str, version: str, score: float, is_anomaly: bool) -> None:
         """Per camera: recent decisions by version (the guard), and score drift against this version."""
-        self.serving_version = version
+        if point == next(iter(self.paths)):
+            self.serving_version = version
         recent = self.recent.setdefault(camera, deque(maxlen=self.learning.guard.window))
         recent.append((version, is_anomaly))
         if not self.learning.drift.enabled:
             return
         monitored, monitor = self.drift.get(camera, (None, None))
         if monitored != version:  # a new model has its own validation scores: start over
-            reference = self.heads[version].drift_reference if version in self.heads else None
+            reference = self.heads[(point, version)].drift_reference if (point, version) in self.heads else None
             d = self.learning.drift
             monitor = ScoreDrift(reference, d.window, d.min_samples, d.alarm_psi) if reference else None
             self.drift[camera] = (version, monitor)
@@ -448,9 +506,9 @@ class ScoringActor:
 
     def _compare_shadow(self, headers, results: list[InferenceResult], decided: list[dict]) -> None:
         idx = [i for i, r in enumerate(results) if r.shadow_coarse is not None]
-        for version in dict.fromkeys(results[i].shadow_version for i in idx):
-            rows = [i for i in idx if results[i].shadow_version == version]
-            head = self._head(version).head
+        for point, version in dict.fromkeys((results[i].point, results[i].shadow_version) for i in idx):
+            rows = [i for i in idx if (results[i].point, results[i].shadow_version) == (point, version)]
+            head = self._head(point, version).head
             scored = head.score(torch.from_numpy(np.stack([np.asarray(results[i].shadow_coarse, np.float32)
                                                            for i in rows])))
             for j, i in enumerate(rows):
@@ -499,20 +557,29 @@ class ScoringActor:
                           for camera, (version, monitor) in self.drift.items() if monitor is not None},
                 "shadow": [dict(stats.summary(), camera_id=camera, shadow_version=version)
                            for (camera, version), stats in self.shadow.items()],
-                "auto_samples": self.sampler.stats() if self.sampler else None}
+                "auto_samples": self.sampler.stats() if self.sampler else None,
+                "points": {point: dict(stats.summary(), auto_samples=self.samplers[point].stats()
+                                       if point in self.samplers else None,
+                                       cameras=sorted(c for c, p in self.camera_point.items() if p == point))
+                           for point, stats in self.points.items()}}
 
-    async def anomaly_rates(self) -> dict[str, dict[str, list[int]]]:
-        """Per camera, per model version: [decisions, anomalies] among the camera's last `guard.window`."""
+    async def anomaly_rates(self, point: str | None = None) -> dict[str, dict[str, list[int]]]:
+        """Per camera (of `point`, or all), per model version: [decisions, anomalies] among the camera's last
+        `guard.window`."""
         out: dict[str, dict[str, list[int]]] = {}
         for camera, recent in self.recent.items():
+            if point is not None and self.camera_point.get(camera) != point:
+                continue
             for version, is_anomaly in recent:
                 pair = out.setdefault(camera, {}).setdefault(version, [0, 0])
                 pair[0] += 1
                 pair[1] += int(is_anomaly)
         return out
 
-    async def reset_shadow(self) -> None:
-        self.shadow.clear()
+    async def reset_shadow(self, point: str | None = None) -> None:
+        """Forget the shadow comparisons (of `point`'s cameras, or all)."""
+        for key in [k for k in self.shadow if point is None or self.camera_point.get(k[0]) == point]:
+            del self.shadow[key]
 
     async def ping(self) -> str:
         return self.serving_version

@@ -66,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, config=False)
 
     p = sub.add_parser("run", help="run the streaming inspection agent until SIGINT/SIGTERM")
-    p.add_argument("--model", required=True, type=Path, help="trained model folder")
+    p.add_argument("--model", type=Path, help="model folder or registry of the `default` inspection point (every "
+                   "camera no other point lists); optional when points.<name> are set")
+    p.add_argument("--point", dest="points", action="append", default=[], metavar="NAME=MODEL:CAM[,CAM…]",
+                   help="one more inspection point: its registry (or model folder) and its cameras (repeatable; "
+                        "the same as points.NAME.model / points.NAME.cameras)")
     p.add_argument("--ingest", required=True, action="append", metavar="ENDPOINT",
                    help="camera endpoint to bind, e.g. tcp://0.0.0.0:5555 (repeatable)")
     p.add_argument("--results", required=True, metavar="ENDPOINT", help="decisions PUB endpoint to bind")
@@ -124,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("accept", help="file a saved frame in the sample store: normal (default) or --defect")
     p.add_argument("--registry", required=True, type=Path)
     p.add_argument("--camera", help="camera id of the saved frame")
-    p.add_argument("--seq", type=int, help="its sequence number")
+    p.add_argument("--seq", type=int, action="append", help="its sequence number (repeatable: several frames "
+                   "of the camera in one call)")
+    p.add_argument("--since", help="with --camera: every saved anomaly of the camera that arrived from then "
+                   "(ISO 8601 or epoch seconds)…")
+    p.add_argument("--until", help="…until then (default: now)")
     p.add_argument("--file", help="or: the saved frame's file (inside the anomaly folder), or any image")
     p.add_argument("--defect", action="store_true", help="confirm a defect instead of accepting a normal")
     p.add_argument("--box", help="defect box x,y,w,h in frame pixels (with --defect)")
@@ -254,12 +262,25 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def point_overrides(points: list[str]) -> list[str]:
+    """`--point top=/reg/top:cam-1,cam-2` → the settings points.top.model and points.top.cameras."""
+    out = []
+    for spec in points:
+        name, sep, rest = spec.partition("=")
+        model, sep2, cameras = rest.rpartition(":")
+        if not (sep and sep2 and name and model and cameras):
+            raise SettingsError(f"--point {spec!r}: expected NAME=MODEL:CAMERA[,CAMERA…]")
+        out += [f"points.{name}.model={json.dumps(model)}",
+                f"points.{name}.cameras={json.dumps([c for c in cameras.split(',') if c])}"]
+    return out
+
+
 def cmd_run(args) -> int:
     from .runner import Agent
     from .settings import AgentSettings
     from .supervise import serve_until_signal
 
-    cfg = load_settings(args.config, args.overrides, kind=AgentSettings)
+    cfg = load_settings(args.config, [*args.overrides, *point_overrides(args.points)], kind=AgentSettings)
     agent = Agent(args.model, args.ingest, args.results, cfg)
     return serve_until_signal(agent)
 
@@ -343,12 +364,21 @@ def cmd_accept(args) -> int:
 
     from . import operate
 
-    if args.file is None and (args.camera is None or args.seq is None):
-        raise SettingsError("name the frame: --camera and --seq, or --file")
+    label = "defect" if args.defect else "normal"
+    by = args.by or operate.default_by()
+    if args.since or args.until or (args.seq and len(args.seq) > 1):
+        if args.camera is None or args.box or args.file:
+            raise SettingsError("a bulk accept (several --seq, or --since/--until) needs --camera, and takes no "
+                                "--box or --file")
+        request = {"camera_id": args.camera, "label": label, "note": args.note}
+        request.update({"since": args.since, "until": args.until} if args.since or args.until else {"seqs": args.seq})
+        print(json.dumps(operate.accept_bulk(Registry(args.registry), request, by, args.anomalies)))
+        return 0
+    if args.file is None and (args.camera is None or not args.seq):
+        raise SettingsError("name the frame: --camera and --seq, or --file (or --camera with --since/--until)")
     box = [int(v) for v in args.box.split(",")] if args.box else None
-    result = operate.accept(Registry(args.registry), args.camera, args.seq, args.file,
-                            "defect" if args.defect else "normal", box, args.by or operate.default_by(),
-                            args.anomalies, args.note)
+    result = operate.accept(Registry(args.registry), args.camera, args.seq[0] if args.seq else None, args.file,
+                            label, box, by, args.anomalies, args.note)
     print(json.dumps(result))
     return 0
 

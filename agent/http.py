@@ -23,15 +23,17 @@ from typing import Any
 
 import ray
 import structlog
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from waitress.server import create_server
 
+from actors.config import DEFAULT_POINT
+from actors.retrain import manager_name
 from model.registry import RegistryError
 from model.samples import SampleStore, StoreError, StoreLimits
 
-from .learning import FrameNotFound, accept_frame, find_saved_frame
+from .learning import FrameNotFound, accept_frame, accept_many, find_saved_frame
 from .runner import Agent, totals
 
 log = structlog.get_logger(__name__)
@@ -158,6 +160,7 @@ class AgentCollector:
             errors.add_metric([], scoring["write_errors"])
             yield errors
             yield from _learning_metrics(scoring)
+            yield from _point_metrics(scoring, inference)
 
 
 def _tuning_metrics(inference: dict[str, Any]):
@@ -275,14 +278,43 @@ def _learning_metrics(scoring: dict[str, Any]):
         yield samples
 
 
+def _point_metrics(scoring: dict[str, Any], inference: dict[str, Any]):
+    """Per inspection point: decisions, the flagged share of its last decisions (the false-alarm rate on a
+    line of normal parts, every flag counted until reviewed) beside what its threshold promised, and its
+    serving and shadow versions."""
+    labels = ["point"]
+    decisions = CounterMetricFamily("adtr_point_decisions", "Frames decided, per inspection point", labels=labels)
+    anomalies = CounterMetricFamily("adtr_point_anomalies", "Frames decided anomalous, per inspection point",
+                                    labels=labels)
+    rate = GaugeMetricFamily("adtr_false_alarm_rate", "Share of the point's last guard.window decisions flagged "
+                             "anomalous (on normal parts: its false-alarm rate)", labels=labels)
+    promise = GaugeMetricFamily("adtr_false_alarm_promise", "The share of normal frames the point's threshold was "
+                                "calibrated to flag (1 - threshold.normal_quantile)", labels=labels)
+    for point, s in (scoring.get("points") or {}).items():
+        decisions.add_metric([point], s["decisions"])
+        anomalies.add_metric([point], s["anomalies"])
+        if s["flag_rate"] is not None:
+            rate.add_metric([point], s["flag_rate"])
+        if s["false_alarm_promise"] is not None:
+            promise.add_metric([point], s["false_alarm_promise"])
+    info = GaugeMetricFamily("adtr_point_model_info", "Each point's serving (and shadow) model version",
+                             labels=["point", "model_version", "role"])
+    for point, m in (inference.get("points") or {}).items():
+        info.add_metric([point, m["model_version"], "serving"], 1.0)
+        if m["shadow_version"]:
+            info.add_metric([point, m["shadow_version"], "shadow"], 1.0)
+    yield from (decisions, anomalies, rate, promise, info)
+
+
 # ------------------------------------------------------------------ the app
 def create_app(agent: Agent, cache: SnapshotCache, token: TokenCheck | None) -> Flask:
     app = Flask("adtr-edge")
     app.config["MAX_CONTENT_LENGTH"] = 1 << 20
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(cache))
-    store = SampleStore(agent.registry.store_dir, StoreLimits(**agent.cfg.learning.store.model_dump())) \
-        if agent.registry is not None else None
+    limits = StoreLimits(**agent.cfg.learning.store.model_dump())
+    stores = {name: SampleStore(p.registry.store_dir, limits) for name, p in agent.points.items()
+              if p.registry is not None}
     anomalies = Path(agent.cfg.output.dir)
 
     @app.get("/metrics")
@@ -318,21 +350,50 @@ def create_app(agent: Agent, cache: SnapshotCache, token: TokenCheck | None) -> 
         name = str(data.get("by") or "api")[:64]
         return f"operator:{name}"
 
+    def chosen_point() -> str | None:
+        """The inspection point a learning call is about: `point` (query or body), else the point of the
+        body's camera, else the first point."""
+        data = body()
+        name = request.args.get("point") or data.get("point")
+        if name is None and isinstance(data.get("camera_id"), str):
+            name = agent.routes.get(data["camera_id"], DEFAULT_POINT if DEFAULT_POINT in agent.points else None)
+        return str(name) if name is not None else next(iter(agent.points))
+
     @app.before_request
     def guard():
         if request.path.startswith("/v1/"):
-            if agent.registry is None:
-                return jsonify(error="learning needs a model registry: start the agent with --model REGISTRY"), 404
+            name = chosen_point()
+            if name not in agent.points:
+                return jsonify(error=f"no inspection point {name!r} (points: {', '.join(agent.points)})"), 404
+            if agent.points[name].registry is None:
+                return jsonify(error=f"learning needs a model registry: point {name!r} serves a plain model folder "
+                                     "(adtr-edge models init REGISTRY --model MODEL)"), 404
             if not authorized():
                 return jsonify(error="missing or wrong token (Authorization: Bearer <token>)"), 401
+            g.point = agent.points[name]
+            g.store = stores[name]
         return None
 
     @app.post("/v1/samples")
     def add_sample():
         data = body()
+        camera = data.get("camera_id")
+        owner = agent.routes.get(camera, DEFAULT_POINT) if isinstance(camera, str) else None
+        if owner is not None and owner != g.point.name and owner in agent.points:
+            return jsonify(error=f"camera {camera!r} belongs to point {owner!r}, not {g.point.name!r}"), 400
+        if any(k in data for k in ("seqs", "files", "since", "until")):
+            try:
+                result = accept_many(g.store, anomalies, data, who(data))
+            except FrameNotFound as exc:
+                return jsonify(error=str(exc)), 404
+            except (ValueError, TypeError, StoreError) as exc:
+                return jsonify(error=str(exc)), 400
+            log.info("samples accepted in bulk", point=g.point.name, camera_id=camera, label=result["label"],
+                     filed=result["filed"], added=result["added"], missing=len(result["missing"]), by=who(data))
+            return jsonify(dict(result, point=g.point.name)), 201 if result["added"] or result["changed"] else 200
         try:
             payload, decision = find_saved_frame(anomalies, data.get("camera_id"), data.get("seq"), data.get("file"))
-            result = accept_frame(store, payload, decision, data.get("label", "normal"), who(data), data.get("box"),
+            result = accept_frame(g.store, payload, decision, data.get("label", "normal"), who(data), data.get("box"),
                                   data.get("note"))
         except FrameNotFound as exc:
             return jsonify(error=str(exc)), 404
@@ -343,23 +404,24 @@ def create_app(agent: Agent, cache: SnapshotCache, token: TokenCheck | None) -> 
 
     @app.get("/v1/samples")
     def samples():
-        return jsonify(counts=store.counts(), events=store.events(50))
+        return jsonify(point=g.point.name, counts=g.store.counts(), events=g.store.events(50))
 
     @app.get("/v1/models")
     def models():
-        return jsonify(versions=agent.registry.versions(), pointers=agent.registry.pointers(),
-                       status=(cache.get().get("models") or None), events=agent.registry.events(50))
+        registry = g.point.registry
+        return jsonify(point=g.point.name, versions=registry.versions(), pointers=registry.pointers(),
+                       status=(cache.get().get(manager_name(g.point.name)) or None), events=registry.events(50))
 
     @app.get("/v1/models/<version>")
     def model(version: str):
         try:
-            return jsonify(agent.registry.show(version))
+            return jsonify(g.point.registry.show(version))
         except RegistryError as exc:
             return jsonify(error=str(exc)), 404
 
     def manager_call(method: str, *args):
         try:
-            return jsonify(ray.get(getattr(agent.manager, method).remote(*args), timeout=300)), 200
+            return jsonify(ray.get(getattr(g.point.manager, method).remote(*args), timeout=300)), 200
         except ray.exceptions.RayTaskError as exc:
             return jsonify(error=str(exc).strip().splitlines()[-1]), 409
         except (ray.exceptions.RayError, TimeoutError) as exc:
@@ -402,7 +464,7 @@ def create_app(agent: Agent, cache: SnapshotCache, token: TokenCheck | None) -> 
 
     @app.get("/v1/events")
     def events():
-        return jsonify(registry=agent.registry.events(200), store=store.events(200))
+        return jsonify(point=g.point.name, registry=g.point.registry.events(200), store=g.store.events(200))
 
     return app
 
@@ -448,8 +510,9 @@ class HttpServer:
         cfg = agent.cfg.http
         self.token_file = None
         token = None
-        if agent.registry is not None:
-            self.token_file = Path(cfg.token_file or agent.registry.root / "api_token").expanduser()
+        first_registry = next((p.registry for p in agent.points.values() if p.registry is not None), None)
+        if first_registry is not None:
+            self.token_file = Path(cfg.token_file or first_registry.root / "api_token").expanduser()
             token = TokenCheck(load_or_create_token(self.token_file))
         self.cache = SnapshotCache(agent, cfg.snapshot_s)
         self.app = create_app(agent, self.cache, token)

@@ -7,8 +7,10 @@ defect" as `confirmed_defect`, with an optional box.
 """
 from __future__ import annotations
 
+import calendar
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ from actors.protocol import CAMERA_ID_PATTERN
 from model.samples import SampleStore
 
 PAYLOAD_SUFFIXES = (".jpg", ".png")
+STEM = re.compile(r"^(\d{8}T\d{6})\.(\d{6})(?:-\d+)?_(\d{10})$")  # <received time>[-n]_<seq> (scoring.frame_stem)
+MAX_BULK = 5000  # frames one bulk accept may file
 
 
 class FrameNotFound(LookupError):
@@ -72,3 +76,82 @@ def accept_frame(store: SampleStore, payload: Path, decision: dict[str, Any], la
                        mask=mask if label == "defect" else None)
     return dict(result.as_dict(), label=label, file=str(payload), camera_id=decision.get("camera_id"),
                 seq=decision.get("seq"))
+
+
+def parse_time(value: float | int | str) -> float:
+    """Seconds since the epoch, from a number or an ISO 8601 time (UTC when it has no zone)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        from datetime import datetime, timezone
+
+        try:
+            return float(value)
+        except ValueError:
+            pass
+
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"not a time: {value!r} (seconds since the epoch, or ISO 8601)") from None
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
+    raise ValueError(f"not a time: {value!r} (seconds since the epoch, or ISO 8601)")
+
+
+def saved_anomalies(anomalies: Path, camera_id: str, since: float | None = None,
+                    until: float | None = None) -> list[tuple[Path, dict[str, Any]]]:
+    """A camera's saved anomalous frames whose arrival time is in [since, until), oldest first."""
+    if not re.fullmatch(CAMERA_ID_PATTERN, camera_id):
+        raise FrameNotFound(f"not a camera id: {camera_id!r}")
+    folder = Path(anomalies).expanduser().resolve() / camera_id
+    found = []
+    for sidecar in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        match = STEM.match(sidecar.stem)
+        if match is None:  # ok_… (sampled normals) and anything not ours
+            continue
+        at = calendar.timegm(time.strptime(match[1], "%Y%m%dT%H%M%S")) + int(match[2]) / 1e6
+        if (since is not None and at < since) or (until is not None and at >= until):
+            continue
+        payload = next((sidecar.with_suffix(x) for x in PAYLOAD_SUFFIXES if sidecar.with_suffix(x).is_file()), None)
+        if payload is not None:
+            found.append((payload, _sidecar(payload)))
+    return found
+
+
+def accept_many(store: SampleStore, anomalies: Path, request: dict[str, Any], by: str) -> dict[str, Any]:
+    """Several saved frames in one call: `files`, or `camera_id` with `seqs`, or `camera_id` with a window
+    (`since` / `until`: the camera's anomalies that arrived then). One label, box-less. What cannot be
+    found is listed, never silently skipped; nothing is filed when the request itself is wrong."""
+    label, note = request.get("label", "normal"), request.get("note")
+    if label not in ("normal", "defect"):
+        raise ValueError(f"label must be normal or defect, not {label!r}")
+    camera, seqs, files = request.get("camera_id"), request.get("seqs"), request.get("files")
+    if files is not None:
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise ValueError("files must be a list of saved frames' paths")
+        wanted = [("file", f) for f in files]
+    elif seqs is not None:
+        if not isinstance(camera, str) or not isinstance(seqs, list) or \
+                not all(isinstance(q, int) and not isinstance(q, bool) for q in seqs):
+            raise ValueError("seqs needs a camera_id and a list of whole numbers")
+        wanted = [("seq", q) for q in seqs]
+    elif isinstance(camera, str) and ("since" in request or "until" in request):
+        since = parse_time(request["since"]) if request.get("since") is not None else None
+        until = parse_time(request["until"]) if request.get("until") is not None else None
+        wanted = [("frame", found) for found in saved_anomalies(anomalies, camera, since, until)]
+    else:
+        raise ValueError("a bulk accept names files, or camera_id with seqs, or camera_id with since/until")
+    if len(wanted) > MAX_BULK:
+        raise ValueError(f"{len(wanted)} frames: at most {MAX_BULK} per call (narrow the window)")
+    results, missing = [], []
+    for kind, what in wanted:
+        try:
+            payload, decision = what if kind == "frame" else \
+                find_saved_frame(anomalies, file=what) if kind == "file" else find_saved_frame(anomalies, camera, what)
+        except FrameNotFound as exc:
+            missing.append({"what": what, "error": str(exc)})
+            continue
+        results.append(accept_frame(store, payload, decision, label, by, note=note))
+    return {"label": label, "requested": len(wanted), "filed": len(results),
+            "added": sum(bool(r["added"]) for r in results), "changed": sum(bool(r.get("changed")) for r in results),
+            "missing": missing, "items": results}

@@ -24,7 +24,7 @@ from model.registry import Registry
 from model.samples import SampleStore
 
 from .errors import AgentError
-from .learning import accept_frame, find_saved_frame
+from .learning import accept_frame, accept_many, find_saved_frame
 from .runner import AGENT_FILE
 
 
@@ -38,8 +38,8 @@ def default_by() -> str:
 class AgentClient:
     """The running agent's learning API (token from the file the agent wrote)."""
 
-    def __init__(self, url: str, token: str, timeout_s: float = 300.0):
-        self.url, self.token, self.timeout_s = url.rstrip("/"), token, timeout_s
+    def __init__(self, url: str, token: str, timeout_s: float = 300.0, point: str | None = None):
+        self.url, self.token, self.timeout_s, self.point = url.rstrip("/"), token, timeout_s, point
 
     @classmethod
     def for_registry(cls, registry: Registry) -> AgentClient | None:
@@ -54,9 +54,13 @@ class AgentClient:
             urllib.request.urlopen(f"{info['http']}/healthz", timeout=2).read()
         except (OSError, urllib.error.URLError):
             return None  # announced but gone (killed): act on the registry directly
-        return cls(info["http"], Path(info["token_file"]).read_text().strip())
+        return cls(info["http"], Path(info["token_file"]).read_text().strip(), point=info.get("point"))
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One API call about this client's inspection point (the registry's, as the agent announced it)."""
+        if self.point:
+            body = {"point": self.point, **(body or {})}
+            path += ("&" if "?" in path else "?") + f"point={self.point}"
         request = urllib.request.Request(
             f"{self.url}{path}", method=method, data=json.dumps(body or {}).encode() if method != "GET" else None,
             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
@@ -135,6 +139,17 @@ def accept(registry: Registry, camera_id: str | None, seq: int | None, file: str
         payload, decision = find_saved_frame(folder, camera_id, seq, file)
     return dict(accept_frame(SampleStore(registry.store_dir), payload, decision, label, by, box, note),
                 via="store")
+
+
+def accept_bulk(registry: Registry, request: dict[str, Any], by: str, anomalies: Path | None) -> dict[str, Any]:
+    """Several saved frames in one call (see agent.learning.accept_many): through the running agent, else
+    straight into the store."""
+    client = AgentClient.for_registry(registry)
+    body = {k: v for k, v in dict(request, by=by).items() if v is not None}
+    if client is not None:
+        return dict(client.call("POST", "/v1/samples", body), via="agent")
+    folder = anomalies or Path(agent_info(registry).get("anomalies") or "runs/agent/anomalies")
+    return dict(accept_many(SampleStore(registry.store_dir), folder, body, by), via="store")
 
 
 # ------------------------------------------------------------------ adtr-edge retrain

@@ -14,7 +14,8 @@ import structlog
 from actors.inference import InferenceActor
 from actors.ingest import IngestActor
 from actors.models import ModelManager
-from actors.retrain import MANAGER_ACTOR
+from actors.config import DEFAULT_POINT, camera_points
+from actors.retrain import AGENT_FILE, manager_name
 from actors.scoring import ScoringActor
 from model.detector import load_score_head
 from model.registry import resolve_model
@@ -24,7 +25,6 @@ from .rayhead import LocalHead, memory_monitor_env
 from .settings import AgentConfig
 
 log = structlog.get_logger(__name__)
-AGENT_FILE = "agent.json"  # in the registry: how the CLI finds the running agent (HTTP, Ray Jobs)
 
 
 def tighten_ray_token() -> None:
@@ -75,19 +75,46 @@ def _dashboard_of_current() -> str | None:
     return f"http://{url}" if url and not url.startswith("http") else (url or None)
 
 
-class Agent:
-    """One inspection pipeline: N ingest actors → one inference actor → one scoring actor, and with a
-    model registry the model manager (promotions, shadow, guard, reconcile, retrain schedule)."""
+class Point:
+    """One inspection point as the agent runs it: its model path, registry (if any), score head, manager."""
 
-    def __init__(self, model_path: str | Path, ingest: list[str], results: str, cfg: AgentConfig):
-        if not ingest:
-            raise AgentError("at least one --ingest endpoint is needed")
-        self.ingest_endpoints, self.results_endpoint, self.cfg = ingest, results, cfg
+    def __init__(self, name: str, model_path: str | Path, cameras: list[str]):
+        self.name, self.cameras = name, list(cameras)
         self.model_path = str(Path(model_path).expanduser().resolve())
         model_dir, self.registry = resolve_model(self.model_path)  # a bad registry fails here, before Ray
         self.head = load_score_head(model_dir)  # a bad checkpoint fails here, clearly, before Ray starts
         if self.head.threshold is None:
             raise AgentError(f"{model_dir}: the model has no threshold; train or finetune it first")
+        self.manager = None
+
+
+class Agent:
+    """One inspection pipeline: N ingest actors → one inference actor → one scoring actor, and for each
+    inspection point served from a model registry its model manager (promotions, shadow, guard,
+    reconcile, retrain schedule). `model_path` is the `default` point (every camera no other point
+    lists); `cfg.points` adds the others."""
+
+    def __init__(self, model_path: str | Path | None, ingest: list[str], results: str, cfg: AgentConfig):
+        if not ingest:
+            raise AgentError("at least one --ingest endpoint is needed")
+        if model_path is None and not cfg.points:
+            raise AgentError("no model: pass --model, or set points.<name>.model and points.<name>.cameras")
+        self.ingest_endpoints, self.results_endpoint, self.cfg = ingest, results, cfg
+        self.points: dict[str, Point] = {}
+        if model_path is not None:
+            self.points[DEFAULT_POINT] = Point(DEFAULT_POINT, model_path, [])
+        for name, point in cfg.points.items():
+            self.points[name] = Point(name, point.model, point.cameras)
+        registries = [p.registry.root for p in self.points.values() if p.registry is not None]
+        if len(set(registries)) < len(registries):
+            raise AgentError("two inspection points serve the same registry: each point needs its own "
+                             "(adtr-edge models init REGISTRY --model MODEL)")
+        sizes = {name: p.head.image_size for name, p in self.points.items()}
+        if len(set(sizes.values())) > 1:
+            raise AgentError(f"inspection points must share the input size to be batched together: {sizes}")
+        first = next(iter(self.points.values()))
+        self.model_path, self.registry, self.head = first.model_path, first.registry, first.head
+        self.routes = camera_points({name: p.cameras for name, p in self.points.items()})
         self.owns_ray = False
         self.ray_head: LocalHead | None = None
         self.jobs_address: str | None = None
@@ -105,7 +132,8 @@ class Agent:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout_s: float = 180.0) -> Agent:
-        self.owns_ray, self.jobs_address, self.ray_head = connect_ray(self.cfg, jobs=self.registry is not None)
+        learning_points = [p for p in self.points.values() if p.registry is not None]
+        self.owns_ray, self.jobs_address, self.ray_head = connect_ray(self.cfg, jobs=bool(learning_points))
         namespace = ray.get_runtime_context().namespace
         restarts = self.cfg.actor_max_restarts
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -119,35 +147,38 @@ class Agent:
         if cpus is None:  # the node's cores but one: the ingest's decoding and the scoring share that one
             node = min(ray.cluster_resources().get("CPU", 1.0), float(os.cpu_count() or 1))
             cpus = max(1.0, float(int(node) - 1))
+        paths = {name: p.model_path for name, p in self.points.items()}
+        default_point = DEFAULT_POINT if DEFAULT_POINT in self.points else None
         try:
             self.inference = ray.remote(InferenceActor).options(
                 name="inference", namespace=namespace, max_restarts=restarts, max_task_retries=0,
                 num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_concurrency=1000,
-            ).remote(self.model_path, self.cfg.inference, learning.shadow.sample, str(state_dir / "inference.json"),
+            ).remote(paths, self.cfg.inference, learning.shadow.sample, str(state_dir / "inference.json"),
                       self.run_id, max(1, int(cpus)))
             self.scoring = ray.remote(ScoringActor).options(
                 name="scoring", namespace=namespace, max_restarts=restarts, max_task_retries=0, num_cpus=0,
-            ).remote(self.model_path, self.results_endpoint, self.cfg.output, learning, self.cfg.scoring.threads)
+            ).remote(paths, self.results_endpoint, self.cfg.output, learning, self.cfg.scoring.threads)
             self.ingests = [
                 ray.remote(IngestActor).options(
                     name=f"ingest-{i}", namespace=namespace, max_restarts=restarts, max_task_retries=0,
                     num_cpus=0, max_concurrency=4,
                 ).remote(endpoint, self.cfg.ingest, self.head.image_size, "inference", "scoring",
                           self.cfg.inference.max_batch or 1, str(state_dir / f"ingest-{i}.json"), self.run_id,
-                          self.cfg.inference.jpeg_decode == "device")
+                          self.cfg.inference.jpeg_decode == "device", self.routes, default_point)
                 for i, endpoint in enumerate(self.ingest_endpoints)
             ]
-            if self.registry is not None:
-                self.manager = ray.remote(ModelManager).options(
-                    name=MANAGER_ACTOR, namespace=namespace, max_restarts=restarts, max_task_retries=0, num_cpus=0,
-                ).remote(str(self.registry.root), learning, namespace, self.jobs_address)
+            for point in learning_points:
+                point.manager = ray.remote(ModelManager).options(
+                    name=manager_name(point.name), namespace=namespace, max_restarts=restarts, max_task_retries=0,
+                    num_cpus=0,
+                ).remote(str(point.registry.root), learning, namespace, self.jobs_address, point=point.name)
+            self.manager = next(iter(self.points.values())).manager
         except ValueError as exc:  # a name already taken in this namespace
             raise AgentError(f"cannot create the agent's actors in namespace {namespace!r}: {exc}") from exc
         try:
             ready = ray.get([self.scoring.stats.remote(), *[actor.ready.remote() for actor in self.ingests],
                              self.inference.ping.remote()], timeout=timeout_s)
-            if self.manager is not None:
-                ray.get(self.manager.start.remote(), timeout=timeout_s)
+            ray.get([p.manager.start.remote() for p in learning_points], timeout=timeout_s)
         except ray.exceptions.GetTimeoutError as exc:
             self.stop(drain=False)
             raise AgentError(f"the agent's actors were not ready within {timeout_s:.0f} s") from exc
@@ -159,21 +190,25 @@ class Agent:
         self.bound_results, self.bound_ingest = ready[0]["results"], ready[1:-1]
         self.started_at = time.time()
         log.info("agent running", model=self.model_path, model_version=self.model_version,
+                 points={name: {"model": p.model_path, "model_version": p.head.model_version, "cameras": p.cameras}
+                         for name, p in self.points.items()},
                  registry=bool(self.registry), ingest=self.ingest_endpoints, results=self.results_endpoint,
                  gpu=use_gpu, namespace=namespace, jobs=self.jobs_address)
         return self
 
     def announce(self, http_url: str | None, token_file: Path | None) -> None:
         """Tell the CLI (`adtr-edge accept`, `models promote`, `retrain --submit`) where this agent is."""
-        if self.registry is None:
-            return
-        info = {"pid": os.getpid(), "http": http_url, "jobs": self.jobs_address, "token_file": str(token_file) if
-                token_file else None, "namespace": ray.get_runtime_context().namespace, "started_at": self.started_at,
-                "anomalies": str(Path(self.cfg.output.dir).expanduser().resolve())}
-        path = self.registry.root / AGENT_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        tmp.replace(path)
+        for point in self.points.values():
+            if point.registry is None:
+                continue
+            info = {"pid": os.getpid(), "http": http_url, "jobs": self.jobs_address, "token_file": str(token_file)
+                    if token_file else None, "namespace": ray.get_runtime_context().namespace,
+                    "started_at": self.started_at, "point": point.name, "cameras": point.cameras,
+                    "anomalies": str(Path(self.cfg.output.dir).expanduser().resolve())}
+            path = point.registry.root / AGENT_FILE
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(info, indent=2))
+            tmp.replace(path)
 
     def stop(self, drain: bool = True) -> dict[str, Any]:
         """Drain frames in flight (up to drain_timeout_s), flush the results socket, release the actors."""
@@ -193,11 +228,12 @@ class Agent:
                 ray.get(self.scoring.close.remote(), timeout=10)
             except ray.exceptions.RayError:
                 pass
-        for actor in [*self.ingests, self.scoring, self.inference, self.manager]:
+        for actor in [*self.ingests, self.scoring, self.inference, *(p.manager for p in self.points.values())]:
             if actor is not None:
                 ray.kill(actor, no_restart=True)
-        if self.registry is not None:
-            (self.registry.root / AGENT_FILE).unlink(missing_ok=True)
+        for point in self.points.values():
+            if point.registry is not None:
+                (point.registry.root / AGENT_FILE).unlink(missing_ok=True)
         if self.owns_ray:
             ray.shutdown()
         if self.ray_head is not None:
@@ -210,9 +246,9 @@ class Agent:
         """Stats from every actor; an actor that does not answer in time is reported as down."""
         actors = {"inference": self.inference, "scoring": self.scoring,
                   **{f"ingest-{i}": a for i, a in enumerate(self.ingests)}}
-        if self.manager is not None:
-            actors["models"] = self.manager
-        refs = {name: actor.stats.remote() if name != "models" else actor.status.remote()
+        managers = {manager_name(name): p.manager for name, p in self.points.items() if p.manager is not None}
+        actors.update(managers)
+        refs = {name: actor.stats.remote() if name not in managers else actor.status.remote()
                 for name, actor in actors.items()}
         out: dict[str, Any] = {"up": {}, "model_version": self.model_version, "taken_at": time.time()}
         deadline = time.monotonic() + timeout_s

@@ -5,20 +5,25 @@ Nested keys use `__` in the environment (ADTR_EDGE_TRAIN__EPOCHS=5) and dots on 
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
 from actors.config import (
+    DEFAULT_POINT,
+    POINT_NAME,
     InferenceConfig,
     IngestConfig,
     LearningConfig,
     OutputConfig,
+    PointConfig,
     ScoringConfig,
     Section as _Section,
+    camera_points,
 )
 from model.config import AdtrConfig
 
@@ -95,10 +100,27 @@ class AgentConfig(_Section):
     http: HttpConfig = HttpConfig()
     console: ConsoleConfig = ConsoleConfig()
     learning: LearningConfig = LearningConfig()
+    # Inspection points besides `run --model`'s (named `default`, serving every camera no point lists):
+    # {name: {model: REGISTRY_OR_MODEL, cameras: [ids]}}. Each point has its own model, threshold, gate,
+    # guard, drift reference, sample store and retrain jobs; all share one backbone and one batch.
+    points: dict[str, PointConfig] = {}
     # The agent's own books (ingest counters that survive an actor restart).
     state_dir: Path = Path("runs/agent/state")
     drain_timeout_s: float = Field(30.0, ge=0)
     actor_max_restarts: int = Field(-1, ge=-1)  # -1: Ray restarts crashed actors forever
+
+
+    @field_validator("points")
+    @classmethod
+    def _points_valid(cls, v: dict[str, PointConfig]) -> dict[str, PointConfig]:
+        for name, point in v.items():
+            if name == DEFAULT_POINT or not re.match(POINT_NAME, name):
+                raise ValueError(f"point name {name!r}: lower-case letters, digits, - and _ (at most 32), "
+                                 f"and not {DEFAULT_POINT!r} (the point of --model)")
+            if not point.cameras:
+                raise ValueError(f"point {name!r} lists no cameras (points.{name}.cameras)")
+        camera_points({name: p.cameras for name, p in v.items()})  # a camera in two points is an error
+        return v
 
 
 class AgentSettings(AgentConfig, BaseSettings):

@@ -1,0 +1,176 @@
+"""Inspection points: several cameras' models on one box, one backbone, one batch.
+
+Each point has its own model (registry), threshold, promotions and statistics; frames of every point
+share the backbone's forward pass; nothing done to one point changes another's decisions.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from actors.config import InferenceConfig, LearningConfig, OutputConfig
+from actors.inference import InferenceActor, InferenceResult
+from actors.protocol import UNKNOWN_CAMERA
+from actors.scoring import ScoringActor
+from agent.errors import AgentError
+from agent.publisher import FramePublisher, frame_from_file
+from agent.runner import Agent
+from agent.settings import SettingsError
+from live import ANY_PORT, Decisions, agent_config, settled_totals, wait_until
+from model.data import read_image, resize_image
+from model.registry import Registry
+
+
+def _variant(model_dir, dst, version: str, threshold_factor: float):
+    """The same networks as another model version with its own threshold (another point's calibration)."""
+    shutil.copytree(model_dir, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["model_version"] = version
+    manifest["threshold"] *= threshold_factor
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+@pytest.fixture
+def two_registries(trained_model, tmp_path):
+    top = Registry.create(tmp_path / "reg-top", trained_model, by="test")
+    side_model = _variant(trained_model, tmp_path / "side-model", "side-v1", 1e-3)  # flags every frame
+    side = Registry.create(tmp_path / "reg-side", side_model, by="test")
+    return top, side
+
+
+@pytest.fixture(scope="module")
+def frames(small_dataset):
+    return [resize_image(read_image(s.path), 128) for s in small_dataset.test[:6]]
+
+
+def test_frames_of_two_points_share_one_forward_pass_and_each_gets_its_points_model(two_registries, frames):
+    top, side = two_registries
+    actor = InferenceActor({"default": str(top.root), "side": str(side.root)},
+                           InferenceConfig(max_batch=8, max_wait_ms=200, torch_threads=1))
+    alone = InferenceActor(str(top.root), InferenceConfig(max_batch=8, torch_threads=1))
+
+    async def scenario():
+        both = await asyncio.gather(actor.infer_batch(frames[:3]), actor.infer_batch(frames[3:], "side"))
+        return both, await alone.infer_batch(frames)
+
+    (top_results, side_results), reference = asyncio.run(scenario())
+    assert {(r.point, r.model_version) for r in top_results} == {("default", top.current())}
+    assert {(r.point, r.model_version) for r in side_results} == {("side", "side-v1")}
+    assert {r.batch_size for r in top_results + side_results} == {6}  # one pass for both points
+    for r, ref in zip(top_results + side_results, reference):  # same networks, same maps as alone
+        assert np.allclose(r.coarse, ref.coarse, atol=1e-5)
+    stats = asyncio.run(actor.stats())
+    assert stats["points"]["side"]["shares_backbone"]
+    with pytest.raises(ValueError, match="no inspection point 'nope'"):
+        asyncio.run(actor.infer_batch(frames[:1], "nope"))
+
+
+def test_a_version_activated_on_one_point_leaves_the_other_serving_what_it_served(two_registries, trained_model,
+                                                                                  tmp_path, frames):
+    top, side = two_registries
+    v2 = side.add_version(_variant(trained_model, tmp_path / "side-v2", "side-v2", 1.0), by="test")
+    actor = InferenceActor({"default": str(top.root), "side": str(side.root)}, InferenceConfig(torch_threads=1))
+
+    async def scenario():
+        await actor.activate(v2, "serving", "side")
+        return await actor.infer_batch(frames[:2]), await actor.infer_batch(frames[:2], "side")
+
+    top_results, side_results = asyncio.run(scenario())
+    assert {r.model_version for r in top_results} == {top.current()}
+    assert {r.model_version for r in side_results} == {v2}
+    assert asyncio.run(actor.ping("side")) == v2 and asyncio.run(actor.ping("default")) == top.current()
+
+
+def test_scoring_decides_each_point_with_its_own_threshold_and_counts_each_point_apart(two_registries):
+    top, side = two_registries
+    actor = ScoringActor({"default": str(top.root), "side": str(side.root)}, "tcp://127.0.0.1:*",
+                         OutputConfig(save_anomalies=False), LearningConfig())
+    fit = top.show(top.current())["manifest"]["scoring_fit"]
+    threshold = top.show(top.current())["manifest"]["threshold"]
+    coarse = np.stack([np.full((8, 8), 0.5 * threshold * s / len(fit["image"]), np.float32) for s in fit["scales"]])
+    header = {"camera_id": "cam-top", "ts": time.time(), "encoding": "jpeg", "width": 128, "height": 128}
+    results = [InferenceResult(coarse, top.current(), 2, 1.0, point="default"),
+               InferenceResult(coarse, "side-v1", 2, 1.0, point="side")]
+    headers = [dict(header, seq=0), dict(header, camera_id="cam-side", seq=0)]
+    out = asyncio.run(actor.score_batch(headers, results, [b"", b""], [time.time()] * 2))
+    assert [d["is_anomaly"] for d in out] == [False, True]  # same map: half the top threshold, 500x side's
+    stats = asyncio.run(actor.stats())["points"]
+    assert stats["default"]["decisions"] == stats["side"]["decisions"] == 1
+    assert (stats["default"]["flag_rate"], stats["side"]["flag_rate"]) == (0.0, 1.0)
+    quantile = top.show(top.current())["manifest"]["settings"]["threshold"]["normal_quantile"]
+    assert stats["default"]["false_alarm_promise"] == pytest.approx(1 - quantile)
+    assert asyncio.run(actor.anomaly_rates("side")) == {"cam-side": {"side-v1": [1, 1]}}
+    assert set(asyncio.run(actor.anomaly_rates())) == {"cam-top", "cam-side"}
+
+
+def test_point_settings_are_checked(trained_model, tmp_path):
+    with pytest.raises(SettingsError, match="two inspection points"):
+        agent_config(tmp_path, {"points": {"a": {"model": str(trained_model), "cameras": ["c1"]},
+                                           "b": {"model": str(trained_model), "cameras": ["c1"]}}})
+    with pytest.raises(SettingsError, match="point name"):
+        agent_config(tmp_path, {"points": {"Bad Name": {"model": str(trained_model), "cameras": ["c1"]}}})
+    with pytest.raises(SettingsError, match="lists no cameras"):
+        agent_config(tmp_path, {"points": {"a": {"model": str(trained_model)}}})
+    with pytest.raises(AgentError, match="same registry"):
+        registry = Registry.create(tmp_path / "reg", trained_model, by="test")
+        cfg = agent_config(tmp_path, {"points": {"a": {"model": str(registry.root), "cameras": ["c1"]}}})
+        Agent(registry.root, [ANY_PORT], ANY_PORT, cfg)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_two_points_stream_together_and_a_promotion_on_one_changes_only_its_cameras(
+        two_registries, trained_model, tmp_path, test_images):
+    """A real agent with no default point: camera top → registry A, camera side → registry B, a camera in
+    no point refused and counted; then a new version promoted on B through B's model manager."""
+    top, side = two_registries
+    cfg = agent_config(tmp_path, {"points": {"top": {"model": str(top.root), "cameras": ["cam-top"]},
+                                             "side": {"model": str(side.root), "cameras": ["cam-side"]}},
+                                  "learning": {"guard": {"enabled": False}}})
+    agent = Agent(None, [ANY_PORT], ANY_PORT, cfg).start()
+    try:
+        decisions = Decisions(agent.bound_results)
+        publishers = {camera: FramePublisher(agent.bound_ingest[0], camera) for camera in
+                      ("cam-top", "cam-side", "stranger")}
+        for path in test_images[:6]:
+            for publisher in publishers.values():
+                publisher.send(frame_from_file(path))
+        assert decisions.wait_for(12)
+        first = dict(decisions.by_key)
+        assert {d["point"] for k, d in first.items() if k[0] == "cam-top"} == {"top"}
+        assert {(d["point"], d["model_version"]) for k, d in first.items() if k[0] == "cam-side"} == \
+            {("side", "side-v1")}
+        assert all(d["is_anomaly"] for k, d in first.items() if k[0] == "cam-side")
+        assert not any(k[0] == "stranger" for k in first)
+        totals = settled_totals(agent)
+        assert "stranger" not in totals  # a camera in no point claims no label of its own
+        assert totals[UNKNOWN_CAMERA]["invalid"] == {"unknown_camera": 6}
+
+        v2 = side.add_version(_variant(trained_model, tmp_path / "side-v2", "side-v2", 1.0), by="test")
+        ray.get(agent.points["side"].manager.promote.remote(v2, "test"), timeout=120)
+        assert side.current() == v2 and top.current() != v2
+        for seq, path in enumerate(test_images[:6], start=6):
+            for camera in ("cam-top", "cam-side"):
+                publishers[camera].send(frame_from_file(path))
+        assert decisions.wait_for(24)
+        later = {k: d for k, d in decisions.by_key.items() if k[1] >= 6}
+        assert {d["model_version"] for k, d in later.items() if k[0] == "cam-side"} == {v2}
+        assert {d["model_version"] for k, d in later.items() if k[0] == "cam-top"} == {top.current()}
+        for k, d in later.items():  # the same frame decides the same on the point that did not change
+            if k[0] == "cam-top":
+                assert d["score"] == pytest.approx(first[(k[0], k[1] - 6)]["score"], rel=1e-5)
+        points = agent.snapshot()["scoring"]["points"]
+        assert points["top"]["decisions"] == 12 and points["side"]["decisions"] == 12
+        assert wait_until(lambda: agent.snapshot()["models-side"]["serving"] == v2, 30)
+        assert agent.snapshot()["models-top"]["serving"] == top.current()
+        for publisher in publishers.values():
+            publisher.close()
+        decisions.close()
+    finally:
+        agent.stop(drain=False)
