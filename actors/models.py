@@ -246,3 +246,7 @@ class ModelManager:
 
     async def ping(self) -> str:
         return "ok"
+
+    async def registry_root(self) -> str:
+        """Which registry (inspection point) this manager serves: a retrain job publishes only to its own."""
+        return str(self.registry.root.resolve())

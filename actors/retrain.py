@@ -450,20 +450,24 @@ def _load_snapshot(run_dir: Path) -> Snapshot:
 
 
 def _manager(namespace: str | None, registry: Registry):
-    """The model manager of the running agent's point this registry serves, or None when no agent runs
-    in this Ray cluster."""
+    """The running agent's model manager of the inspection point this registry serves, or None when no
+    agent in this Ray cluster serves it. Found by asking each manager which registry it serves (a
+    point's manager is `models-<point>`), never by name alone: a version must not reach another point."""
     if not namespace:
         return None
     import ray
 
-    try:
-        announced = json.loads((registry.root / AGENT_FILE).read_text())
-    except (OSError, ValueError):
-        announced = {}
-    try:
-        return ray.get_actor(manager_name(str(announced.get("point", DEFAULT_POINT))), namespace=namespace)
-    except ValueError:
-        return None
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a.get("namespace") == namespace and (a["name"] == MANAGER_ACTOR or
+                                                     a["name"].startswith(MANAGER_ACTOR + "-"))]
+    for name in names:
+        try:
+            manager = ray.get_actor(name, namespace=namespace)
+            if ray.get(manager.registry_root.remote(), timeout=30) == str(registry.root.resolve()):
+                return manager
+        except (ValueError, ray.exceptions.RayError):
+            continue  # gone meanwhile, or not answering: not the one to publish to
+    return None
 
 
 def _act(registry: Registry, cfg: RetrainConfig, version: str, result, by: str, namespace: str | None) -> str:

@@ -174,3 +174,44 @@ def test_two_points_stream_together_and_a_promotion_on_one_changes_only_its_came
         decisions.close()
     finally:
         agent.stop(drain=False)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_retrain_of_one_point_goes_to_that_points_manager_and_leaves_the_other_point_alone(
+        trained_model, tmp_path, test_images):
+    """A real Ray job for point `side`: its refit-only candidate is gated on side's own holdout and shadowed
+    by side's model manager; the default point serves and shadows nothing new."""
+    from actors.jobs import job_info
+    from live import registry_with_base
+
+    from conftest import MAGNETIC_TILE
+
+    top = Registry.create(tmp_path / "reg-top", trained_model, by="test")
+    side = registry_with_base(_variant(trained_model, tmp_path / "side-model", "side-v1", 1e-3),
+                              tmp_path / "reg-side", MAGNETIC_TILE)
+    cfg = agent_config(tmp_path, {"points": {"side": {"model": str(side.root), "cameras": ["cam-side"]}},
+                                  "learning": {"guard": {"enabled": False}}})
+    agent = Agent(top.root, [ANY_PORT], ANY_PORT, cfg).start()
+    try:
+        agent.announce(None, None)  # what `adtr-edge run` does once it serves: the CLI finds each point's agent
+        assert json.loads((side.root / "agent.json").read_text())["point"] == "side"
+        assert json.loads((top.root / "agent.json").read_text())["point"] == "default"
+        job = ray.get(agent.points["side"].manager.submit_retrain.remote(
+            "test", ["learning.retrain.epochs=1", "learning.retrain.policy=shadow"]), timeout=60)
+        terminal = ("SUCCEEDED", "FAILED", "STOPPED")
+        assert wait_until(lambda: job_info(agent.jobs_address, job["submission_id"], 0)["status"] in terminal,
+                          600, 1.0)
+        info = job_info(agent.jobs_address, job["submission_id"], 80)
+        assert info["status"] == "SUCCEEDED", "\n".join(info["log_tail"])
+        outcome = json.loads(next((side.root / "runs").glob("*/outcome.json")).read_text())
+        refit = outcome["refit"]["version"]
+        assert outcome["refit"]["gate"]["passed"] and outcome["refit"]["action"] == "shadow"
+        shadowed = side.pointers()["candidate"]
+        assert shadowed in (refit, outcome["version"])
+        snap = agent.snapshot()
+        assert snap["inference"]["points"]["side"]["shadow_version"] == shadowed
+        assert snap["inference"]["points"]["default"]["shadow_version"] is None
+        assert snap["models"]["serving"] == top.current() and top.pointers()["candidate"] is None
+        assert not (top.root / "runs").exists() or not any((top.root / "runs").iterdir())
+    finally:
+        agent.stop(drain=False)
