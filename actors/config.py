@@ -283,6 +283,19 @@ class ScheduleConfig(Section):
     check_every_s: float = Field(30.0, gt=0)
 
 
+class ColdStartConfig(Section):
+    """A new camera taught on the box (`adtr-edge points add`): its point starts from the serving model of
+    the agent's first point, records the camera's first `frames` frames into its own sample store (its
+    decisions published as not inspected meanwhile), then a retrain job refits and trains its first model
+    on them; that model is shadowed (or promoted by the gate with labelled defects) and the operator
+    promotes it. Frames are recorded at most one per `every_s` per camera (0: every frame)."""
+
+    frames: int = Field(200, ge=40)  # 70 % train: the retrain needs min_train_samples (20)
+    every_s: float = Field(0.0, ge=0)
+    epochs: int = Field(3, ge=1)  # the retrain's training after its refit (warm-started from the template)
+    queue: int = Field(64, ge=1)  # frames waiting to be written; what does not fit is shed and counted
+
+
 class LearningConfig(Section):
     """Learning on the line; active when the agent serves from a model registry (`--model REGISTRY`)."""
 
@@ -293,4 +306,5 @@ class LearningConfig(Section):
     drift: DriftConfig = DriftConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     retrain: RetrainConfig = RetrainConfig()
+    cold_start: ColdStartConfig = ColdStartConfig()
     reconcile_s: float = Field(5.0, gt=0)  # how often the agent checks it serves the registry's current

@@ -168,6 +168,20 @@ class InferenceActor:
                       previous=previous)
             return self._load(str(resolve_model(model_path, previous)[0]), backbone=backbone)
 
+    async def add_point(self, point: str, model_path: str) -> dict[str, Any]:
+        """Serve a new inspection point (on the shared backbone) from the next batch on."""
+        if point in self.points:
+            raise ValueError(f"inspection point {point!r} is already served")
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(self.loader, self._load_current, model_path, self.serving.detector.backbone)
+        if model.detector.image_size != self.serving.detector.image_size:
+            raise ModelLoadError(f"{model_path}: input size {model.detector.image_size} != the agent's "
+                                 f"{self.serving.detector.image_size}; points are batched together")
+        self.points[point] = PointModels(model_path, model)
+        self.log.info("inspection point added", point=point, version=model.version)
+        return {"point": point, "version": model.version,
+                "shares_backbone": model.detector.backbone is self.serving.detector.backbone}
+
     @property
     def serving(self) -> LoadedModel:
         """The first point's serving model: the one the batch size is tuned on (all share the backbone)."""

@@ -376,6 +376,11 @@ class IngestActor:
         self.restored.discard(camera)
         stats.last_seq = seq
 
+    def add_route(self, camera: str, point: str) -> None:
+        """Frames of `camera` go to `point` from now on (a point added while the agent runs)."""
+        with self.lock:
+            self.routes[camera] = point
+
     def _accept(self, item: Message) -> None:
         header = item.header
         camera = header.camera_id

@@ -26,6 +26,7 @@ import structlog
 from model.registry import Registry
 from model.samples import SampleStore
 
+from .cold import end_cold, read_cold, write_cold
 from .config import DEFAULT_POINT, LearningConfig, RetrainConfig
 from .jobs import job_info, submit_retrain
 from .logs import configure_logging
@@ -68,7 +69,8 @@ class ModelManager:
         if not self.tasks:
             self.lock = asyncio.Lock()
             loop = asyncio.get_running_loop()
-            self.tasks = [loop.create_task(self._reconcile_loop()), loop.create_task(self._schedule_loop())]
+            self.tasks = [loop.create_task(self._reconcile_loop()), loop.create_task(self._schedule_loop()),
+                          loop.create_task(self._cold_start_loop())]
         return await self.status()
 
     def _lock(self) -> asyncio.Lock:
@@ -97,6 +99,10 @@ class ModelManager:
             pointers = self.registry.promote(version, by, reason)
             await self.inference.activate.remote(version, "serving", self.point)
             await self.scoring.reset_shadow.remote(self.point)
+            if read_cold(self.registry.root) is not None:  # the point's own first model: it inspects from now on
+                end_cold(self.registry.root)
+                await self.scoring.set_cold.remote(self.point, None)
+                self.log.info("cold start done: the point's first model serves", version=version)
             self._start_guard(previous, version, before)
             self.log.info("promoted", version=version, previous=previous, by=by)
             return {"promoted": version, "previous": previous, "pointers": pointers}
@@ -237,10 +243,40 @@ class ModelManager:
             except Exception as exc:  # noqa: BLE001 - the schedule must outlive a failed submission
                 self.log.error("scheduled retrain failed to submit", error=str(exc)[:300])
 
+    # ------------------------------------------------------------------ cold start (actors/cold.py)
+    async def _cold_start_loop(self) -> None:
+        """While the point is taught: once its recording is complete, submit the retrain that builds its
+        first model (refit first, then `cold_start.epochs` of training); note when a candidate is out."""
+        c = self.cfg.cold_start
+        store = SampleStore(self.registry.store_dir)
+        while True:
+            await asyncio.sleep(1.0)
+            cold = read_cold(self.registry.root)
+            if cold is None:
+                continue
+            try:
+                if cold["state"] == "recording" and sum(store.counts()["by_origin"].values()) >= cold["frames"]:
+                    job = await self.submit_retrain("cold_start", [f"learning.retrain.epochs={c.epochs}"])
+                    cold = dict(cold, state="training", recorded_at=time.time(), job=job["submission_id"])
+                    write_cold(self.registry.root, cold)
+                    await self.scoring.set_cold.remote(self.point, cold)
+                    self.log.info("cold start: recording complete, first model training", job=job["submission_id"])
+                elif cold["state"] == "training" and self.registry.pointers()["candidate"]:
+                    cold = dict(cold, state="candidate", candidate=self.registry.pointers()["candidate"],
+                                candidate_at=time.time())
+                    write_cold(self.registry.root, cold)
+                    await self.scoring.set_cold.remote(self.point, cold)
+                    self.log.info("cold start: first model ready; promote it after review", version=cold["candidate"])
+            except RetrainBusy as exc:
+                self.log.info("cold start retrain waits", reason=str(exc))
+            except Exception as exc:  # noqa: BLE001 - keep teaching; the state file says where it stands
+                self.log.error("cold start step failed", error=str(exc)[:300])
+
     # ------------------------------------------------------------------ observation
     async def status(self) -> dict[str, Any]:
         inference = (await self.inference.stats.remote())["points"][self.point]
-        return {"point": self.point, "pointers": self.registry.pointers(), "serving": inference["model_version"],
+        return {"point": self.point, "cold_start": read_cold(self.registry.root),
+                "pointers": self.registry.pointers(), "serving": inference["model_version"],
                 "shadow": inference["shadow_version"], "guard": self.guard, "last_job": self.last_job,
                 "schedule": self.cfg.schedule.model_dump(), "reconcile_failures": self.reconcile_failures}
 

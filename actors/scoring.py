@@ -35,7 +35,8 @@ from model.samples import SampleStore, StoreLimits
 from model.scoring import defect_regions
 from model.visualize import heatmap_overlay
 
-from .config import LearningConfig, OutputConfig, point_paths
+from .cold import read_cold
+from .config import AutoSampleConfig, LearningConfig, OutputConfig, point_paths
 from .inference import InferenceResult
 from .logs import configure_logging
 from .protocol import FrameHeader, decision_message, decode_jpeg, decode_payload, finite_or_none, strict_json
@@ -298,19 +299,31 @@ class ShadowStats:
 
 
 class AutoSampler:
-    """Confidently normal frames → the sample store, on a thread with a bounded queue (never blocks)."""
+    """Confidently normal frames → the sample store, on a thread with a bounded queue (never blocks).
 
-    def __init__(self, store_dir: Path, limits: StoreLimits, cfg, log_):
-        self.cfg, self.log = cfg, log_
+    With `target` (a cold start's recording, actors/cold.py): every frame offered (at most one per camera
+    per `cfg.min_interval_s`) whatever its score, until `target` samples are stored."""
+
+    def __init__(self, store_dir: Path, limits: StoreLimits, cfg, log_, target: int | None = None):
+        self.cfg, self.log, self.target = cfg, log_, target
         self.store = SampleStore(store_dir, limits)
+        self.by = "agent:cold_start" if target else None
         self.queue: queue.Queue = queue.Queue(maxsize=cfg.queue)
         self.last: dict[str, float] = {}
         self.offered = self.written = self.duplicates = self.shed = self.errors = 0
-        threading.Thread(target=self._write_loop, name="auto-sampler", daemon=True).start()
+        if target:  # a restarted recording counts what it stored before
+            self.written = sum(self.store.counts()["by_origin"].values())
+        threading.Thread(target=self._write_loop, name="cold-recorder" if target else "auto-sampler",
+                         daemon=True).start()
+
+    @property
+    def complete(self) -> bool:
+        return self.target is not None and self.written >= self.target
 
     def consider(self, header: dict, payload: bytes, version: str, score: float, normalized: float) -> None:
         camera, now = header["camera_id"], time.monotonic()
-        if normalized >= self.cfg.max_normalized_score or now - self.last.get(camera, -math.inf) < self.cfg.min_interval_s:
+        confident = self.target is not None or normalized < self.cfg.max_normalized_score
+        if not confident or self.complete or now - self.last.get(camera, -math.inf) < self.cfg.min_interval_s:
             return
         self.last[camera] = now
         self.offered += 1
@@ -322,12 +335,14 @@ class AutoSampler:
     def _write_loop(self) -> None:
         while True:
             header, payload, version, score, normalized = self.queue.get()
+            if self.complete:
+                continue
             try:
                 ext = PAYLOAD_SUFFIX[header["encoding"]]
                 if header["encoding"] == "raw":
                     frame = decode_payload(FrameHeader.model_validate(header), payload)
                     payload = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))[1].tobytes()
-                result = self.store.add(payload, "auto", f"agent:auto:{version}", ext, header["camera_id"],
+                result = self.store.add(payload, "auto", self.by or f"agent:auto:{version}", ext, header["camera_id"],
                                         header["seq"], model_version=version, score=score, normalized_score=normalized)
                 self.written += int(result.added)
                 self.duplicates += int(result.duplicate)
@@ -338,7 +353,8 @@ class AutoSampler:
 
     def stats(self) -> dict[str, int]:
         return {"offered": self.offered, "written": self.written, "duplicates": self.duplicates, "shed": self.shed,
-                "errors": self.errors, "queued": self.queue.qsize()}
+                "errors": self.errors, "queued": self.queue.qsize(),
+                **({"target": self.target, "complete": self.complete} if self.target else {})}
 
 
 class ScoringActor:
@@ -355,12 +371,13 @@ class ScoringActor:
         self.heads: OrderedDict[tuple[str, str], VersionHead] = OrderedDict()
         self.points: dict[str, PointStats] = {}
         self.camera_point: dict[str, str] = {}
-        registries = {}
-        for point, path in self.paths.items():
-            model_dir, registries[point] = resolve_model(path)
-            version = self._head(point, str(read_manifest(model_dir)["model_version"]), model_dir).head.model_version
-            self.points[point] = PointStats(self.learning.guard.window)
-            self.points[point].model_version = version
+        self.registries: dict[str, Any] = {}
+        self.samplers: dict[str, AutoSampler] = {}
+        self.cold: dict[str, dict[str, Any]] = {}  # points being taught (actors/cold.py): not inspected
+        self.recorders: dict[str, AutoSampler] = {}
+        self.log = log
+        for point, path in list(self.paths.items()):
+            self._add_point(point, path)
         self.serving_version = next(iter(self.points.values())).model_version
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.PUB)
@@ -378,19 +395,51 @@ class ScoringActor:
         self.recent: dict[str, deque[tuple[str, bool]]] = {}
         self.shadow: dict[tuple[str, str], ShadowStats] = {}
         self.log = log.bind(model_version=self.serving_version)
-        # Confident normals go to their point's sample store (a point served from a registry).
-        self.samplers: dict[str, AutoSampler] = {}
-        if self.learning.auto_sample.enabled:
-            limits = StoreLimits(**self.learning.store.model_dump())
-            self.samplers = {point: AutoSampler(registry.store_dir, limits, self.learning.auto_sample,
-                                                self.log.bind(point=point))
-                             for point, registry in registries.items() if registry is not None}
         self.log.info("scoring ready", results=self.bound, output=str(cfg.dir) if self.store else None,
                       auto_sample=sorted(self.samplers), points=sorted(self.paths))
 
     @property
     def sampler(self) -> AutoSampler | None:  # the first point's (one point: the agent's)
         return self.samplers.get(next(iter(self.paths)))
+
+    def _add_point(self, point: str, path: str) -> None:
+        """Serve `point`: its head, its counts, and either its auto sampler or (a cold start) its recorder."""
+        self.paths[point] = path
+        model_dir, registry = resolve_model(path)
+        version = self._head(point, str(read_manifest(model_dir)["model_version"]), model_dir).head.model_version
+        self.points[point] = PointStats(self.learning.guard.window)
+        self.points[point].model_version = version
+        self.registries[point] = registry
+        cold = read_cold(registry.root) if registry is not None else None
+        self._set_cold(point, cold)
+
+    def _set_cold(self, point: str, cold: dict[str, Any] | None) -> None:
+        registry, limits = self.registries[point], StoreLimits(**self.learning.store.model_dump())
+        self.samplers.pop(point, None)
+        self.recorders.pop(point, None)
+        if registry is None:
+            return
+        if cold is None:
+            self.cold.pop(point, None)
+            if self.learning.auto_sample.enabled:
+                self.samplers[point] = AutoSampler(registry.store_dir, limits, self.learning.auto_sample,
+                                                   self.log.bind(point=point))
+            return
+        self.cold[point] = cold
+        c = self.learning.cold_start
+        recording = AutoSampleConfig(min_interval_s=c.every_s, queue=c.queue)
+        self.recorders[point] = AutoSampler(registry.store_dir, limits, recording, self.log.bind(point=point),
+                                            target=int(cold.get("frames", c.frames)))
+
+    async def add_point(self, point: str, path: str) -> dict[str, Any]:
+        """Serve a new inspection point from the next frame on (`adtr-edge points add`)."""
+        self._add_point(point, path)
+        self.log.info("inspection point added", point=point, cold_start=self.cold.get(point))
+        return {"point": point, "cold_start": self.cold.get(point)}
+
+    async def set_cold(self, point: str, cold: dict[str, Any] | None) -> None:
+        """The point's cold start moved on (None: a model of its own serves: decisions are inspected)."""
+        self._set_cold(point, cold)
 
     def _head(self, point: str, version: str, model_dir: Path | None = None) -> VersionHead:
         """The threshold and drift reference must be those of the model that made the map."""
@@ -443,7 +492,8 @@ class ScoringActor:
         head = entry.head
         amap = scored.maps[j].numpy()
         score, threshold = float(scored.scores[j]), head.decision_threshold
-        is_anomaly = bool(scored.is_anomaly[j])
+        cold = self.cold.get(result.point)
+        is_anomaly = bool(scored.is_anomaly[j]) and cold is None  # a point being taught decides nothing yet
         regions = defect_regions(amap, threshold, (header["width"], header["height"]),
                                  self.cfg.min_region_area_px, self.cfg.max_regions) if is_anomaly else []
         now = time.time()
@@ -451,7 +501,7 @@ class ScoringActor:
             "camera_id": header["camera_id"], "seq": header["seq"], "ts": header["ts"],
             "score": score, "normalized_score": float(scored.normalized[j]), "threshold": threshold,
             "is_anomaly": is_anomaly, "regions": regions, "model_version": head.model_version,
-            "point": result.point,
+            "point": result.point, "inspected": cold is None,
             # capture → published, only when the camera's clock is plausible (a ms clock, 1e306: null)
             "latency_ms": (now - header["ts"]) * 1000.0 if clock_ok else None,
             "agent_ms": (now - received_at) * 1000.0,
@@ -464,8 +514,14 @@ class ScoringActor:
         self.socket.send_multipart(decision_message(decision))
         self.decisions += 1
         self.anomalies += int(is_anomaly)
-        self.points[result.point].observe(is_anomaly, head.model_version, entry.false_alarm_promise)
         self.camera_point[header["camera_id"]] = result.point
+        if cold is not None:  # recorded for the point's first model; not watched, sampled or counted as decided
+            recorder = self.recorders.get(result.point)
+            if recorder is not None:
+                recorder.consider(header, payload, head.model_version, score, decision["normalized_score"])
+            return {"is_anomaly": False, "latency_ms": decision["latency_ms"], "score": score,
+                    "normalized_score": decision["normalized_score"]}
+        self.points[result.point].observe(is_anomaly, head.model_version, entry.false_alarm_promise)
         self._watch(result.point, header["camera_id"], head.model_version, score, is_anomaly)
         sampler = self.samplers.get(result.point)
         if sampler is not None and not is_anomaly:
@@ -560,6 +616,9 @@ class ScoringActor:
                 "auto_samples": self.sampler.stats() if self.sampler else None,
                 "points": {point: dict(stats.summary(), auto_samples=self.samplers[point].stats()
                                        if point in self.samplers else None,
+                                       cold_start=dict(self.cold[point], recording=self.recorders[point].stats()
+                                                       if point in self.recorders else None)
+                                       if point in self.cold else None,
                                        cameras=sorted(c for c, p in self.camera_point.items() if p == point))
                            for point, stats in self.points.items()}}
 

@@ -125,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--by", default=None)
         q.add_argument("--reason", default="")
 
+    p = sub.add_parser("points", help="the running agent's inspection points: list them, or teach a new camera")
+    psub = p.add_subparsers(dest="points_command", required=True)
+    q = psub.add_parser("list", help="each point's cameras, serving and shadow versions, cold start")
+    q.add_argument("--registry", required=True, type=Path, help="any registry the agent serves (to find it)")
+    q = psub.add_parser("add", help="teach a new point from its cameras' first frames: recorded, a retrain job "
+                        "builds its first model, shadowed for you to promote (models promote --registry …)")
+    q.add_argument("--registry", required=True, type=Path, help="any registry the agent serves (to find it)")
+    q.add_argument("name")
+    q.add_argument("--camera", dest="cameras", action="append", required=True, help="its camera ids (repeatable)")
+    q.add_argument("--frames", type=int, help="frames to record before training (learning.cold_start.frames)")
+    q.add_argument("--by", default=None)
+
     p = sub.add_parser("accept", help="file a saved frame in the sample store: normal (default) or --defect")
     p.add_argument("--registry", required=True, type=Path)
     p.add_argument("--camera", help="camera id of the saved frame")
@@ -359,6 +371,26 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_points(args) -> int:
+    from model.registry import Registry
+
+    from . import operate
+
+    client = operate.AgentClient.for_registry(Registry(args.registry))
+    if client is None:
+        raise SettingsError(f"no running agent serves {args.registry}: points are the running agent's "
+                            "(start it with adtr-edge run)")
+    client.point = None  # about the agent, not one point
+    if args.points_command == "list":
+        print(json.dumps(client.call("GET", "/v1/points"), indent=2))
+        return 0
+    body = {"name": args.name, "cameras": args.cameras, "by": args.by or operate.default_by()}
+    if args.frames is not None:
+        body["frames"] = args.frames
+    print(json.dumps(client.call("POST", "/v1/points", body)))
+    return 0
+
+
 def cmd_accept(args) -> int:
     from model.registry import Registry
 
@@ -445,7 +477,7 @@ def cmd_console(args) -> int:
 
 COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "predict": cmd_predict,
             "run": cmd_run, "publish": cmd_publish, "keys": cmd_keys, "watch": cmd_watch, "demo": cmd_demo,
-            "models": cmd_models, "accept": cmd_accept, "retrain": cmd_retrain,
+            "models": cmd_models, "points": cmd_points, "accept": cmd_accept, "retrain": cmd_retrain,
             "console": cmd_console}
 
 

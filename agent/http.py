@@ -34,6 +34,7 @@ from model.registry import RegistryError
 from model.samples import SampleStore, StoreError, StoreLimits
 
 from .learning import FrameNotFound, accept_frame, accept_many, find_saved_frame
+from .errors import AgentError
 from .runner import Agent, totals
 
 log = structlog.get_logger(__name__)
@@ -461,6 +462,35 @@ def create_app(agent: Agent, cache: SnapshotCache, token: TokenCheck | None) -> 
     @app.get("/v1/retrain/<submission_id>")
     def retrain_status(submission_id: str):
         return manager_call("job", submission_id)
+
+    @app.get("/v1/points")
+    def points():
+        snap = cache.get()
+        served = (snap.get("inference") or {}).get("points", {})
+        decided = (snap.get("scoring") or {}).get("points", {})
+        return jsonify(points={name: {"cameras": p.cameras or ("every camera no other point lists"
+                                                                if name == DEFAULT_POINT else []),
+                                      "model": p.model_path, "registry": str(p.registry.root) if p.registry else None,
+                                      "serving": served.get(name, {}).get("model_version"),
+                                      "shadow": served.get(name, {}).get("shadow_version"),
+                                      "decided": decided.get(name)}
+                               for name, p in agent.points.items()})
+
+    @app.post("/v1/points")
+    def add_point():
+        data = body()
+        name, cameras, frames = data.get("name"), data.get("cameras"), data.get("frames")
+        if not isinstance(name, str) or not isinstance(cameras, list) or not all(isinstance(c, str) for c in cameras) \
+                or (frames is not None and (not isinstance(frames, int) or isinstance(frames, bool))):
+            return jsonify(error="JSON body needs name, cameras (a list of camera ids) and optionally frames"), 400
+        try:
+            result = agent.add_point(name, cameras, who(data), frames)
+        except AgentError as exc:
+            return jsonify(error=str(exc)), 409
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            return jsonify(error=f"the actors did not take the new point: {exc}"), 503
+        stores[name] = SampleStore(agent.points[name].registry.store_dir, limits)
+        return jsonify(result), 201
 
     @app.get("/v1/events")
     def events():

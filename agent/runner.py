@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -14,17 +15,19 @@ import structlog
 from actors.inference import InferenceActor
 from actors.ingest import IngestActor
 from actors.models import ModelManager
-from actors.config import DEFAULT_POINT, camera_points
+from actors.cold import write_cold
+from actors.config import DEFAULT_POINT, POINT_NAME, camera_points
 from actors.retrain import AGENT_FILE, manager_name
 from actors.scoring import ScoringActor
 from model.detector import load_score_head
-from model.registry import resolve_model
+from model.registry import Registry, resolve_model, write_json_atomic
 
 from .errors import AgentError
 from .rayhead import LocalHead, memory_monitor_env
 from .settings import AgentConfig
 
 log = structlog.get_logger(__name__)
+POINTS_FILE = "points.json"  # in state_dir: the points added on this box ({name: {model, cameras}})
 
 
 def tighten_ray_token() -> None:
@@ -103,8 +106,10 @@ class Agent:
         self.points: dict[str, Point] = {}
         if model_path is not None:
             self.points[DEFAULT_POINT] = Point(DEFAULT_POINT, model_path, [])
-        for name, point in cfg.points.items():
-            self.points[name] = Point(name, point.model, point.cameras)
+        self.state_dir = Path(cfg.state_dir).expanduser().resolve()
+        added = self._added_points()  # points taught on the box (`adtr-edge points add`) outlive a restart
+        for name, point in {**added, **{n: p.model_dump() for n, p in cfg.points.items()}}.items():
+            self.points[name] = Point(name, point["model"], point["cameras"])
         registries = [p.registry.root for p in self.points.values() if p.registry is not None]
         if len(set(registries)) < len(registries):
             raise AgentError("two inspection points serve the same registry: each point needs its own "
@@ -125,6 +130,7 @@ class Agent:
         self.started_at = 0.0
         self.stopped = False
         self.run_id = uuid.uuid4().hex
+        self.announced: tuple[str | None, Path | None] | None = None
 
     @property
     def model_version(self) -> str:
@@ -140,7 +146,7 @@ class Agent:
         use_gpu = self.cfg.inference.device == "cuda" or (self.cfg.inference.device == "auto" and gpus >= 1)
         if self.cfg.inference.device == "cuda" and gpus < 1:
             raise AgentError("inference.device=cuda, but the Ray cluster has no GPU")
-        state_dir = Path(self.cfg.state_dir).expanduser().resolve()
+        state_dir = self.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         learning = self.cfg.learning
         cpus = self.cfg.inference.num_cpus
@@ -196,19 +202,79 @@ class Agent:
                  gpu=use_gpu, namespace=namespace, jobs=self.jobs_address)
         return self
 
+    # ------------------------------------------------------------------ points taught on the box
+    def _added_points(self) -> dict[str, dict[str, Any]]:
+        path = self.state_dir / POINTS_FILE
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError) as exc:
+            raise AgentError(f"{path}: the points added on this box cannot be read: {exc}") from exc
+
+    def add_point(self, name: str, cameras: list[str], by: str, frames: int | None = None,
+                  timeout_s: float = 120.0) -> dict[str, Any]:
+        """Teach a new inspection point from its cameras' first frames (actors/cold.py): a registry of its own
+        under `points_dir`, starting from the first point's serving model; its frames recorded, then a
+        retrain job builds its first model, which is shadowed for the operator to promote."""
+        if not re.match(POINT_NAME, name) or name == DEFAULT_POINT:
+            raise AgentError(f"point name {name!r}: lower-case letters, digits, - and _ (at most 32), not "
+                             f"{DEFAULT_POINT!r}")
+        if name in self.points:
+            raise AgentError(f"inspection point {name!r} exists already")
+        if not cameras:
+            raise AgentError("a new point needs at least one camera")
+        taken = {c: self.routes[c] for c in cameras if c in self.routes}
+        if taken:
+            raise AgentError(f"cameras already in a point: {taken}")
+        template = next(iter(self.points.values()))
+        if template.registry is None or self.jobs_address is None:
+            raise AgentError("teaching a new point needs the first point served from a registry, with Ray Jobs")
+        frames = frames or self.cfg.learning.cold_start.frames
+        if frames < 40:
+            raise AgentError(f"frames {frames}: at least 40 (70 % of them train, and a retrain needs 20)")
+        root = Path(self.cfg.points_dir).expanduser().resolve() / name
+        registry = Registry.create(root, template.registry.current_dir(), by)
+        write_cold(root, {"state": "recording", "frames": frames, "cameras": cameras, "by": by,
+                          "since": time.time(), "template": template.registry.current()})
+        point = Point(name, root, cameras)
+        namespace = ray.get_runtime_context().namespace
+        ray.get(self.inference.add_point.remote(name, point.model_path), timeout=timeout_s)
+        ray.get(self.scoring.add_point.remote(name, point.model_path), timeout=timeout_s)
+        point.manager = ray.remote(ModelManager).options(
+            name=manager_name(name), namespace=namespace, max_restarts=self.cfg.actor_max_restarts,
+            max_task_retries=0, num_cpus=0,
+        ).remote(str(registry.root), self.cfg.learning, namespace, self.jobs_address, point=name)
+        ray.get(point.manager.start.remote(), timeout=timeout_s)
+        self.points[name] = point
+        added = self._added_points()
+        added[name] = {"model": str(root), "cameras": cameras}
+        write_json_atomic(self.state_dir / POINTS_FILE, added)
+        for camera in cameras:  # last: frames of these cameras reach the new point only once it is served
+            self.routes[camera] = name
+            ray.get([ingest.add_route.remote(camera, name) for ingest in self.ingests], timeout=timeout_s)
+        if self.announced is not None:
+            self._announce(point, *self.announced)
+        log.info("inspection point added: recording its first frames", point=name, cameras=cameras, frames=frames,
+                 registry=str(root))
+        return {"point": name, "registry": str(root), "cameras": cameras, "frames": frames,
+                "template": template.registry.current()}
+
     def announce(self, http_url: str | None, token_file: Path | None) -> None:
         """Tell the CLI (`adtr-edge accept`, `models promote`, `retrain --submit`) where this agent is."""
+        self.announced = (http_url, token_file)
         for point in self.points.values():
-            if point.registry is None:
-                continue
-            info = {"pid": os.getpid(), "http": http_url, "jobs": self.jobs_address, "token_file": str(token_file)
-                    if token_file else None, "namespace": ray.get_runtime_context().namespace,
-                    "started_at": self.started_at, "point": point.name, "cameras": point.cameras,
-                    "anomalies": str(Path(self.cfg.output.dir).expanduser().resolve())}
-            path = point.registry.root / AGENT_FILE
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(info, indent=2))
-            tmp.replace(path)
+            self._announce(point, http_url, token_file)
+
+    def _announce(self, point: Point, http_url: str | None, token_file: Path | None) -> None:
+        if point.registry is None:
+            return
+        info = {"pid": os.getpid(), "http": http_url, "jobs": self.jobs_address, "token_file": str(token_file)
+                if token_file else None, "namespace": ray.get_runtime_context().namespace,
+                "started_at": self.started_at, "point": point.name, "cameras": point.cameras,
+                "anomalies": str(Path(self.cfg.output.dir).expanduser().resolve())}
+        path = point.registry.root / AGENT_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(path)
 
     def stop(self, drain: bool = True) -> dict[str, Any]:
         """Drain frames in flight (up to drain_timeout_s), flush the results socket, release the actors."""

@@ -104,6 +104,8 @@ class AgentConfig(_Section):
     # {name: {model: REGISTRY_OR_MODEL, cameras: [ids]}}. Each point has its own model, threshold, gate,
     # guard, drift reference, sample store and retrain jobs; all share one backbone and one batch.
     points: dict[str, PointConfig] = {}
+    # Where `adtr-edge points add` creates the registries of points taught on the box.
+    points_dir: Path = Path("runs/agent/points")
     # The agent's own books (ingest counters that survive an actor restart).
     state_dir: Path = Path("runs/agent/state")
     drain_timeout_s: float = Field(30.0, ge=0)

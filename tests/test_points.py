@@ -215,3 +215,89 @@ def test_a_retrain_of_one_point_goes_to_that_points_manager_and_leaves_the_other
         assert not (top.root / "runs").exists() or not any((top.root / "runs").iterdir())
     finally:
         agent.stop(drain=False)
+
+
+def _new_product(path) -> "SourceFrame":
+    """A product the agent's model never saw: Magnetic Tile inverted (dark grain on bright), as a JPEG."""
+    import cv2
+
+    from agent.publisher import SourceFrame
+
+    image = 255 - cv2.imread(str(path))
+    return SourceFrame(path.name, encoded=cv2.imencode(".jpg", image)[1].tobytes(), encoding="jpeg")
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_new_camera_is_taught_on_the_box_from_its_first_frames_while_another_camera_streams(
+        trained_model, tmp_path, test_images):
+    """Cold start, end to end: `points add` → the new camera's frames are recorded (published, not inspected)
+    → a real Ray job refits and trains its first model → shadowed → promoted → its decisions are inspected,
+    with far fewer false alarms on its normals than the template model; the other camera never stops."""
+    from actors.jobs import job_info
+    from live import Streamer, accounted, registry_with_base
+    from model.detector import load_detector
+
+    from conftest import MAGNETIC_TILE
+
+    normals = sorted((MAGNETIC_TILE / "MT_Free" / "Imgs").glob("*.jpg"))[-120:]
+    recorded, later = normals[:80], normals[80:110]
+    top = registry_with_base(trained_model, tmp_path / "reg-top", MAGNETIC_TILE)
+    cfg = agent_config(tmp_path, {"learning": {"guard": {"enabled": False},
+                                               "cold_start": {"epochs": 1, "frames": 60}},
+                                  "points_dir": str(tmp_path / "points")})
+    agent = Agent(top.root, [ANY_PORT], ANY_PORT, cfg).start()
+    try:
+        decisions = Decisions(agent.bound_results)
+        other = Streamer(agent.bound_ingest[0], "cam-top", [frame_from_file(p) for p in test_images], fps=5)
+        assert decisions.wait_for(5)
+        started = time.monotonic()
+        added = agent.add_point("new", ["cam-new"], "test")
+        assert added["frames"] == 60 and (tmp_path / "points" / "new" / "cold_start.json").is_file()
+        new_cam = FramePublisher(agent.bound_ingest[0], "cam-new")
+        for path in recorded:
+            new_cam.send(_new_product(path))
+        assert wait_until(lambda: sum(k[0] == "cam-new" for k in decisions.by_key) >= len(recorded), 120)
+        taught = [d for k, d in decisions.by_key.items() if k[0] == "cam-new"]
+        assert all(d["point"] == "new" and not d["inspected"] and not d["is_anomaly"] for d in taught)
+        new = Registry(tmp_path / "points" / "new")
+        assert wait_until(lambda: (agent.snapshot()["models-new"]["cold_start"] or {}).get("state") == "candidate",
+                          600, 1.0), agent.snapshot()["models-new"]
+        cold = agent.snapshot()["models-new"]["cold_start"]  # the refit is out; the job may still train
+        candidate = new.pointers()["candidate"]
+        assert agent.snapshot()["inference"]["points"]["new"]["shadow_version"] == candidate
+        ray.get(agent.points["new"].manager.promote.remote(candidate, "operator:test"), timeout=120)
+        taught_s = time.monotonic() - started
+        assert agent.snapshot()["models-new"]["cold_start"] is None
+        seq0 = new_cam.seq
+        for path in later:
+            new_cam.send(_new_product(path))
+        assert wait_until(lambda: sum(k[0] == "cam-new" and k[1] >= seq0 for k in decisions.by_key) >= len(later),
+                          120)
+        inspected = [d for k, d in decisions.by_key.items() if k[0] == "cam-new" and k[1] >= seq0]
+        assert all(d["inspected"] and d["model_version"] == candidate for d in inspected)
+        rate = sum(d["is_anomaly"] for d in inspected) / len(inspected)
+        terminal = ("SUCCEEDED", "FAILED", "STOPPED")
+        assert wait_until(lambda: job_info(agent.jobs_address, cold["job"], 0)["status"] in terminal, 600, 1.0)
+        info = job_info(agent.jobs_address, cold["job"], 80)
+        assert info["status"] == "SUCCEEDED", "\n".join(info["log_tail"])
+        sent = other.stop()
+        totals = settled_totals(agent)
+        new_cam.close()
+        decisions.close()
+    finally:
+        agent.stop(drain=False)
+    template = load_detector(trained_model)
+    import cv2
+
+    frames = [cv2.cvtColor(255 - cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in later]
+    from model.data import resize_image
+
+    template_rate = float((template.score_images([resize_image(f, template.image_size) for f in frames]).scores
+                           > template.threshold).float().mean())
+    print(f"cold start: first frame → promoted {taught_s:.0f} s (job {cold['job']}); false alarms on the new "
+          f"camera's later normals {rate:.2f} (template model {template_rate:.2f}); other camera {sent} frames sent")
+    assert rate <= 0.2 < template_rate
+    assert totals["cam-top"]["processed"] == sent == accounted(totals["cam-top"])
+    assert not totals["cam-top"]["dropped"] and not totals["cam-top"]["invalid"]
+    versions = {d["model_version"] for k, d in decisions.by_key.items() if k[0] == "cam-top"}
+    assert versions == {top.current()} and all(d["inspected"] for k, d in decisions.by_key.items() if k[0] == "cam-top")
