@@ -26,7 +26,7 @@ class BackboneConfig(_Strict):
     feature_size: int = Field(16, ge=2, le=128)
     # The smallest defect you care about, in pixels of the camera image (0 = off). When set, `train`
     # measures the camera's resolution on the training images and raises image_size (never lowers
-    # it) and feature_size so such a defect covers half a grid cell, up to 1024 px; the manifest's
+    # it) and feature_size so such a defect covers half a grid cell, up to 512 px; the manifest's
     # `sizing` says what it chose and how many painted defects of that size the model then flags.
     min_defect_px: float = Field(0.0, ge=0.0)
 

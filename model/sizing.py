@@ -5,7 +5,8 @@ side. A defect `d` camera pixels wide on an image whose longer side is `W` pixel
 `d · image_size / W` input pixels, i.e. `d · feature_size / W` cells. Below about half a cell, the
 per-cell statistics average it away. `input_size_for` picks the smallest input (multiple of 32,
 never below the configured one) on which the smallest defect covers `CELL_SHARE` of a cell at the
-backbone's stride of 16, and says when even the largest size allowed cannot reach that.
+backbone's stride of 16, and says when even the largest size allowed (MAX_IMAGE_SIZE) cannot reach
+that: `train` then warns.
 
 `small_defect_check` paints discs of that diameter at the camera's resolution onto validation
 normals and reports how many the calibrated model flags: the number a user reads before trusting
@@ -26,7 +27,11 @@ from .metrics import auroc
 
 CELL_STRIDE = 16     # input pixels per grid cell at the default 256 px / 16 cells
 CELL_SHARE = 0.5     # the smallest defect must cover this fraction of a cell's side
-MAX_IMAGE_SIZE = 1024
+# The largest input it picks: 512 px (a 32 × 32 grid) is what configs/highres.yaml measured on this CPU
+# box; at 768 px (48 × 48) fitting the scorer on Magnetic Tile's 686 training images held 15 GB and had
+# not finished in 12 minutes. A smaller defect is reported `capped` (tile the camera image, or train
+# on a GPU box with a larger cap).
+MAX_IMAGE_SIZE = 512
 SIZE_STEP = 32
 NATIVE_SAMPLE = 32   # images read to find the camera's resolution
 

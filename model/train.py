@@ -299,8 +299,10 @@ def train_model(cfg: AdtrConfig, dataset: Dataset, out_dir: Path, progress: bool
     bad = BadFiles()
     cfg, sizing = sized_for_defects(cfg, dataset.train, bad)
     if sizing is not None:
-        log.info("input size chosen for the smallest defect", min_defect_px=cfg.backbone.min_defect_px,
-                 **sizing.as_dict())
+        (log.warning if sizing.capped else log.info)(
+            "input size chosen for the smallest defect" + (": capped, the defect stays under half a cell"
+                                                            if sizing.capped else ""),
+            min_defect_px=cfg.backbone.min_defect_px, **sizing.as_dict())
         if cache is not None and cache.backbone.cfg.image_size != sizing.image_size:
             raise ValueError(f"the feature cache's backbone reads {cache.backbone.cfg.image_size} px, "
                              f"but min_defect_px asks for {sizing.image_size} px")

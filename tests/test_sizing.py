@@ -6,26 +6,27 @@ import json
 import numpy as np
 import pytest
 
-from model.sizing import CELL_SHARE, input_size_for, paint_disc
+from model.sizing import CELL_SHARE, MAX_IMAGE_SIZE, input_size_for, paint_disc
 
 
 def test_the_input_grows_until_the_smallest_defect_covers_half_a_cell():
-    size = input_size_for(8, native_side=1024, floor=256)
-    # 8 px of 1024 must become 8 input px (half a 16 px cell): 1024 px, 64 cells, 0.5 cell wide
-    assert (size.image_size, size.feature_size, size.capped) == (1024, 64, False)
+    size = input_size_for(16, native_side=1024, floor=256)
+    # 16 px of 1024 must become 8 input px (half a 16 px cell): 512 px, 32 cells, 0.5 cell wide
+    assert (size.image_size, size.feature_size, size.capped) == (512, 32, False)
     assert size.defect_cells == pytest.approx(CELL_SHARE)
     # a larger defect needs less: rounded up to a multiple of 32, never below the configured size
     assert input_size_for(20, 1024, 256).image_size == 416
     assert input_size_for(200, 1024, 256).image_size == 256
-    sizes = [input_size_for(d, 2000, 128).image_size for d in (40, 30, 20, 16)]
+    sizes = [input_size_for(d, 1000, 128).image_size for d in (40, 30, 20, 16)]
     assert sizes == sorted(sizes) and all(s % 32 == 0 for s in sizes)
     for d in (40, 30, 20, 16):
-        assert input_size_for(d, 2000, 128).defect_cells >= CELL_SHARE
+        assert input_size_for(d, 1000, 128).defect_cells >= CELL_SHARE
 
 
 def test_a_defect_too_small_for_the_largest_input_says_so():
     size = input_size_for(2, native_side=4000, floor=256)
-    assert size.image_size == 1024 and size.capped and size.defect_cells < CELL_SHARE
+    assert size.image_size == MAX_IMAGE_SIZE and size.capped and size.defect_cells < CELL_SHARE
+    assert input_size_for(2, 4000, 256, cap=2048).image_size == 2048  # a larger cap where memory allows
     with pytest.raises(ValueError, match="positive"):
         input_size_for(0, 1000, 256)
 

@@ -8,7 +8,7 @@ which raises the input so a D-pixel defect covers half a grid cell. Both are the
 (`model.sizing.small_defect_check`): recall and false alarms at each model's calibrated threshold,
 image AUROC. Validation data only.
 
-    python tests/benchmarks/defect_size_study.py --sets mt elpv:mono --sizes 4 8 16
+    python tests/benchmarks/defect_size_study.py --sets mt elpv:mono --sizes 4 8
 
 Writes runs/study/defect_size.json and prints one table.
 """
@@ -37,7 +37,7 @@ SETS = {"mt": str(ROOT.parent / "shared" / "data" / "magnetic-tile"), "elpv:mono
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sets", nargs="+", default=["mt"], choices=sorted(SETS))
-    ap.add_argument("--sizes", nargs="+", type=float, default=[4, 8, 16])
+    ap.add_argument("--sizes", nargs="+", type=float, default=[4, 8])
     ap.add_argument("--limit-per-class", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "study" / "defect_size.json")
     args = ap.parse_args()
