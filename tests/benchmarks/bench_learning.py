@@ -90,8 +90,9 @@ class Camera:
             time.sleep(max(0.0, next_at - time.monotonic()))
 
     def window(self, start: float, end: float) -> dict:
-        """Decisions received in [start, end] (wall clock): rate and latency."""
-        keys = [k for k, t in self.decisions.received_at.items() if start <= t <= end]
+        """This camera's decisions received in [start, end] (wall clock): rate and latency."""
+        camera = self.publisher.camera_id
+        keys = [k for k, t in list(self.decisions.received_at.items()) if start <= t <= end and k[0] == camera]
         if len(keys) < 2:
             return {"frames": len(keys)}
         latency = np.array([self.decisions.received_at[k] - self.decisions.by_key[k]["ts"] for k in keys]) * 1000
@@ -107,6 +108,18 @@ class Camera:
         self.thread.join(timeout=10)
         self.publisher.close()
         self.decisions.close()
+
+
+def camera_at_half_load(agent: Agent, frames) -> tuple[Camera, float, dict]:
+    """Measure the agent's capacity, start camera `line` at half of it, and measure 30 s of it undisturbed:
+    (camera, capacity frames/s, its idle window)."""
+    agent_run(agent, "warm-up", frames, 24)
+    capacity = agent_run(agent, "saturation", frames, 240)["frames_per_second"]
+    camera = Camera(agent, frames, fps=0.5 * capacity)
+    time.sleep(5.0)
+    t0 = time.time()
+    time.sleep(30.0)
+    return camera, capacity, camera.window(t0, time.time())
 
 
 def training_window(registry: Registry, run: str) -> tuple[float, float]:
@@ -164,14 +177,7 @@ def main() -> None:
                      "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
                      "model": str(model_dir), "base_samples": len(base), "base_feature_s": base_feature_s}
     try:
-        agent_run(agent, "warm-up", frames, 24)
-        capacity = agent_run(agent, "saturation", frames, 240)["frames_per_second"]
-        camera = Camera(agent, frames, fps=0.5 * capacity)
-        time.sleep(5.0)
-        t0 = time.time()
-        time.sleep(30.0)
-        results["capacity_fps"] = capacity
-        results["idle"] = camera.window(t0, time.time())
+        camera, results["capacity_fps"], results["idle"] = camera_at_half_load(agent, frames)
 
         v1 = registry.current()
         for path in accepted[: args.small]:

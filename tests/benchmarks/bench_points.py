@@ -58,7 +58,6 @@ def registries(model: Path, root: Path, n: int) -> list[str]:
 
 
 def child(args) -> dict:
-    import numpy as np
 
     from actors.config import InferenceConfig
     from actors.inference import InferenceActor
