@@ -34,6 +34,7 @@ from flask import (Flask, Response, abort, g, jsonify, redirect, render_template
                    url_for)
 from flask_wtf.csrf import CSRFError, CSRFProtect
 
+from actors.config import DEFAULT_POINT
 from model.registry import RegistryError
 from model.samples import SampleStore, StoreError, StoreLimits
 
@@ -95,8 +96,23 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
     index = FrameIndex(Path(agent.cfg.output.dir))
     live = LiveView(cache)
     registry = agent.registry
-    store = SampleStore(registry.store_dir, StoreLimits(**agent.cfg.learning.store.model_dump())) \
-        if registry is not None else None
+    limits = StoreLimits(**agent.cfg.learning.store.model_dump())
+    store = SampleStore(registry.store_dir, limits) if registry is not None else None
+    point_stores: dict[str, SampleStore] = {}
+
+    def store_of(camera: str, decision: dict[str, Any]) -> SampleStore:
+        """The sample store of the point that decided the frame: a label belongs with that point's model.
+        (These pages show the first point's versions; every point's frames are reviewed here.)"""
+        name = decision.get("point") or agent.routes.get(camera, DEFAULT_POINT)
+        point = agent.points.get(name)
+        if point is None or point.registry is None:
+            raise ValueError(f"the frame was decided by point {name!r}, which this agent does not serve from a "
+                             "registry now")
+        if point.registry is registry:
+            return store
+        if name not in point_stores:
+            point_stores[name] = SampleStore(point.registry.store_dir, limits)
+        return point_stores[name]
     app.extensions["adtr_console"] = {"index": index, "audit": audit, "sessions": sessions, "live": live}
 
     # ------------------------------------------------------------------ who is asking
@@ -455,7 +471,8 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
                 mask = decode_mask(data.get("mask"), width, height) if action == "confirm" else None
                 payload, decision = find_saved_frame(index.root,
                                                      file=f"{frame.camera}/{frame.stem}{frame.payload_suffix}")
-                result = accept_frame(store, payload, decision, "normal" if action == "accept" else "defect", by(),
+                result = accept_frame(store_of(frame.camera, decision), payload, decision,
+                                      "normal" if action == "accept" else "defect", by(),
                                       box, note, mask)
             except FrameNotFound as exc:
                 return {"error": str(exc)}, 404
