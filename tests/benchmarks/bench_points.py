@@ -6,7 +6,9 @@ Three layouts, each in a fresh process (so one's memory cannot inflate another's
   shared   3 points on one backbone (the agent's `points`): frames spread over the points, one batch;
   separate 3 single-point inference actors (what three agents on the box would hold): three backbones,
            three batch loops competing for the cores.
-Every layout runs the same real Magnetic Tile test frames at the model's size, batch and threads pinned
+With three `--model`s (one per point: e.g. Magnetic Tile, ELPV mono, ELPV poly) each point serves its own;
+`one` serves the first. Every layout runs the same real Magnetic Tile test frames at the model's size,
+batch and threads pinned
 (`--batch`, `--threads`), as concurrent calls of `--chunk` frames (what the ingest sends).
 
     python tests/benchmarks/bench_points.py --model runs/bench/adtr-edge --rounds 2
@@ -40,17 +42,18 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def registries(model: Path, root: Path, n: int) -> list[str]:
-    """n registries, each serving its own copy of `model` under its own version (three points' models)."""
+def registries(models: list[Path], root: Path, n: int) -> list[str]:
+    """n registries: the n models given (one per point), or n copies of the one model under versions of
+    their own."""
     from model.registry import Registry
 
     out = []
     for i in range(n):
         copy = root / f"model-{i}"
         if not copy.exists():
-            shutil.copytree(model, copy)
+            shutil.copytree(models[i % len(models)], copy)
             manifest = json.loads((copy / "manifest.json").read_text())
-            manifest["model_version"] = f"point-{i}"
+            manifest["model_version"] = f"point-{i}-{manifest['model_version']}"
             (copy / "manifest.json").write_text(json.dumps(manifest))
         reg = root / f"registry-{i}"
         out.append(str((Registry(reg) if reg.exists() else Registry.create(reg, copy, by="bench")).root))
@@ -106,7 +109,8 @@ def child(args) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, default=ROOT / "runs" / "bench" / "adtr-edge")
+    p.add_argument("--model", type=Path, nargs="+", default=[ROOT / "runs" / "bench" / "adtr-edge"],
+                   help="one model (three copies serve the points) or three (one per point)")
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "magnetic-tile")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench")
     p.add_argument("--rounds", type=int, default=2)
@@ -114,15 +118,18 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--chunk", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each inference actor (the box's cores)")
+    p.add_argument("--no-readme", action="store_true")
     p.add_argument("--layout", choices=LAYOUTS, help=argparse.SUPPRESS)  # a child's one measurement
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.layout:
         print(json.dumps(child(args)))
         return 0
-    if not (args.model / "manifest.json").is_file():
-        raise SystemExit(f"{args.model}: no model (make bench trains runs/bench/adtr-edge; or pass --model)")
+    missing = [m for m in args.model if not (m / "manifest.json").is_file()]
+    if missing or len(args.model) not in (1, 3):
+        raise SystemExit(f"{missing or args.model}: one or three trained models (make bench trains "
+                         "runs/bench/adtr-edge; or pass --model)")
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for r in range(args.rounds):
@@ -134,16 +141,30 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "points.json").write_text(json.dumps(rows, indent=1))
+    table = render(rows, args)
+    print(table)
+    if not args.no_readme:
+        from readme_table import update_section
+
+        update_section(ROOT / "README.md", "points-bench", table)
+    return 0
+
+
+def render(rows: list[dict], args) -> str:
     one = statistics.median(r["frames_per_second"] for r in rows if r["layout"] == "one")
-    print("\n| layout | points | frames/s (median) | vs 1 point | models' memory MB | process RSS MB |")
-    print("|---|---|---|---|---|---|")
+    names = ", ".join(str(m) for m in args.model)
+    lines = [f"Measured by `python tests/benchmarks/bench_points.py --model {names}` ({args.rounds} rounds, "
+             f"layouts alternated, each in a fresh process; batch {args.batch}, {args.threads} torch thread(s), "
+             f"{args.frames} Magnetic Tile frames × {args.repeats}, calls of {args.chunk}; medians):", "",
+             "| layout | points | frames/s | vs 1 point | models' memory MB | process RSS MB |",
+             "|---|---|---|---|---|---|"]
     for layout in LAYOUTS:
         its = [r for r in rows if r["layout"] == layout]
         fps = statistics.median(r["frames_per_second"] for r in its)
-        print(f"| {layout} | {its[0]['points']} | {fps:.1f} | {fps / one:.2f} | "
-              f"{statistics.median(r['models_mb'] for r in its):.0f} | "
-              f"{statistics.median(r['rss_after_mb'] for r in its):.0f} |")
-    return 0
+        lines.append(f"| {layout} | {its[0]['points']} | {fps:.1f} | {fps / one:.2f} | "
+                     f"{statistics.median(r['models_mb'] for r in its):.0f} | "
+                     f"{statistics.median(r['rss_after_mb'] for r in its):.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
