@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adtr-edge", description="ADTR visual inspection for the edge")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-json", action="store_true", default=None, help="JSON log lines even on a TTY")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a normal-only ADTR model")
@@ -479,6 +480,16 @@ COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "pre
             "run": cmd_run, "publish": cmd_publish, "keys": cmd_keys, "watch": cmd_watch, "demo": cmd_demo,
             "models": cmd_models, "points": cmd_points, "accept": cmd_accept, "retrain": cmd_retrain,
             "console": cmd_console}
+
+
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml), or `unknown` when run from a bare checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("adtr-edge")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
