@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--by", default=None)
         q.add_argument("--reason", default="")
 
+    p = sub.add_parser("status", help="the agent serving a registry: its Ray Jobs address, the environment a "
+                       "shell needs for `ray job submit`, and the exact command")
+    p.add_argument("--registry", required=True, type=Path)
+
     p = sub.add_parser("points", help="the running agent's inspection points: list them, or teach a new camera")
     psub = p.add_subparsers(dest="points_command", required=True)
     q = psub.add_parser("list", help="each point's cameras, serving and shadow versions, cold start")
@@ -372,6 +376,15 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    from model.registry import Registry
+
+    from . import operate
+
+    print(json.dumps(operate.agent_status(Registry(args.registry)), indent=2))
+    return 0
+
+
 def cmd_points(args) -> int:
     from model.registry import Registry
 
@@ -478,7 +491,7 @@ def cmd_console(args) -> int:
 
 COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "predict": cmd_predict,
             "run": cmd_run, "publish": cmd_publish, "keys": cmd_keys, "watch": cmd_watch, "demo": cmd_demo,
-            "models": cmd_models, "points": cmd_points, "accept": cmd_accept, "retrain": cmd_retrain,
+            "models": cmd_models, "status": cmd_status, "points": cmd_points, "accept": cmd_accept, "retrain": cmd_retrain,
             "console": cmd_console}
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
+import shlex
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -78,6 +81,30 @@ class AgentClient:
 def agent_info(registry: Registry) -> dict[str, Any]:
     path = registry.root / AGENT_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def agent_status(registry: Registry) -> dict[str, Any]:
+    """Whether an agent serves this registry, and how to reach its Ray Jobs API from a shell by hand."""
+    info = agent_info(registry)
+    if not info:
+        raise AgentError(f"no agent serves {registry.root} (it writes {AGENT_FILE} there when it starts)")
+    try:
+        os.kill(int(info["pid"]), 0)
+        alive = True
+    except (OSError, ValueError, KeyError):
+        alive = False
+    out: dict[str, Any] = {"registry": str(registry.root), "running": alive, **info}
+    if info.get("jobs"):
+        env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": info.get("ray_token_file")}
+        out["shell_env"] = {k: v for k, v in env.items() if v}
+        exports = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in out["shell_env"].items())
+        bin_dir = Path(sys.executable).parent  # this install's own CLIs: no activated venv needed
+        ray_cli = bin_dir / "ray"
+        out["ray_job_submit"] = (f"{exports} {shlex.quote(str(ray_cli)) if ray_cli.exists() else 'ray'} job submit "
+                                 f"--address {info['jobs']} -- {shlex.quote(str(bin_dir / 'adtr-edge'))} retrain "
+                                 f"--registry {shlex.quote(str(registry.root))} --namespace "
+                                 f"{shlex.quote(info.get('namespace') or 'adtr-edge')}")
+    return out
 
 
 # ------------------------------------------------------------------ adtr-edge models

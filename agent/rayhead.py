@@ -54,10 +54,16 @@ def _refresh_ray_auth() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(preferred: int = 0) -> int:
+    """`preferred` when nothing on this box listens there, else a free port the OS picks."""
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free port")
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -82,11 +88,14 @@ class LocalHead:
 
     def __init__(self, num_cpus: int | None = None, num_gpus: int | None = None, timeout_s: float = 120.0,
                  labels: dict[str, str] | None = None, object_store_bytes: int | None = None,
-                 memory_usage_threshold: float | None = None):
-        ensure_token()
+                 memory_usage_threshold: float | None = None, dashboard_port: int = 0):
+        self.token_path = ensure_token()
         self.temp_dir = tempfile.mkdtemp(prefix="adtr-ray-")  # short: Ray's socket paths have a length limit
         self.log_path = Path(self.temp_dir) / "head.log"
-        self.dashboard_port = free_port()
+        # Ray Jobs' usual port (8265, what `ray job submit` docs and users assume) when it is free here, else
+        # any free one: `adtr-edge status --registry REG` prints the one in use.
+        self.dashboard_port = free_port(dashboard_port)
+        self.preferred_port = dashboard_port
         ray_cli = str(Path(sys.executable).with_name("ray"))
         args = [ray_cli if Path(ray_cli).exists() else "ray", "start", "--head", "--block", "--port=0",
                 f"--temp-dir={self.temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",

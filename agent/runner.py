@@ -45,7 +45,11 @@ def connect_ray(cfg: AgentConfig, jobs: bool) -> tuple[bool, str | None, LocalHe
     options: dict[str, Any] = {"namespace": cfg.ray.namespace, "log_to_driver": True}
     head = None
     if cfg.ray.address is None and jobs:
-        head = LocalHead(num_cpus=cfg.ray.num_cpus, memory_usage_threshold=cfg.ray.memory_usage_threshold)
+        head = LocalHead(num_cpus=cfg.ray.num_cpus, memory_usage_threshold=cfg.ray.memory_usage_threshold,
+                         dashboard_port=cfg.ray.dashboard_port)
+        if head.dashboard_port != cfg.ray.dashboard_port and cfg.ray.dashboard_port:
+            log.warning("Ray Jobs port taken; the agent's Jobs API is on another", wanted=cfg.ray.dashboard_port,
+                        jobs=head.dashboard, hint="adtr-edge status --registry REG prints it")
         options["address"] = head.address
     elif cfg.ray.address is None:
         os.environ.update(memory_monitor_env(cfg.ray.memory_usage_threshold))  # read by the raylet ray.init starts
@@ -270,6 +274,8 @@ class Agent:
         info = {"pid": os.getpid(), "http": http_url, "jobs": self.jobs_address, "token_file": str(token_file)
                 if token_file else None, "namespace": ray.get_runtime_context().namespace,
                 "started_at": self.started_at, "point": point.name, "cameras": point.cameras,
+                "ray_token_file": str(self.ray_head.token_path) if self.ray_head else
+                os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token"),
                 "anomalies": str(Path(self.cfg.output.dir).expanduser().resolve())}
         path = point.registry.root / AGENT_FILE
         tmp = path.with_name(path.name + ".tmp")

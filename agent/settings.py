@@ -44,6 +44,10 @@ class RayConfig(_Section):
     namespace: str = "adtr-edge"
     num_cpus: int | None = None  # only for the embedded instance
     include_dashboard: bool = False  # Ray Jobs (retraining) need it
+    # The Ray Jobs API of the head the agent starts for retraining: this port when it is free on the box
+    # (Ray's usual 8265: `ray job submit --address http://127.0.0.1:8265` works as written), else any free
+    # one (`adtr-edge status --registry REG` prints it). 0: always any free port.
+    dashboard_port: int = Field(8265, ge=0, le=65535)
     # Ray's memory monitor kills Ray workers (the agent's actors, a retrain job) once the *node's* memory use
     # passes this share, whoever uses it (Ray's default, 0.95, killed the agent's actors and a retrain here
     # when other programs filled the box). Only for a Ray the agent starts itself; 1.0 turns it off.

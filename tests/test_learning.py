@@ -507,6 +507,50 @@ def test_killing_the_agent_mid_retrain_loses_no_accepted_frame(registry, tmp_pat
         _kill_actors("killed-agent")
 
 
+def test_ray_job_submit_by_hand_runs_as_the_readme_and_status_say(registry, tmp_path):
+    """`adtr-edge run` on a registry starts its own Ray head with Jobs on 8265 when that port is free;
+    `adtr-edge status` prints the environment and the exact `ray job submit` line; that line, run in a
+    shell, retrains."""
+    import socket
+
+    with socket.socket() as probe:
+        free_8265 = probe.connect_ex(("127.0.0.1", 8265)) != 0
+    out = tmp_path / "agent.out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # a fresh shell: no Ray settings
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "--log-json", "run", "--model", str(registry.root),
+         "--ingest", "tcp://127.0.0.1:*", "--results", "tcp://127.0.0.1:*", "--set", "http.port=0",
+         "--set", "console.enabled=false", "--set", f"output.dir={tmp_path / 'anomalies'}",
+         "--set", f"state_dir={tmp_path / 'state'}"],
+        stdout=open(out, "w"), stderr=open(tmp_path / "agent.log", "w"), cwd=ROOT,
+        env=dict(env, ADTR_EDGE_LEARNING__RETRAIN__EPOCHS="1"))  # the box's setting, inherited by its Ray jobs
+    try:
+        assert wait_until(lambda: '"agent ready"' in out.read_text(), 240), (tmp_path / "agent.log").read_text()[-2000:]
+        result = _cli("status", "--registry", str(registry.root), env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        status = json.loads(result.stdout)
+        assert status["running"] and status["shell_env"]["RAY_AUTH_MODE"] == "token"
+        if free_8265:
+            assert status["jobs"] == "http://127.0.0.1:8265"
+        submit = subprocess.run(["bash", "-c", status["ray_job_submit"]], capture_output=True, text=True,
+                                timeout=900, env=env, cwd=tmp_path)  # run as printed
+        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
+        assert "succeeded" in submit.stdout.lower()
+        outcome = json.loads(next((registry.root / "runs").glob("*/outcome.json")).read_text())
+        assert outcome["refit"]["gate"]["passed"] is not None and outcome["version"]
+        bare = status["ray_job_submit"].split(" ", len(status["shell_env"]))[-1]  # the same line without the exports
+        assert bare.split()[1:3] == ["job", "submit"]
+        unauthenticated = subprocess.run(["bash", "-c", bare.replace(" job submit", " job submit --no-wait", 1)],
+                                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert unauthenticated.returncode != 0  # without the token environment Ray refuses the submission
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(120)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+
+
 def _kill_actors(namespace: str) -> None:
     """A SIGKILLed agent leaves its actors (they belong to the cluster): clean them up."""
     for name in ("inference", "scoring", "ingest-0", "models"):
