@@ -24,6 +24,7 @@ from hostile import malformed
 from live import Decisions, accounted, live_agent, settled_totals, wait_until
 from model.detector import load_detector
 from model.predict import predict_path
+from test_deploy import dashboard_metrics
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -223,6 +224,10 @@ def test_metrics_health_and_readiness_over_http(trained_model, tmp_path, test_im
     assert 'adtr_frames_dropped_total{camera="gappy",reason="upstream_gap"} 3.0' in metrics
     assert 'adtr_frames_processed_total{camera="gappy"} 3.0' in metrics
     assert ready["ready"] is True and health == 200
+    # deploy/grafana's dashboard queries only metrics the agent exports
+    exported = {line.split()[2] for line in metrics.splitlines() if line.startswith("# TYPE ")}
+    exported |= {f"{n}_{suffix}" for n in exported for suffix in ("total", "bucket", "sum", "count")}
+    assert dashboard_metrics() <= exported, sorted(dashboard_metrics() - exported)
 
 
 def test_raw_and_png_frames_score_like_their_jpeg(trained_model, tmp_path, test_images):

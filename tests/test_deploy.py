@@ -54,3 +54,42 @@ def test_the_unit_drains_and_runs_the_registry_backed_agent_with_settings_that_e
     cfg = load_settings(kind=AgentSettings)  # every ADTR_EDGE_ variable it sets is a setting
     assert str(cfg.state_dir) == "/var/lib/adtr-edge/state" and str(cfg.output.dir).startswith("/var/lib/adtr-edge")
     assert all(p.startswith("/var/lib/adtr-edge") for p in unit["ReadWritePaths"])
+
+
+def dashboard_metrics() -> set[str]:
+    """Every metric the provisioned Grafana dashboard queries (checked against a live agent's /metrics in
+    tests/test_agent.py)."""
+    import json
+
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "adtr-edge.json").read_text())
+    return {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"\badtr_[a-z_]+", target["expr"])}
+
+
+def test_the_dashboard_is_provisioned_with_its_datasource():
+    import json
+
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "adtr-edge.json").read_text())
+    assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {"prometheus"} and dashboard_metrics()
+    provisioned = (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    assert "uid: prometheus" in provisioned
+    assert "/var/lib/grafana/dashboards" in (DEPLOY / "grafana" / "provisioning" / "dashboards" /
+                                             "adtr-edge.yml").read_text()
+
+
+def test_the_image_recipe_installs_dependencies_before_sources_and_runs_unprivileged_under_an_init():
+    lines = [line.strip() for line in (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
+             if line.strip() and not line.strip().startswith("#")]
+    copies = [i for i, line in enumerate(lines) if line.startswith("COPY ")]
+    deps = next(i for i, line in enumerate(lines) if line.startswith("RUN") and "pip install --no-cache-dir ." in line)
+    assert lines[copies[0]].startswith("COPY pyproject.toml") and copies[0] < deps < copies[1]
+    user = next(line for line in lines if line.startswith("USER "))
+    assert user.split()[1] not in ("root", "0")
+    assert any(line.startswith("ENTRYPOINT") and "tini" in line for line in lines)
+    health = next(line for line in lines if line.startswith("HEALTHCHECK"))
+    assert "--start-period=" in health
+    assert "9109" in next(line for line in lines if line.startswith("EXPOSE"))
+    ignored = (DEPLOY.parent / ".dockerignore").read_text().split()
+    assert {".venv", "runs", ".git"} <= set(ignored)
+    compose = (DEPLOY / "docker-compose.yml").read_text()
+    assert "/var/lib/adtr-edge" in compose and "prometheus" in compose and "grafana" in compose
