@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--registry", required=True, type=Path)
     q.add_argument("--from", dest="source", required=True, type=Path, help="trained model folder")
     q.add_argument("--base-data", help="the model's dataset: its training normals go to the store as origin base")
+    q.add_argument("--store-journal", choices=["wal", "delete"], default="wal",
+                   help="the sample store's SQLite journal: wal (one host) or delete (a rollback journal, for a "
+                        "registry on shared storage that processes on several hosts open; needs POSIX locks)")
     q.add_argument("--by", default=None)
     for name, text in (("list", "versions, oldest first, with their gate results and pointers"),
                        ("events", "the registry's event log"), ("rollback", "serve the previous version again")):
@@ -349,7 +352,7 @@ def cmd_models(args) -> int:
 
     by = args.by or operate.default_by()
     if args.models_command == "init":
-        print(json.dumps(operate.models_init(args.registry, args.source, args.base_data, by)))
+        print(json.dumps(operate.models_init(args.registry, args.source, args.base_data, by, args.store_journal)))
         return 0
     registry = Registry(args.registry)
     command = args.models_command

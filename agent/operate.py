@@ -24,7 +24,7 @@ from model.data import load_dataset
 from model.checkpoint import read_manifest
 from model.config import AdtrConfig
 from model.registry import Registry
-from model.samples import SampleStore
+from model.samples import SampleStore, set_journal_mode
 
 from .errors import AgentError
 from .learning import accept_frame, accept_many, find_saved_frame
@@ -108,9 +108,12 @@ def agent_status(registry: Registry) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ adtr-edge models
-def models_init(registry_path: Path, model: Path, base_data: str | None, by: str) -> dict[str, Any]:
+def models_init(registry_path: Path, model: Path, base_data: str | None, by: str,
+                store_journal: str = "wal") -> dict[str, Any]:
     registry = Registry.create(registry_path, model, by)
-    out: dict[str, Any] = {"registry": str(registry.root), "current": registry.current()}
+    set_journal_mode(registry.store_dir, store_journal)  # before anything opens the store's index
+    out: dict[str, Any] = {"registry": str(registry.root), "current": registry.current(),
+                           "store_journal": store_journal}
     if base_data:
         out["base_samples"] = import_base(registry, base_data, by)
     return out

@@ -1,7 +1,8 @@
 """The accepted-sample store: what the model learns from on the line. Durable, bounded, audited.
 
 Images are content-addressed files (`blobs/ab/<sha256><ext>`, so an exact duplicate costs nothing);
-an SQLite index (WAL, synchronous FULL) says what each one is:
+an SQLite index (synchronous FULL; WAL, or a rollback journal for shared storage: see JOURNAL_FILE)
+says what each one is:
 
 - origin `base`: the original training set; `auto`: frames the serving model scored confidently normal
   (sampled by the agent); `operator`: frames a person accepted as normal (e.g. a false alarm);
@@ -124,12 +125,35 @@ class Snapshot:
                              **({"mask": s.mask_path.name} if s.mask_path else {})} for s in self.samples]}
 
 
+# The index's journal, fixed when the store is created (`models init --store-journal`): `wal` (the default)
+# needs every process that opens the index on one host (WAL's shared memory); `delete` (a rollback journal)
+# lets processes on several hosts open it through storage with working POSIX locks (NFSv4, CephFS): a
+# registry on a volume shared by the agent's pod and the Ray head that runs the retrain job.
+JOURNAL_FILE = "journal_mode"
+JOURNAL_MODES = ("wal", "delete")
+
+
+def set_journal_mode(root: str | Path, mode: str) -> None:
+    """Choose the index's journal for a store not yet opened (see JOURNAL_FILE)."""
+    if mode not in JOURNAL_MODES:
+        raise StoreError(f"journal mode must be one of {JOURNAL_MODES}, not {mode!r}")
+    root = Path(root).expanduser()
+    if (root / "index.sqlite").exists():
+        raise StoreError(f"{root}: the store exists already; its journal mode is fixed when it is created")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / JOURNAL_FILE).write_text(mode + "\n")
+
+
 class SampleStore:
     def __init__(self, root: str | Path, limits: StoreLimits = StoreLimits()):
         self.root = Path(root).expanduser()
         self.blobs = self.root / "blobs"
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.limits = limits
+        marker = self.root / JOURNAL_FILE
+        self.journal = marker.read_text().strip() if marker.is_file() else "wal"
+        if self.journal not in JOURNAL_MODES:
+            raise StoreError(f"{marker}: unknown journal mode {self.journal!r} (one of {JOURNAL_MODES})")
         self._local = threading.local()
         with self._db() as db:
             db.executescript(_SCHEMA)
@@ -139,7 +163,7 @@ class SampleStore:
         db = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.root / "index.sqlite", timeout=30.0, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA journal_mode={self.journal.upper()}")
             db.execute("PRAGMA synchronous=FULL")
             db.row_factory = sqlite3.Row
             self._local.db = db

@@ -7,16 +7,18 @@ from __future__ import annotations
 import json
 import shutil
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import MAGNETIC_TILE
+from conftest import MAGNETIC_TILE, ROOT
 from model.checkpoint import read_manifest
 from model.drift import ScoreDrift, psi, reference_bins
 from model.gate import GateTolerances, ModelEvaluation, gate
 from model.registry import Registry, RegistryError, resolve_model
-from model.samples import SampleStore, StoreError, StoreLimits, split_for
+from model.samples import SampleStore, StoreError, StoreLimits, set_journal_mode, split_for
 
 NORMALS = sorted((MAGNETIC_TILE / "MT_Free" / "Imgs").glob("*.jpg"))
 DEFECTS = sorted((MAGNETIC_TILE / "MT_Crack" / "Imgs").glob("*.jpg"))
@@ -167,6 +169,29 @@ def test_an_acknowledged_sample_is_on_disk_and_committed(tmp_path):
     assert row["origin"] == "operator"
     assert reopened.blob_path(result.sha256, ".jpg").read_bytes() == NORMALS[0].read_bytes()
     assert stat.S_ISREG(reopened.blob_path(result.sha256, ".jpg").stat().st_mode)
+
+
+def _add_from_another_process(root, paths, camera) -> subprocess.Popen:
+    code = ("import sys, pathlib; from model.samples import SampleStore; s = SampleStore(sys.argv[1]); "
+            "[s.add(pathlib.Path(p).read_bytes(), 'operator', 'proc', '.jpg', camera_id=sys.argv[2]) "
+            "for p in sys.argv[3:]]")
+    return subprocess.Popen([sys.executable, "-c", code, str(root), camera, *map(str, paths)], cwd=ROOT)
+
+
+def test_a_store_for_shared_storage_uses_a_rollback_journal_and_takes_writers_from_several_processes(tmp_path):
+    set_journal_mode(tmp_path, "delete")
+    writers = [_add_from_another_process(tmp_path, NORMALS[i::3][:10], f"cam-{i}") for i in range(3)]
+    assert all(w.wait(120) == 0 for w in writers)
+    store = SampleStore(tmp_path)
+    assert store.journal == "delete"
+    assert store._db().execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert not (tmp_path / "index.sqlite-wal").exists()  # nothing that needs one host's shared memory
+    assert sum(store.counts()["by_origin"].values()) == sum(len(NORMALS[i::3][:10]) for i in range(3))
+    with pytest.raises(StoreError, match="fixed when it is created"):
+        set_journal_mode(tmp_path, "wal")
+    with pytest.raises(StoreError, match="journal mode must be"):
+        set_journal_mode(tmp_path / "other", "truncate")
+    assert SampleStore(tmp_path / "default").journal == "wal"
 
 
 # ------------------------------------------------------------------ the gate
