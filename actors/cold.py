@@ -15,6 +15,7 @@ from typing import Any
 from model.registry import write_json_atomic
 
 COLD_FILE = "cold_start.json"
+MIN_RECORDED = 40  # frames a first model needs: 70 % train, and a retrain needs min_train_samples (20)
 
 
 def read_cold(registry_root: str | Path) -> dict[str, Any] | None:

@@ -288,9 +288,10 @@ class ColdStartConfig(Section):
     the agent's first point, records the camera's first `frames` frames into its own sample store (its
     decisions published as not inspected meanwhile), then a retrain job refits and trains its first model
     on them; that model is shadowed (or promoted by the gate with labelled defects) and the operator
-    promotes it. Frames are recorded at most one per `every_s` per camera (0: every frame)."""
+    promotes it. Frames are recorded at most one per `every_s` per camera (0: every frame). The operator may
+    end the recording earlier (`adtr-edge points finish-recording`, at least 40 frames)."""
 
-    frames: int = Field(200, ge=40)  # 70 % train: the retrain needs min_train_samples (20)
+    frames: int = Field(200, ge=40)  # actors.cold.MIN_RECORDED: 70 % train, a retrain needs min_train_samples
     every_s: float = Field(0.0, ge=0)
     epochs: int = Field(3, ge=1)  # the retrain's training after its refit (warm-started from the template)
     queue: int = Field(64, ge=1)  # frames waiting to be written; what does not fit is shed and counted

@@ -26,7 +26,7 @@ import structlog
 from model.registry import Registry
 from model.samples import SampleStore
 
-from .cold import end_cold, read_cold, write_cold
+from .cold import MIN_RECORDED, end_cold, read_cold, write_cold
 from .config import DEFAULT_POINT, LearningConfig, RetrainConfig
 from .jobs import job_info, submit_retrain
 from .logs import configure_logging
@@ -244,6 +244,20 @@ class ModelManager:
                 self.log.error("scheduled retrain failed to submit", error=str(exc)[:300])
 
     # ------------------------------------------------------------------ cold start (actors/cold.py)
+    async def finish_recording(self, by: str) -> dict[str, Any]:
+        """The operator says the recorded run is enough (at least MIN_RECORDED frames): train on it now."""
+        cold = read_cold(self.registry.root)
+        if cold is None or cold.get("state") != "recording":
+            raise PromotionError(f"point {self.point} is not recording (cold start: {cold and cold.get('state')})")
+        stored = sum(SampleStore(self.registry.store_dir).counts()["by_origin"].values())
+        if stored < MIN_RECORDED:
+            raise PromotionError(f"{stored} frames recorded; at least {MIN_RECORDED} are needed to train a first model")
+        cold = dict(cold, frames=stored, finished_by=by)
+        write_cold(self.registry.root, cold)
+        await self.scoring.set_cold.remote(self.point, cold)
+        self.log.info("cold start: recording ended by the operator", by=by, frames=stored)
+        return {"point": self.point, "frames": stored}
+
     async def _cold_start_loop(self) -> None:
         """While the point is taught: once its recording is complete, submit the retrain that builds its
         first model (refit first, then `cold_start.epochs` of training); note when a candidate is out."""

@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--camera", dest="cameras", action="append", required=True, help="its camera ids (repeatable)")
     q.add_argument("--frames", type=int, help="frames to record before training (learning.cold_start.frames)")
     q.add_argument("--by", default=None)
+    q = psub.add_parser("finish-recording", help="a point being taught: the frames recorded so far are enough "
+                        "(at least 40), train its first model now")
+    q.add_argument("--registry", required=True, type=Path, help="the point's own registry (points_dir/NAME)")
+    q.add_argument("--by", default=None)
 
     p = sub.add_parser("accept", help="file a saved frame in the sample store: normal (default) or --defect")
     p.add_argument("--registry", required=True, type=Path)
@@ -397,6 +401,9 @@ def cmd_points(args) -> int:
     if client is None:
         raise SettingsError(f"no running agent serves {args.registry}: points are the running agent's "
                             "(start it with adtr-edge run)")
+    if args.points_command == "finish-recording":  # about the registry's own point
+        print(json.dumps(client.call("POST", "/v1/points/finish-recording", {"by": args.by or operate.default_by()})))
+        return 0
     client.point = None  # about the agent, not one point
     if args.points_command == "list":
         print(json.dumps(client.call("GET", "/v1/points"), indent=2))

@@ -492,6 +492,10 @@ def create_app(agent: Agent, cache: SnapshotCache, token: TokenCheck | None) -> 
         stores[name] = SampleStore(agent.points[name].registry.store_dir, limits)
         return jsonify(result), 201
 
+    @app.post("/v1/points/finish-recording")
+    def finish_recording():
+        return manager_call("finish_recording", who(body()))
+
     @app.get("/v1/events")
     def events():
         return jsonify(point=g.point.name, registry=g.point.registry.events(200), store=g.store.events(200))

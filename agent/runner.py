@@ -15,7 +15,7 @@ import structlog
 from actors.inference import InferenceActor
 from actors.ingest import IngestActor
 from actors.models import ModelManager
-from actors.cold import write_cold
+from actors.cold import MIN_RECORDED, write_cold
 from actors.config import DEFAULT_POINT, POINT_NAME, camera_points
 from actors.retrain import AGENT_FILE, manager_name
 from actors.scoring import ScoringActor
@@ -233,8 +233,8 @@ class Agent:
         if template.registry is None or self.jobs_address is None:
             raise AgentError("teaching a new point needs the first point served from a registry, with Ray Jobs")
         frames = frames or self.cfg.learning.cold_start.frames
-        if frames < 40:
-            raise AgentError(f"frames {frames}: at least 40 (70 % of them train, and a retrain needs 20)")
+        if frames < MIN_RECORDED:
+            raise AgentError(f"frames {frames}: at least {MIN_RECORDED} (70 % of them train, and a retrain needs 20)")
         root = Path(self.cfg.points_dir).expanduser().resolve() / name
         registry = Registry.create(root, template.registry.current_dir(), by)
         write_cold(root, {"state": "recording", "frames": frames, "cameras": cameras, "by": by,

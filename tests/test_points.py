@@ -25,6 +25,7 @@ from agent.settings import SettingsError
 from live import ANY_PORT, Decisions, agent_config, settled_totals, wait_until
 from model.data import read_image, resize_image
 from model.registry import Registry
+from model.samples import SampleStore
 
 
 def _variant(model_dir, dst, version: str, threshold_factor: float):
@@ -231,7 +232,8 @@ def _new_product(path) -> "SourceFrame":
 def test_a_new_camera_is_taught_on_the_box_from_its_first_frames_while_another_camera_streams(
         trained_model, tmp_path, test_images):
     """Cold start, end to end: `points add` → the new camera's frames are recorded (published, not inspected)
-    → a real Ray job refits and trains its first model → shadowed → promoted → its decisions are inspected,
+    until the operator ends the recording → a real Ray job refits and trains its first model → shadowed →
+    promoted → its decisions are inspected,
     with far fewer false alarms on its normals than the template model; the other camera never stops."""
     from actors.jobs import job_info
     from live import Streamer, accounted, registry_with_base
@@ -243,7 +245,7 @@ def test_a_new_camera_is_taught_on_the_box_from_its_first_frames_while_another_c
     recorded, later = normals[:80], normals[80:110]
     top = registry_with_base(trained_model, tmp_path / "reg-top", MAGNETIC_TILE)
     cfg = agent_config(tmp_path, {"learning": {"guard": {"enabled": False},
-                                               "cold_start": {"epochs": 1, "frames": 60}},
+                                               "cold_start": {"epochs": 1, "frames": 500}},
                                   "points_dir": str(tmp_path / "points")})
     agent = Agent(top.root, [ANY_PORT], ANY_PORT, cfg).start()
     try:
@@ -252,7 +254,7 @@ def test_a_new_camera_is_taught_on_the_box_from_its_first_frames_while_another_c
         assert decisions.wait_for(5)
         started = time.monotonic()
         added = agent.add_point("new", ["cam-new"], "test")
-        assert added["frames"] == 60 and (tmp_path / "points" / "new" / "cold_start.json").is_file()
+        assert added["frames"] == 500 and (tmp_path / "points" / "new" / "cold_start.json").is_file()
         new_cam = FramePublisher(agent.bound_ingest[0], "cam-new")
         for path in recorded:
             new_cam.send(_new_product(path))
@@ -260,6 +262,16 @@ def test_a_new_camera_is_taught_on_the_box_from_its_first_frames_while_another_c
         taught = [d for k, d in decisions.by_key.items() if k[0] == "cam-new"]
         assert all(d["point"] == "new" and not d["inspected"] and not d["is_anomaly"] for d in taught)
         new = Registry(tmp_path / "points" / "new")
+        manager = agent.points["new"].manager
+        def recorded_all() -> bool:  # every frame offered is stored, or shed and counted (a full queue)
+            r = agent.snapshot()["scoring"]["points"]["new"]["cold_start"]["recording"]
+            return r["queued"] == 0 and r["written"] + r["shed"] + r["duplicates"] == r["offered"] == len(recorded)
+
+        assert wait_until(recorded_all, 60)
+        stored = sum(SampleStore(new.store_dir).counts()["by_origin"].values())
+        assert stored >= 40 and agent.snapshot()["models-new"]["cold_start"]["state"] == "recording"  # of 500
+        ended = ray.get(manager.finish_recording.remote("operator:test"), timeout=60)  # "this run is enough"
+        assert ended["frames"] == stored
         assert wait_until(lambda: (agent.snapshot()["models-new"]["cold_start"] or {}).get("state") == "candidate",
                           600, 1.0), agent.snapshot()["models-new"]
         cold = agent.snapshot()["models-new"]["cold_start"]  # the refit is out; the job may still train
