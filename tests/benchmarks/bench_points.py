@@ -152,7 +152,7 @@ def main() -> int:
 
 def render(rows: list[dict], args) -> str:
     one = statistics.median(r["frames_per_second"] for r in rows if r["layout"] == "one")
-    names = ", ".join(str(m) for m in args.model)
+    names = " ".join(str(m) for m in args.model)
     lines = [f"Measured by `python tests/benchmarks/bench_points.py --model {names}` ({args.rounds} rounds, "
              f"layouts alternated, each in a fresh process; batch {args.batch}, {args.threads} torch thread(s), "
              f"{args.frames} Magnetic Tile frames × {args.repeats}, calls of {args.chunk}; medians):", "",
