@@ -73,6 +73,11 @@ class IngestConfig(Section):
     max_pixels: int = Field(40_000_000, ge=1)
     max_cameras: int = Field(64, ge=1)  # distinct camera ids tracked per endpoint (bounds metric labels)
     allowed_cameras: list[str] = []  # empty: any camera id
+    # IP addresses a camera may connect from, checked by a ZAP handler during the ZeroMQ handshake, before
+    # any message part is read (an unlisted peer cannot make the agent assemble even one message). None:
+    # loopback only when the endpoint binds loopback; an endpoint reachable from other hosts then needs
+    # this list or CURVE, and the agent refuses to start with neither. ["*"]: any address (say so on purpose).
+    allowed_peers: list[str] | None = None
     curve: CurveConfig = CurveConfig()
     # A forward jump of up to this many seqs is counted as frames lost upstream; a bigger one is a
     # `jump` (counted once, the sequence starts again there), so one bad seq cannot claim 10^9 drops.
@@ -90,6 +95,41 @@ class IngestConfig(Section):
     # batch is smaller and they are waiting: at saturation fewer Ray calls per frame (each costs both sides a
     # serialization and an object-store round trip); at low load the queue holds fewer frames anyway.
     min_chunk: int = Field(4, ge=1, le=512)
+
+    @model_validator(mode="after")
+    def _peers_valid(self) -> IngestConfig:
+        import ipaddress
+
+        for peer in self.allowed_peers or []:
+            if peer != "*":
+                try:
+                    ipaddress.ip_address(peer)
+                except ValueError:
+                    raise ValueError(f"ingest.allowed_peers: {peer!r} is not an IP address (or \"*\" for any)")
+        return self
+
+    def peer_allowlist(self, endpoint: str) -> list[str] | None:
+        """The addresses the ZAP handler lets in on `endpoint`; None: no address check. Raises ValueError for an
+        endpoint other hosts can reach with neither a list nor CURVE."""
+        import ipaddress
+
+        if self.allowed_peers is not None:
+            return None if "*" in self.allowed_peers else list(self.allowed_peers)
+        if not endpoint.startswith("tcp://"):
+            return None  # ipc:// and inproc:// are this host's (file permissions, the process)
+        host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+        if host == "localhost":
+            return ["127.0.0.1", "::1"]
+        try:
+            if ipaddress.ip_address(host).is_loopback:
+                return ["127.0.0.1", "::1"]
+        except ValueError:  # an interface name or * (every interface)
+            pass
+        if self.curve.enabled:
+            return None  # CURVE lets in only cameras whose key is listed
+        raise ValueError(f"ingest endpoint {endpoint} is reachable from other hosts: list the cameras' addresses in "
+                         "ingest.allowed_peers, or enable ingest.curve (or set allowed_peers to [\"*\"] to let any "
+                         "peer in on purpose)")
 
     def memory_bound(self, image_size: int, cameras: int = 1) -> dict[str, int]:
         """The most bytes the ingest actor holds for `cameras` cameras (one connection each), by part.

@@ -60,18 +60,29 @@ def sampled(count: int) -> bool:
     return count <= 10 or count % 1000 == 0
 
 
-def _curve_server(socket: zmq.Socket, context: zmq.Context, cfg: IngestConfig) -> ThreadAuthenticator:
-    """CURVE server with an allowlist of camera public keys (ZAP handler on its own thread)."""
-    curve = cfg.curve  # the settings guarantee both paths are set when CURVE is on
-    if not curve.allowed_keys_dir.is_dir():
-        raise ValueError(f"ingest.curve.allowed_keys_dir {curve.allowed_keys_dir} is not a folder")
-    public, secret = zmq.auth.load_certificate(str(curve.server_secret_key))
-    if secret is None:
-        raise ValueError(f"{curve.server_secret_key} holds no secret key (use the .key_secret file)")
+def _authenticator(socket: zmq.Socket, context: zmq.Context, cfg: IngestConfig,
+                   endpoint: str) -> ThreadAuthenticator | None:
+    """The ZAP handler (its own thread) of an ingest socket: the peers' addresses (ingest.allowed_peers) and,
+    with CURVE, the cameras' public keys. Both are checked in the handshake, before any message is read."""
+    peers = cfg.peer_allowlist(endpoint)
+    if peers is None and not cfg.curve.enabled:
+        return None
     auth = ThreadAuthenticator(context)
     auth.start()
-    auth.configure_curve(domain="*", location=str(curve.allowed_keys_dir))
-    socket.curve_secretkey, socket.curve_publickey, socket.curve_server = secret, public, True
+    if peers is not None:
+        auth.allow(*peers)
+        socket.zap_domain = b"adtr-edge"  # without a domain ZeroMQ never asks ZAP about a NULL peer
+    if cfg.curve.enabled:
+        curve = cfg.curve  # the settings guarantee both paths are set when CURVE is on
+        if not curve.allowed_keys_dir.is_dir():
+            auth.stop()
+            raise ValueError(f"ingest.curve.allowed_keys_dir {curve.allowed_keys_dir} is not a folder")
+        public, secret = zmq.auth.load_certificate(str(curve.server_secret_key))
+        if secret is None:
+            auth.stop()
+            raise ValueError(f"{curve.server_secret_key} holds no secret key (use the .key_secret file)")
+        auth.configure_curve(domain="*", location=str(curve.allowed_keys_dir))
+        socket.curve_secretkey, socket.curve_publickey, socket.curve_server = secret, public, True
     return auth
 
 
@@ -119,7 +130,7 @@ class IngestActor:
         if cfg.socket_buffer_bytes:
             self.socket.rcvbuf = cfg.socket_buffer_bytes
         self.socket.linger = 0
-        self.auth = _curve_server(self.socket, self.context, cfg) if cfg.curve.enabled else None
+        self.auth = _authenticator(self.socket, self.context, cfg, bind_to)
         if cfg.mode == "latest":
             self.socket.setsockopt(zmq.SUBSCRIBE, b"")
         self.monitor = self.socket.get_monitor_socket(sum(PEER_EVENTS))
@@ -137,7 +148,8 @@ class IngestActor:
         if self.state_file is not None:
             self._save_state()
             threading.Thread(target=self._save_loop, name="ingest-books", daemon=True).start()
-        self.log.info("ingest listening", mode=cfg.mode, curve=cfg.curve.enabled, bound=self.bound)
+        self.log.info("ingest listening", mode=cfg.mode, curve=cfg.curve.enabled, bound=self.bound,
+                      allowed_peers=cfg.peer_allowlist(bind_to) or "any")
 
     # ------------------------------------------------------------------ Ray-callable
     def ready(self) -> str:

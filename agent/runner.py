@@ -106,6 +106,11 @@ class Agent:
             raise AgentError("at least one --ingest endpoint is needed")
         if model_path is None and not cfg.points:
             raise AgentError("no model: pass --model, or set points.<name>.model and points.<name>.cameras")
+        for endpoint in ingest:  # before Ray starts: an endpoint open to any host is refused here, clearly
+            try:
+                cfg.ingest.peer_allowlist(endpoint)
+            except ValueError as exc:
+                raise AgentError(str(exc)) from None
         self.ingest_endpoints, self.results_endpoint, self.cfg = ingest, results, cfg
         self.points: dict[str, Point] = {}
         if model_path is not None:

@@ -257,6 +257,39 @@ def test_a_message_part_over_max_payload_is_never_received_whole(trained_model, 
     assert peak - baseline <= bound
 
 
+def test_an_unlisted_peer_is_refused_in_the_handshake_before_any_of_its_parts_is_read(trained_model, tmp_path, jpeg):
+    """The multipart attack (300 parts of 1 MiB, each within max_payload_bytes) from an address not in
+    ingest.allowed_peers: ZAP refuses the handshake, so ZeroMQ never assembles the message; a camera
+    connecting from a listed address (127.0.0.2, a loopback alias) is decided as usual."""
+    payload, w, h = jpeg
+    ingest_cfg = {"max_payload_bytes": 1 << 20, "allowed_peers": ["127.0.0.2"]}
+    with live_agent(trained_model, tmp_path, ingest=ingest_cfg, output={"save_anomalies": False}) as agent:
+        pid = agent.snapshot(timeout_s=5)["ingest-0"]["pid"]
+        decisions = StrictDecisions(agent.bound_results)
+        context = zmq.Context()
+        baseline = _vm(pid, "VmRSS")
+        _reset_peak(pid)
+        attacker = push_socket(context, agent.bound_ingest[0])  # from 127.0.0.1: not listed
+        parts = [_header("attacker", 0, w, h)] + [bytes(1 << 20)] * 300
+        sender = threading.Thread(target=lambda: attacker.send_multipart(parts, copy=False), daemon=True)
+        sender.start()
+        assert wait_until(lambda: agent.snapshot(timeout_s=5)["ingest-0"]["peers"].get("auth_failed", 0) >= 1, 60), \
+            agent.snapshot(timeout_s=5)["ingest-0"]["peers"]
+        port = agent.bound_ingest[0].rsplit(":", 1)[1]
+        camera = push_socket(context, f"tcp://127.0.0.2:0;127.0.0.1:{port}")  # source address ; destination
+        camera.send_multipart([_header("listed", 0, w, h), payload])
+        assert wait_until(lambda: decisions.count("listed") == 1, 60)
+        peak = _vm(pid, "VmHWM")
+        books = _settled(agent, 1)
+        for s in (attacker, camera):
+            s.close()
+        context.term()
+        decisions.close()
+    print(f"ingest RSS {baseline / 2**20:.0f} MB, peak {peak / 2**20:.0f} MB while an unlisted peer sent 300 MiB")
+    assert peak - baseline < 10 << 20
+    assert "attacker" not in books and books["listed"]["processed"] == 1
+
+
 # ------------------------------------------------------------------ decode amplification
 def test_a_camera_of_huge_frames_does_not_hold_back_another_camera(trained_model, tmp_path, test_images):
     """Eight small JPEGs that decode to 6000x6000 each (within max_pixels) once took another camera from

@@ -130,3 +130,24 @@ def test_the_kuberay_agent_manifest_uses_real_agent_settings():
     overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     cfg = load_settings(overrides=overrides, kind=AgentSettings)
     assert cfg.learning.retrain.label_selector == {"adtr-role": "trainer"} and cfg.ray.address
+
+
+def test_an_ingest_endpoint_other_hosts_reach_needs_a_peer_list_or_curve():
+    from actors.config import IngestConfig
+    from agent.errors import AgentError
+    from agent.runner import Agent
+
+    open_cfg = IngestConfig()
+    assert open_cfg.peer_allowlist("tcp://127.0.0.1:*") == ["127.0.0.1", "::1"]  # loopback: loopback only
+    assert open_cfg.peer_allowlist("ipc:///tmp/cams") is None  # this host's file permissions decide
+    for endpoint in ("tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://192.168.10.5:5555"):
+        with pytest.raises(ValueError, match="reachable from other hosts"):
+            open_cfg.peer_allowlist(endpoint)
+    assert IngestConfig(allowed_peers=["192.168.10.21"]).peer_allowlist("tcp://0.0.0.0:5555") == ["192.168.10.21"]
+    assert IngestConfig(allowed_peers=["*"]).peer_allowlist("tcp://0.0.0.0:5555") is None
+    with pytest.raises(ValueError, match="not an IP address"):
+        IngestConfig(allowed_peers=["camera-7"])
+    from agent.settings import AgentSettings
+
+    with pytest.raises(AgentError, match="reachable from other hosts"):  # refused before Ray starts
+        Agent("/nonexistent", ["tcp://0.0.0.0:5555"], "tcp://127.0.0.1:*", load_settings(kind=AgentSettings))
