@@ -60,6 +60,9 @@ def sampled(count: int) -> bool:
     return count <= 10 or count % 1000 == 0
 
 
+ZAP_DOMAIN = "adtr-edge"
+
+
 def _authenticator(socket: zmq.Socket, context: zmq.Context, cfg: IngestConfig,
                    endpoint: str) -> ThreadAuthenticator | None:
     """The ZAP handler (its own thread) of an ingest socket: the peers' addresses (ingest.allowed_peers) and,
@@ -69,9 +72,9 @@ def _authenticator(socket: zmq.Socket, context: zmq.Context, cfg: IngestConfig,
         return None
     auth = ThreadAuthenticator(context)
     auth.start()
+    socket.zap_domain = ZAP_DOMAIN.encode()  # without a domain ZeroMQ never asks ZAP about a NULL peer
     if peers is not None:
         auth.allow(*peers)
-        socket.zap_domain = b"adtr-edge"  # without a domain ZeroMQ never asks ZAP about a NULL peer
     if cfg.curve.enabled:
         curve = cfg.curve  # the settings guarantee both paths are set when CURVE is on
         if not curve.allowed_keys_dir.is_dir():
@@ -81,7 +84,7 @@ def _authenticator(socket: zmq.Socket, context: zmq.Context, cfg: IngestConfig,
         if secret is None:
             auth.stop()
             raise ValueError(f"{curve.server_secret_key} holds no secret key (use the .key_secret file)")
-        auth.configure_curve(domain="*", location=str(curve.allowed_keys_dir))
+        auth.configure_curve(domain=ZAP_DOMAIN, location=str(curve.allowed_keys_dir))  # keys of this domain
         socket.curve_secretkey, socket.curve_publickey, socket.curve_server = secret, public, True
     return auth
 
