@@ -24,7 +24,7 @@ from hostile import malformed
 from live import Decisions, accounted, live_agent, settled_totals, wait_until
 from model.detector import load_detector
 from model.predict import predict_path
-from test_deploy import dashboard_metrics
+from test_deploy import alert_metrics, dashboard_metrics
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -224,10 +224,11 @@ def test_metrics_health_and_readiness_over_http(trained_model, tmp_path, test_im
     assert 'adtr_frames_dropped_total{camera="gappy",reason="upstream_gap"} 3.0' in metrics
     assert 'adtr_frames_processed_total{camera="gappy"} 3.0' in metrics
     assert ready["ready"] is True and health == 200
-    # deploy/grafana's dashboard queries only metrics the agent exports
+    # deploy/grafana's dashboard and deploy/prometheus-rules.yml query only metrics the agent exports
     exported = {line.split()[2] for line in metrics.splitlines() if line.startswith("# TYPE ")}
     exported |= {f"{n}_{suffix}" for n in exported for suffix in ("total", "bucket", "sum", "count")}
     assert dashboard_metrics() <= exported, sorted(dashboard_metrics() - exported)
+    assert alert_metrics() <= exported, sorted(alert_metrics() - exported)  # and the alert rules
 
 
 def test_raw_and_png_frames_score_like_their_jpeg(trained_model, tmp_path, test_images):

@@ -7,6 +7,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import yaml
+
 from agent.cli import build_parser
 from agent.settings import AgentSettings, load_settings
 
@@ -64,6 +66,30 @@ def dashboard_metrics() -> set[str]:
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "adtr-edge.json").read_text())
     return {name for panel in dashboard["panels"] for target in panel["targets"]
             for name in re.findall(r"\badtr_[a-z_]+", target["expr"])}
+
+
+def alert_metrics() -> set[str]:
+    """Every metric the alert rules (deploy/prometheus-rules.yml) query (checked live in tests/test_agent.py)."""
+    rules = yaml.safe_load((DEPLOY / "prometheus-rules.yml").read_text())
+    return {name for group in rules["groups"] for rule in group["rules"]
+            for name in re.findall(r"\badtr_[a-z_]+", rule["expr"])}
+
+
+def test_the_alert_rules_are_well_formed_and_loaded_by_both_prometheus_configs():
+    rules = yaml.safe_load((DEPLOY / "prometheus-rules.yml").read_text())
+    alerts = [rule for group in rules["groups"] for rule in group["rules"]]
+    names = [rule["alert"] for rule in alerts]
+    assert len(names) == len(set(names)) >= 8 and alert_metrics()
+    for rule in alerts:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
+        assert rule["labels"]["severity"] in ("warning", "critical") and rule["annotations"]["summary"]
+        assert rule["expr"].count("(") == rule["expr"].count(")")
+        if "for" in rule:
+            assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["for"]
+    assert "prometheus-rules.yml" in yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["rule_files"][0]
+    compose = (DEPLOY / "docker-compose.yml").read_text()
+    mounted = re.search(r"\./prometheus-rules\.yml:(\S+):ro", compose).group(1)
+    assert yaml.safe_load((DEPLOY / "prometheus-compose.yml").read_text())["rule_files"] == [mounted]
 
 
 def test_the_dashboard_is_provisioned_with_its_datasource():
