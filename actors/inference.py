@@ -431,16 +431,20 @@ class InferenceActor:
             self.arrived = asyncio.Event()
             self.batcher = asyncio.get_running_loop().create_task(self._batch_loop())
 
+    def _decoded(self, frames: list, size: int) -> tuple[list, dict[int, str]]:
+        """Frames as pixels, and {index: reason} of those refused: JPEG bytes (jpeg_decode=device) are decoded
+        in one batch on the device; pixels pass as they are."""
+        if all(isinstance(f, np.ndarray) for f in frames):
+            return frames, {}
+        from .device_decode import decode_batch
+
+        return decode_batch(frames, size, self.device)
+
     def _forward(self, serving: LoadedModel, shadow: LoadedModel | None, frames: list):
         """Maps of the serving model (and the shadow's), and {index: reason} of frames not decodable."""
-        refused: dict[int, str] = {}
-        if any(not isinstance(f, np.ndarray) for f in frames):  # JPEG bytes: decoded on the device
-            from .device_decode import decode_batch
-
-            batch, refused = decode_batch(frames, serving.detector.image_size, self.device)
-            if not len(batch):
-                return np.zeros((0, 0, 0), np.float32), None, refused
-            frames = batch
+        frames, refused = self._decoded(frames, serving.detector.image_size)
+        if not len(frames):
+            return np.zeros((0, 0, 0), np.float32), None, refused
         features = serving.detector.embed(frames)
         maps = serving.detector.coarse_maps(features).numpy()
         if shadow is None:
@@ -459,11 +463,7 @@ class InferenceActor:
             serving, shadow = next(iter(plan.values()))
             maps, shadow_maps, refused = self._forward(serving, shadow, frames)
             return list(maps), (list(shadow_maps) if shadow_maps is not None else [None] * len(maps)), refused
-        refused: dict[int, str] = {}
-        if any(not isinstance(f, np.ndarray) for f in frames):  # JPEG bytes: decoded on the device
-            from .device_decode import decode_batch
-
-            frames, refused = decode_batch(frames, self.serving.detector.image_size, self.device)
+        frames, refused = self._decoded(frames, self.serving.detector.image_size)
         points = [p for i, p in enumerate(points) if i not in refused]
         maps: list = [None] * len(points)
         shadow_maps: list = [None] * len(points)
@@ -478,8 +478,8 @@ class InferenceActor:
             for model, out in ((serving, maps), (shadow, shadow_maps)):
                 if model is None:
                     continue
-                own = features[rows] if model.detector.backbone is shared.backbone else \
-                    model.detector.embed([frames[i] for i in rows])
+                own = features[rows] if model.detector.backbone is shared.backbone else model.detector.embed(
+                    frames[rows] if isinstance(frames, torch.Tensor) else [frames[i] for i in rows])
                 for i, m in zip(rows, model.detector.coarse_maps(own).numpy()):
                     out[i] = m
         return maps, shadow_maps, refused
