@@ -249,7 +249,7 @@ class ModelManager:
         cold = read_cold(self.registry.root)
         if cold is None or cold.get("state") != "recording":
             raise PromotionError(f"point {self.point} is not recording (cold start: {cold and cold.get('state')})")
-        stored = sum(SampleStore(self.registry.store_dir).counts()["by_origin"].values())
+        stored = SampleStore(self.registry.store_dir).total()
         if stored < MIN_RECORDED:
             raise PromotionError(f"{stored} frames recorded; at least {MIN_RECORDED} are needed to train a first model")
         cold = dict(cold, frames=stored, finished_by=by)
@@ -260,16 +260,18 @@ class ModelManager:
 
     async def _cold_start_loop(self) -> None:
         """While the point is taught: once its recording is complete, submit the retrain that builds its
-        first model (refit first, then `cold_start.epochs` of training); note when a candidate is out."""
+        first model (refit first, then `cold_start.epochs` of training); note when a candidate is out. A
+        point is taught only from its creation (`points add`) until its first promotion, so the loop ends
+        with the cold start, and after one look for a point that serves its own model."""
         c = self.cfg.cold_start
         store = SampleStore(self.registry.store_dir)
         while True:
             await asyncio.sleep(1.0)
-            cold = read_cold(self.registry.root)
+            cold = read_cold(self.registry.root)  # read after the sleep: a promotion may have ended it meanwhile
             if cold is None:
-                continue
+                return
             try:
-                if cold["state"] == "recording" and sum(store.counts()["by_origin"].values()) >= cold["frames"]:
+                if cold["state"] == "recording" and store.total() >= cold["frames"]:
                     job = await self.submit_retrain("cold_start", [f"learning.retrain.epochs={c.epochs}"])
                     cold = dict(cold, state="training", recorded_at=time.time(), job=job["submission_id"])
                     write_cold(self.registry.root, cold)

@@ -318,7 +318,7 @@ class AutoSampler:
         self.last: dict[str, float] = {}
         self.offered = self.written = self.duplicates = self.shed = self.errors = 0
         if target:  # a restarted recording counts what it stored before
-            self.written = sum(self.store.counts()["by_origin"].values())
+            self.written = self.store.total()
         threading.Thread(target=self._write_loop, name="cold-recorder" if target else "auto-sampler",
                          daemon=True).start()
 
@@ -420,22 +420,28 @@ class ScoringActor:
         self._set_cold(point, cold)
 
     def _set_cold(self, point: str, cold: dict[str, Any] | None) -> None:
+        """The point's cold start as it now stands: while taught, one recorder (kept across the state's steps,
+        its target following `frames`); once not, the auto sampler instead."""
         registry, limits = self.registries[point], StoreLimits(**self.learning.store.model_dump())
-        self.samplers.pop(point, None)
-        self.recorders.pop(point, None)
         if registry is None:
             return
+        c = self.learning.cold_start
         if cold is None:
             self.cold.pop(point, None)
-            if self.learning.auto_sample.enabled:
+            self.recorders.pop(point, None)
+            if self.learning.auto_sample.enabled and point not in self.samplers:
                 self.samplers[point] = AutoSampler(registry.store_dir, limits, self.learning.auto_sample,
                                                    self.log.bind(point=point))
             return
         self.cold[point] = cold
-        c = self.learning.cold_start
-        recording = AutoSampleConfig(min_interval_s=c.every_s, queue=c.queue)
-        self.recorders[point] = AutoSampler(registry.store_dir, limits, recording, self.log.bind(point=point),
-                                            target=int(cold.get("frames", c.frames)))
+        self.samplers.pop(point, None)
+        target = int(cold.get("frames", c.frames))
+        if point in self.recorders:
+            self.recorders[point].target = target  # the operator may end the recording early
+        else:
+            recording = AutoSampleConfig(min_interval_s=c.every_s, queue=c.queue)
+            self.recorders[point] = AutoSampler(registry.store_dir, limits, recording, self.log.bind(point=point),
+                                                target=target)
 
     async def add_point(self, point: str, path: str) -> dict[str, Any]:
         """Serve a new inspection point from the next frame on (`adtr-edge points add`)."""

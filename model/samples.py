@@ -305,6 +305,10 @@ class SampleStore:
         digest = hashlib.sha256("\n".join(f"{s.sha256}:{s.origin}:{s.label}:{s.split}" for s in samples).encode())
         return Snapshot(samples, digest.hexdigest(), time.time())
 
+    def total(self) -> int:
+        """How many samples the store holds (a cold start counts its recording with it)."""
+        return int(self._db().execute("SELECT COUNT(*) FROM samples").fetchone()[0])
+
     def counts(self, since: float = 0.0) -> dict[str, Any]:
         """Samples by origin (and those added after `since`, for the retrain schedule), by camera."""
         db = self._db()

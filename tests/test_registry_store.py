@@ -327,3 +327,12 @@ def test_a_trained_candidate_replaces_the_refit_only_one_only_when_better_on_the
     # Fewer false alarms bought with misses the gate calls a regression: worse, whatever else improved.
     blind = _evaluation(_flags(50), _flags(20, *range(8)), 0.94)
     assert "worse than the refit-only candidate r1" in not_better_than(blind, refit, GateTolerances(), "r1")
+
+
+def test_total_counts_every_sample_whatever_its_origin(tmp_path):
+    store = SampleStore(tmp_path)
+    assert store.total() == 0
+    for path, origin in zip(NORMALS[:3], ("auto", "operator", "base")):
+        store.add(path.read_bytes(), origin, "x", ".jpg", camera_id="cam")
+    store.add(NORMALS[0].read_bytes(), "operator", "x", ".jpg", camera_id="cam")  # a duplicate adds nothing
+    assert store.total() == 3 == sum(store.counts()["by_origin"].values())
