@@ -19,6 +19,15 @@ DEFAULT_POINT = "default"  # the point of `run --model`: every camera no other p
 POINT_NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 
 
+def check_point_name(name: str) -> None:
+    """A point's name: a metric label, an actor's name and a folder; `default` belongs to `run --model`."""
+    import re
+
+    if name == DEFAULT_POINT or not re.match(POINT_NAME, name):
+        raise ValueError(f"point name {name!r}: lower-case letters, digits, - and _ (at most 32), "
+                         f"and not {DEFAULT_POINT!r} (the point of --model)")
+
+
 class PointConfig(Section):
     """An inspection point: cameras that see the same thing, served by one model (a registry or a model
     folder) with its own threshold, gate, guard, drift reference, sample store and retrain jobs. All

@@ -357,7 +357,7 @@ def create_app(agent: Agent, cache: SnapshotCache, token: TokenCheck | None) -> 
         data = body()
         name = request.args.get("point") or data.get("point")
         if name is None and isinstance(data.get("camera_id"), str):
-            name = agent.routes.get(data["camera_id"], DEFAULT_POINT if DEFAULT_POINT in agent.points else None)
+            name = agent.point_of(data["camera_id"])
         return str(name) if name is not None else next(iter(agent.points))
 
     @app.before_request
@@ -379,8 +379,8 @@ def create_app(agent: Agent, cache: SnapshotCache, token: TokenCheck | None) -> 
     def add_sample():
         data = body()
         camera = data.get("camera_id")
-        owner = agent.routes.get(camera, DEFAULT_POINT) if isinstance(camera, str) else None
-        if owner is not None and owner != g.point.name and owner in agent.points:
+        owner = agent.point_of(camera) if isinstance(camera, str) else None
+        if owner is not None and owner != g.point.name:
             return jsonify(error=f"camera {camera!r} belongs to point {owner!r}, not {g.point.name!r}"), 400
         if any(k in data for k in ("seqs", "files", "since", "until")):
             try:

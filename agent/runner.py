@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 import uuid
 from pathlib import Path
@@ -16,7 +15,7 @@ from actors.inference import InferenceActor
 from actors.ingest import IngestActor
 from actors.models import ModelManager
 from actors.cold import MIN_RECORDED, write_cold
-from actors.config import DEFAULT_POINT, POINT_NAME, camera_points
+from actors.config import DEFAULT_POINT, camera_points, check_point_name
 from actors.retrain import AGENT_FILE, manager_name
 from actors.scoring import ScoringActor
 from model.detector import load_score_head
@@ -163,7 +162,6 @@ class Agent:
             node = min(ray.cluster_resources().get("CPU", 1.0), float(os.cpu_count() or 1))
             cpus = max(1.0, float(int(node) - 1))
         paths = {name: p.model_path for name, p in self.points.items()}
-        default_point = DEFAULT_POINT if DEFAULT_POINT in self.points else None
         try:
             self.inference = ray.remote(InferenceActor).options(
                 name="inference", namespace=namespace, max_restarts=restarts, max_task_retries=0,
@@ -179,7 +177,7 @@ class Agent:
                     num_cpus=0, max_concurrency=4,
                 ).remote(endpoint, self.cfg.ingest, self.head.image_size, "inference", "scoring",
                           self.cfg.inference.max_batch or 1, str(state_dir / f"ingest-{i}.json"), self.run_id,
-                          self.cfg.inference.jpeg_decode == "device", self.routes, default_point)
+                          self.cfg.inference.jpeg_decode == "device", self.routes, self.default_point)
                 for i, endpoint in enumerate(self.ingest_endpoints)
             ]
             for point in learning_points:
@@ -211,6 +209,15 @@ class Agent:
                  gpu=use_gpu, namespace=namespace, jobs=self.jobs_address)
         return self
 
+    @property
+    def default_point(self) -> str | None:
+        """The point of every camera no point lists: `default` when `--model` was given, else none."""
+        return DEFAULT_POINT if DEFAULT_POINT in self.points else None
+
+    def point_of(self, camera: str) -> str | None:
+        """The inspection point a camera's frames go to (None: the camera is in none, and is refused)."""
+        return self.routes.get(camera, self.default_point)
+
     # ------------------------------------------------------------------ points taught on the box
     def _added_points(self) -> dict[str, dict[str, Any]]:
         path = self.state_dir / POINTS_FILE
@@ -224,9 +231,10 @@ class Agent:
         """Teach a new inspection point from its cameras' first frames (actors/cold.py): a registry of its own
         under `points_dir`, starting from the first point's serving model; its frames recorded, then a
         retrain job builds its first model, which is shadowed for the operator to promote."""
-        if not re.match(POINT_NAME, name) or name == DEFAULT_POINT:
-            raise AgentError(f"point name {name!r}: lower-case letters, digits, - and _ (at most 32), not "
-                             f"{DEFAULT_POINT!r}")
+        try:
+            check_point_name(name)
+        except ValueError as exc:
+            raise AgentError(str(exc)) from None
         if name in self.points:
             raise AgentError(f"inspection point {name!r} exists already")
         if not cameras:

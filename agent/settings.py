@@ -5,7 +5,6 @@ Nested keys use `__` in the environment (ADTR_EDGE_TRAIN__EPOCHS=5) and dots on 
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,6 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
 from actors.config import (
-    DEFAULT_POINT,
-    POINT_NAME,
     InferenceConfig,
     IngestConfig,
     LearningConfig,
@@ -24,6 +21,7 @@ from actors.config import (
     ScoringConfig,
     Section as _Section,
     camera_points,
+    check_point_name,
 )
 from model.config import AdtrConfig
 
@@ -120,9 +118,7 @@ class AgentConfig(_Section):
     @classmethod
     def _points_valid(cls, v: dict[str, PointConfig]) -> dict[str, PointConfig]:
         for name, point in v.items():
-            if name == DEFAULT_POINT or not re.match(POINT_NAME, name):
-                raise ValueError(f"point name {name!r}: lower-case letters, digits, - and _ (at most 32), "
-                                 f"and not {DEFAULT_POINT!r} (the point of --model)")
+            check_point_name(name)
             if not point.cameras:
                 raise ValueError(f"point {name!r} lists no cameras (points.{name}.cameras)")
         camera_points({name: p.cameras for name, p in v.items()})  # a camera in two points is an error

@@ -34,7 +34,6 @@ from flask import (Flask, Response, abort, g, jsonify, redirect, render_template
                    url_for)
 from flask_wtf.csrf import CSRFError, CSRFProtect
 
-from actors.config import DEFAULT_POINT
 from model.registry import RegistryError
 from model.samples import SampleStore, StoreError, StoreLimits
 
@@ -103,7 +102,7 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
     def store_of(camera: str, decision: dict[str, Any]) -> SampleStore:
         """The sample store of the point that decided the frame: a label belongs with that point's model.
         (These pages show the first point's versions; every point's frames are reviewed here.)"""
-        name = decision.get("point") or agent.routes.get(camera, DEFAULT_POINT)
+        name = decision.get("point") or agent.point_of(camera)
         point = agent.points.get(name)
         if point is None or point.registry is None:
             raise ValueError(f"the frame was decided by point {name!r}, which this agent does not serve from a "
