@@ -7,18 +7,17 @@ defect" as `confirmed_defect`, with an optional box.
 """
 from __future__ import annotations
 
-import calendar
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any
 
 from actors.protocol import CAMERA_ID_PATTERN
 from model.samples import SampleStore
 
+from .console.frames import stem_time
+
 PAYLOAD_SUFFIXES = (".jpg", ".png")
-STEM = re.compile(r"^(\d{8}T\d{6})\.(\d{6})(?:-\d+)?_(\d{10})$")  # <received time>[-n]_<seq> (scoring.frame_stem)
 MAX_BULK = 5000  # frames one bulk accept may file
 
 
@@ -106,10 +105,10 @@ def saved_anomalies(anomalies: Path, camera_id: str, since: float | None = None,
     folder = Path(anomalies).expanduser().resolve() / camera_id
     found = []
     for sidecar in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        match = STEM.match(sidecar.stem)
-        if match is None:  # ok_… (sampled normals) and anything not ours
+        named = stem_time(sidecar.stem)
+        if named is None or named[1]:  # not ours, or a sampled normal (ok_…)
             continue
-        at = calendar.timegm(time.strptime(match[1], "%Y%m%dT%H%M%S")) + int(match[2]) / 1e6
+        at = named[0]
         if (since is not None and at < since) or (until is not None and at >= until):
             continue
         payload = next((sidecar.with_suffix(x) for x in PAYLOAD_SUFFIXES if sidecar.with_suffix(x).is_file()), None)

@@ -64,6 +64,13 @@ def _epoch(stamp: str, micros: str | None = None) -> float:
     return calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%S")) + (int(micros) / 1e6 if micros else 0.0)
 
 
+def stem_time(stem: str) -> tuple[float, bool] | None:
+    """(when the agent received the frame, whether it is a sampled normal) from a saved frame's stem (the
+    scoring actor's `frame_stem`); None for a name that is not one."""
+    m = re.fullmatch(STEM_PATTERN, stem)
+    return (_epoch(m["time"], m["us"]), bool(m["ok"])) if m else None
+
+
 class FrameIndex:
     def __init__(self, root: Path, min_refresh_s: float = 0.5):
         self.root = Path(root).expanduser().resolve()
