@@ -7,7 +7,7 @@ DEMO   ?= runs/demo
 
 PEERS  := .venv-peers
 
-.PHONY: demo demo-loop test screenshots bench bench-peers install install-test clean
+.PHONY: demo demo-loop test test-fast lint screenshots bench bench-peers install install-test clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,10 +49,19 @@ test: $(VENV)/.installed-test
 	bash tests/install_browser.sh
 	$(PY) -m pytest tests
 
+# The quick lane: tests/unit only (no Ray, no live agent, no browser), under 3 minutes on 2 cores.
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest tests/unit
+
+# Lint and type check (run by .ci/run before the tests).
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
 # The README's console screenshots, produced by the browser test itself.
 screenshots: $(VENV)/.installed-test
 	bash tests/install_browser.sh
-	ADTR_EDGE_SCREENSHOTS=docs/screenshots $(PY) -m pytest tests/test_console_browser.py
+	ADTR_TESTS_SCREENSHOTS=docs/screenshots $(PY) -m pytest tests/test_console_browser.py
 
 bench: $(VENV)/.installed-test
 	$(PY) tests/benchmarks/bench_model.py --data $(DATA) --out runs/bench

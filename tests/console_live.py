@@ -123,7 +123,7 @@ def raw_get(url: str, path: str, cookie: str | None = None) -> tuple[int, bytes]
 
 # ------------------------------------------------------------------ the browser
 def chromium_path() -> str | None:
-    for candidate in (os.environ.get("ADTR_EDGE_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+    for candidate in (os.environ.get("ADTR_TESTS_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
                       shutil.which("chromium-browser")):
         if candidate and Path(candidate).is_file():
             return candidate
@@ -139,7 +139,7 @@ def browser():
     path = chromium_path()
     if path is None:
         pytest.skip("no Chromium to drive: install Debian's chromium package (make test runs "
-                    "tests/install_browser.sh, which does it as root), or point ADTR_EDGE_CHROMIUM at one")
+                    "tests/install_browser.sh, which does it as root), or point ADTR_TESTS_CHROMIUM at one")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -151,8 +151,8 @@ def browser():
 
 
 def screenshot_dir(tmp_path: Path) -> Path:
-    """Where the browser tests put their screenshots: ADTR_EDGE_SCREENSHOTS (make screenshots sets it to
+    """Where the browser tests put their screenshots: ADTR_TESTS_SCREENSHOTS (make screenshots sets it to
     docs/screenshots, the README's pictures) or the test's temp folder."""
-    folder = Path(os.environ.get("ADTR_EDGE_SCREENSHOTS") or tmp_path / "screenshots")
+    folder = Path(os.environ.get("ADTR_TESTS_SCREENSHOTS") or tmp_path / "screenshots")
     folder.mkdir(parents=True, exist_ok=True)
     return folder

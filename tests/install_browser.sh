@@ -3,7 +3,7 @@
 # API drives it as the system browser). Installed with apt-get when we are root and it is missing; where it
 # cannot be installed the browser tests skip, saying why. Never fails the build by itself.
 set -u
-for candidate in "${ADTR_EDGE_CHROMIUM:-}" /usr/bin/chromium /usr/bin/chromium-browser; do
+for candidate in "${ADTR_TESTS_CHROMIUM:-}" /usr/bin/chromium /usr/bin/chromium-browser; do
     if [ -n "$candidate" ] && [ -x "$candidate" ]; then
         echo "browser tests: using $candidate"
         exit 0

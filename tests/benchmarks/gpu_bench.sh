@@ -42,7 +42,7 @@ step() {  # step NAME SECONDS COMMAND…: runs it, keeps its log, reports its ex
   tail -n 25 "$RES/$name.log"
   return 0
 }
-ADTR_EDGE_SHARED=$(cd "$DATA/../.." && pwd) step device-tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_device.py
+ADTR_TESTS_SHARED=$(cd "$DATA/../.." && pwd) step device-tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_device.py
 step gpu-bench 150 $PY tests/benchmarks/gpu_bench.py --model "$MODEL" --frames "$DATA" --out "$RES/gpu.json"
 if $PY -c "import ray, zmq" 2>/dev/null; then
   for decode in ingest device; do

@@ -9,6 +9,8 @@ from model.backbone import Backbone
 from model.data import BadFiles, DataError, Sample
 from model.features import FeatureCache
 
+pytestmark = pytest.mark.usefixtures("magnetic_tile")  # real data; skipped, and said, without it
+
 
 @pytest.fixture(scope="module")
 def backbone(small_config):

@@ -12,8 +12,8 @@ import jsonschema
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-CRDS = Path(__file__).resolve().parent / "kuberay"
+ROOT = Path(__file__).resolve().parents[2]
+CRDS = Path(__file__).resolve().parents[1] / "kuberay"
 MANIFESTS = sorted((ROOT / "deploy" / "kuberay").glob("*.yaml"))
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayCronJob": "ray.io_raycronjobs.yaml"}

@@ -20,6 +20,8 @@ from agent.learning import find_saved_frame
 from conftest import MAGNETIC_TILE
 from hostile import corrupt_jpegs, malformed, nested_json
 
+pytestmark = pytest.mark.usefixtures("magnetic_tile")  # real data; skipped, and said, without it
+
 LIMITS = FrameLimits(max_payload_bytes=1 << 20, max_pixels=40_000_000)
 
 

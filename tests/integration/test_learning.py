@@ -36,7 +36,7 @@ from model.checkpoint import load_checkpoint
 from model.registry import Registry
 from model.samples import SampleStore
 
-pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
+pytestmark = [pytest.mark.usefixtures("magnetic_tile"), pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 FAST = ["learning.retrain.epochs=3", "learning.retrain.start_timeout_s=60"]
 
 
@@ -507,6 +507,7 @@ def test_killing_the_agent_mid_retrain_loses_no_accepted_frame(registry, tmp_pat
         _kill_actors("killed-agent")
 
 
+@pytest.mark.timeout(1800)  # waits on real Ray jobs that train
 def test_ray_job_submit_by_hand_runs_as_the_readme_and_status_say(registry, tmp_path):
     """`adtr-edge run` on a registry starts its own Ray head with Jobs on 8265 when that port is free;
     `adtr-edge status` prints the environment and the exact `ray job submit` line; that line, run in a
@@ -573,6 +574,7 @@ def test_ray_token_auth_stays_on_and_its_token_file_is_private(ray_cluster, ray_
                                       "auth" in probe.stderr.lower()), probe.stderr[-1500:]
 
 
+@pytest.mark.timeout(1800)  # waits on real Ray jobs that train
 def test_on_a_two_node_cluster_training_runs_on_the_worker_node(registry, tmp_path, extra_normals):
     """`ray start --head` + a worker node labelled trainer (each with its own temp dir, token mode on both);
     the agent joins with ray.address; the retrain job's Ray Train worker lands on the labelled node."""

@@ -20,6 +20,8 @@ from model.gate import GateTolerances, ModelEvaluation, gate
 from model.registry import Registry, RegistryError, resolve_model
 from model.samples import SampleStore, StoreError, StoreLimits, set_journal_mode, split_for
 
+pytestmark = pytest.mark.usefixtures("magnetic_tile")  # real data; skipped, and said, without it
+
 NORMALS = sorted((MAGNETIC_TILE / "MT_Free" / "Imgs").glob("*.jpg"))
 DEFECTS = sorted((MAGNETIC_TILE / "MT_Crack" / "Imgs").glob("*.jpg"))
 

@@ -15,7 +15,7 @@ from conftest import MAGNETIC_TILE
 from live import registry_with_base
 from model.samples import SampleStore, split_for
 
-pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
+pytestmark = [pytest.mark.usefixtures("magnetic_tile"), pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 
 
 def test_confirmed_defects_feed_adtr_plus_in_the_retrain_and_the_gate(trained_model, tmp_path, small_dataset):

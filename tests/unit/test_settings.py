@@ -6,7 +6,7 @@ import pytest
 from agent.settings import SettingsError, load_settings, merge, parse_overrides
 from model.config import AdtrConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_edge_yaml_is_exactly_the_defaults():

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import MAGNETIC_TILE, ROOT
 
+pytestmark = pytest.mark.usefixtures("magnetic_tile")  # real data; skipped, and said, without it
+
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True,

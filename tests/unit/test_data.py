@@ -16,6 +16,8 @@ from model.data import (
     read_mask,
 )
 
+pytestmark = pytest.mark.usefixtures("magnetic_tile")  # real data; skipped, and said, without it
+
 
 def _img(seed: int, shape=(40, 50, 3)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)

@@ -10,6 +10,8 @@ import pytest
 from actors.protocol import FrameError, FrameLimits, frame_message, parse_frame
 from conftest import MAGNETIC_TILE
 
+pytestmark = pytest.mark.usefixtures("magnetic_tile")  # real data; skipped, and said, without it
+
 LIMITS = FrameLimits(max_payload_bytes=1 << 20, max_pixels=4_000_000)
 
 

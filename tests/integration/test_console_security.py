@@ -19,7 +19,7 @@ from console_live import OPERATOR, VIEWER, Client, add_users, agent_with_console
 from live import Streamer, registry_with_base, wait_until
 from model.samples import SampleStore
 
-pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
+pytestmark = [pytest.mark.usefixtures("magnetic_tile"), pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 XSS = '<img src=x onerror="window.__xss=1">'
 
 

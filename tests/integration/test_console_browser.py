@@ -3,7 +3,7 @@ live agent with two real cameras streaming Magnetic Tile frames, on the session'
 Jobs): log in, watch the live counters move, accept a false alarm (found in the store as origin
 operator), confirm a defect with a drawn box (found labelled, with the box), retrain from the Models
 page and watch the Ray job finish, promote the new version and roll it back while the decisions'
-model version follows. Screenshots of every page go to ADTR_EDGE_SCREENSHOTS (docs/screenshots with
+model version follows. Screenshots of every page go to ADTR_TESTS_SCREENSHOTS (docs/screenshots with
 `make screenshots`) or the test's temp folder."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from live import Decisions, Streamer, registry_with_base, versions_in_order, wai
 from model.registry import Registry
 from model.samples import SampleStore
 
-pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
+pytestmark = [pytest.mark.usefixtures("magnetic_tile"), pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 XSS = '<img src=x onerror="window.__xss=1">'
 
 
@@ -52,6 +52,7 @@ def _live_number(page, camera: str, cell: str) -> float:
     return float(text.split()[0]) if text and text[0].isdigit() else -1.0
 
 
+@pytest.mark.timeout(1800)  # waits on real Ray jobs that train
 def test_an_operator_triages_labels_retrains_promotes_and_rolls_back_in_the_browser(
         browser, trained_model, tmp_path, small_dataset):  # noqa: F811
     shots = screenshot_dir(tmp_path)

@@ -12,7 +12,7 @@ import yaml
 from agent.cli import build_parser
 from agent.settings import AgentSettings, load_settings
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNIT = DEPLOY / "adtr-edge.service"
 
 

@@ -10,6 +10,8 @@ from conftest import MAGNETIC_TILE, ROOT
 from model.detector import load_detector
 from model.evaluate import evaluate
 
+pytestmark = pytest.mark.usefixtures("magnetic_tile")  # real data; skipped, and said, without it
+
 CLI = [sys.executable, "-m", "agent.cli"]
 
 
