@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, cast
 
 import structlog
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models import FeatureInfo
 from torch import nn
 
 from .config import BackboneConfig
@@ -39,11 +42,15 @@ class Backbone(nn.Module):
     agent) keeps the eager forward; a tracing failure does too, with one warning.
     """
 
+    # Buffers (`register_buffer` below): declared so the type checker sees tensors, not `Tensor | Module`.
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
         self.cfg = cfg
         probe = timm.create_model(cfg.name, features_only=True, pretrained=False)
-        reductions = probe.feature_info.reduction()
+        reductions = _feature_info(probe).reduction()
         wanted = [2**level for level in cfg.levels]
         missing = [r for r in wanted if r not in reductions]
         if missing:
@@ -63,9 +70,9 @@ class Backbone(nn.Module):
                 ) from exc
             raise
         self.weights_id = self._load_weights()
-        self.channels: list[int] = self.body.feature_info.channels()
-        self.strides: list[int] = self.body.feature_info.reduction()
-        cfg_norm = self.body.pretrained_cfg
+        self.channels: list[int] = _feature_info(self.body).channels()
+        self.strides: list[int] = _feature_info(self.body).reduction()
+        cfg_norm = cast(dict[str, Any], self.body.pretrained_cfg)  # timm types the model as a plain Module
         self.register_buffer("mean", torch.tensor(cfg_norm["mean"], dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg_norm["std"], dtype=torch.float32).view(1, 3, 1, 1))
         for p in self.parameters():
@@ -132,7 +139,8 @@ class Backbone(nn.Module):
             path = Path(source.removeprefix("file:")).expanduser()
         state = read_state_dict(path)
         if any(k.startswith("_conv_stem") for k in state):
-            layout = [len(stage) for stage in self.body.blocks]
+            # Only EfficientNet-style bodies (a Sequential of Sequential stages) come with lite weights.
+            layout = [len(stage) for stage in cast(Iterable[nn.Sequential], self.body.blocks)]
             state = convert_lite_state_dict(state, layout)
         try:
             result = self.body.load_state_dict(state, strict=False)
@@ -195,6 +203,11 @@ class Backbone(nn.Module):
                 fmap = F.interpolate(fmap, size=size, mode="bilinear", align_corners=False, antialias=down)
             maps.append(fmap)
         return torch.cat(maps, dim=1)  # (B, C, S, S)
+
+
+def _feature_info(model: nn.Module) -> FeatureInfo:
+    """A timm `features_only` model's table of levels (timm types `create_model` as a plain Module)."""
+    return cast(FeatureInfo, model.feature_info)
 
 
 class _Features(nn.Module):

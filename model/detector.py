@@ -192,8 +192,9 @@ class AnomalyDetector:
         return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.half)
 
     @torch.inference_mode()
-    def embed(self, images: list[np.ndarray]) -> torch.Tensor:
-        """Images → (B, C, S, S) backbone features on the model's device (fp16 under autocast on a GPU)."""
+    def embed(self, images: list[np.ndarray] | torch.Tensor) -> torch.Tensor:
+        """Images (as `preprocess` takes them) → (B, C, S, S) backbone features on the model's device (fp16
+        under autocast on a GPU)."""
         with self._autocast():
             return self.backbone(self.preprocess(images))
 

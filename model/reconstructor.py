@@ -7,6 +7,8 @@ every attention layer.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -78,6 +80,11 @@ class Reconstructor(nn.Module):
     training features with `fit_normalization` and stored as buffers, so it travels in the checkpoint.
     """
 
+    # Buffers (`register_buffer` below): declared so the type checker sees tensors, not `Tensor | Module`.
+    attn_mask: Tensor | None
+    feature_mean: Tensor
+    feature_std: Tensor
+
     def __init__(self, channels: int, feature_size: int, cfg: ReconstructorConfig):
         super().__init__()
         self.cfg, self.channels, self.feature_size = cfg, channels, feature_size
@@ -105,7 +112,7 @@ class Reconstructor(nn.Module):
                 nn.init.xavier_uniform_(p)
         if cfg.zero_init_output:
             nn.init.zeros_(self.output_proj.weight)
-            nn.init.zeros_(self.output_proj.bias)
+            nn.init.zeros_(self._output_bias())
 
     @torch.no_grad()
     def fit_normalization(self, features: Tensor) -> None:
@@ -138,7 +145,7 @@ class Reconstructor(nn.Module):
         optimizer's way of writing), drop it. Parameters without a version (made under
         `torch.inference_mode`) are never kept for.
         """
-        layer = self.decoder[0]
+        layer = cast(DecoderLayer, self.decoder[0])  # nn.ModuleList indexes to a plain Module
         params = (self.query_embed, self.pos_embed, *layer.self_attn.parameters(), *layer.norm1.parameters())
         device = self.query_embed.device.type
         autocast = (torch.is_autocast_enabled(device),
@@ -151,8 +158,15 @@ class Reconstructor(nn.Module):
         then each cell's training mean (0 in the normalized space) whatever the input, and inference skips
         the transformer for it (exact, not an approximation). Kept per the projection's version, like the
         decoder's first-layer queries."""
-        weight, bias = self.output_proj.weight, self.output_proj.bias
+        weight, bias = self.output_proj.weight, self._output_bias()
         return self._kept("_mean_cache", (weight, bias), (), lambda: not bool(weight.any()) and not bool(bias.any()))
+
+    def _output_bias(self) -> Tensor:
+        """The output projection's bias (a Conv2d's bias is optional; this one is built with it)."""
+        bias = self.output_proj.bias
+        if bias is None:
+            raise RuntimeError("the reconstructor's output projection has no bias")
+        return bias
 
     _CACHES = ("_query_cache", "_mean_cache")  # derived from parameters by `_kept`; never saved
 
@@ -257,7 +271,7 @@ def deviation_energy(model: Reconstructor, features: Tensor, batch: int = 32) ->
     normalized space t. m is the per-cell TRAINING mean (0 in that space) when the normalization is per
     position, which is what an untrained (zero-output) reconstructor predicts; under a per-channel or no
     normalization the reconstructor keeps no per-cell mean, and m is these features' own."""
-    total, total_sq, count = 0.0, 0.0, 0
+    total, total_sq, count = torch.zeros((), dtype=torch.float64), 0.0, 0  # total: Σ t, per channel and cell
     device = model.feature_std.device
     for i in range(0, len(features), batch):
         t = model.normalize(channels_last(features[i : i + batch].to(device))).double().cpu()

@@ -35,7 +35,7 @@ PREFIX = "scorer."
 # (in the training features' leading principal channels when `memory_dims` asks for them).
 TERMS = ("l2", "l2_raw", "mahalanobis", "memory")
 # What a checkpoint written before fitted scoring existed means: the paper's map, unscaled.
-LEGACY_FIT = {"terms": ["l2"], "scales": [1.0], "image": [0], "localization": [0]}
+LEGACY_FIT: dict[str, Any] = {"terms": ["l2"], "scales": [1.0], "image": [0], "localization": [0]}
 
 
 def used_terms(cfg: ScoringConfig) -> list[str]:
@@ -51,6 +51,15 @@ def reconstructor_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 class FittedScorer(nn.Module):
     """Per-cell maps for each term: (features, target, reconstruction) → (B, K, S, S)."""
+
+    # Buffers, each registered only when its term is fitted (`hasattr` tells): declared for the type checker.
+    gauss_mean: Tensor
+    gauss_basis: Tensor
+    gauss_inv_eig: Tensor
+    gauss_inv_rest: Tensor
+    memory: Tensor
+    memory_projection: Tensor
+    memory_sq: Tensor
 
     def __init__(self, terms: list[str], tensors: dict[str, Tensor] | None = None):
         super().__init__()
@@ -165,7 +174,8 @@ def fit_scorer(cfg: ScoringConfig, reconstructor: Reconstructor, train_features:
         for i in range(0, len(val_features), batch)
     ])  # (N, K, S, S)
     reconstructor.train(was_training)
-    scales = [term_scale(val_maps[:, j], tuple(cfg.fusion_quantiles)) for j in range(len(terms))]
+    quantiles = (cfg.fusion_quantiles[0], cfg.fusion_quantiles[1])  # [low, high]: the config checks the length
+    scales = [term_scale(val_maps[:, j], quantiles) for j in range(len(terms))]
     return scorer, {
         "terms": terms, "scales": scales, "quantiles": list(cfg.fusion_quantiles),
         "image": [terms.index(t) for t in cfg.image_terms],
