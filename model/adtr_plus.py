@@ -33,7 +33,7 @@ def confetti_noise(image: np.ndarray, rng: np.random.Generator, max_patches: int
                    min_frac: float = 0.03, max_frac: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
     """Paste 1..max_patches random-coloured rectangles (side = frac × image side). → (image, mask)."""
     out, mask = image.copy(), np.zeros(image.shape[:2], bool)
-    h, w = mask.shape
+    h, w = image.shape[:2]
     for _ in range(int(rng.integers(1, max_patches + 1))):
         ph = max(2, int(rng.uniform(min_frac, max_frac) * h))
         pw = max(2, int(rng.uniform(min_frac, max_frac) * w))

@@ -102,8 +102,8 @@ class ScoringConfig(_Strict):
     # /README "Results"): the whitened residual alone ranks images best (validation image AUROC
     # 0.966 against 0.959 with the memory added), the memory alone localizes best (pixel AUROC /
     # AUPRO 0.976 / 0.882 against 0.968 / 0.862 for raw L2 + memory).
-    image_terms: list[ScoreTerm] = Field(default_factory=lambda: ["mahalanobis"])
-    localization_terms: list[ScoreTerm] = Field(default_factory=lambda: ["memory"])
+    image_terms: list[ScoreTerm] = Field(default_factory=lambda: list[ScoreTerm](["mahalanobis"]))
+    localization_terms: list[ScoreTerm] = Field(default_factory=lambda: list[ScoreTerm](["memory"]))
     # mahalanobis: the leading eigenvectors kept per cell (the rest share one variance) and the
     # shrinkage added to every variance, as a fraction of the mean channel variance (validation
     # image AUROC: rank 32 / 64 / 128 → 0.959 / 0.966 / 0.965; shrinkage 0.03 / 0.1 / 0.3 at rank

@@ -60,7 +60,8 @@ def reference_bins(validation_scores: dict[str, Any]) -> Reference | None:
     n = validation_scores.get("n")
     if n:
         pairs = [(p, v) for p, v in pairs if n * min(p, 1 - p) >= MIN_TAIL]
-    edges, probs = [], []
+    edges: list[float] = []
+    probs: list[float] = []
     for p, value in sorted(pairs):
         value = float(value)
         if not math.isfinite(value) or (edges and value <= edges[-1]):
@@ -83,14 +84,15 @@ MIN_EXPECTED = 5.0  # the live window must expect at least this many scores in e
 def coarsen(edges: list[float], expected: np.ndarray, window: int) -> tuple[list[float], np.ndarray]:
     """Merge bins, tails first, until each expects ≥ MIN_EXPECTED of `window` scores: a 48-frame window
     cannot estimate a 1 % tail bin, and its noise alone would read as drift."""
-    edges, expected = list(edges), list(expected)
-    while len(expected) > 2 and min(expected) * window < MIN_EXPECTED:
-        i = int(np.argmin(expected))
-        j = i - 1 if i == len(expected) - 1 or (i > 0 and expected[i - 1] <= expected[i + 1]) else i + 1
+    edges = list(edges)
+    probs: list[float] = list(expected)  # a list: merged bins are spliced in place
+    while len(probs) > 2 and min(probs) * window < MIN_EXPECTED:
+        i = int(np.argmin(probs))
+        j = i - 1 if i == len(probs) - 1 or (i > 0 and probs[i - 1] <= probs[i + 1]) else i + 1
         lo, hi = min(i, j), max(i, j)
-        expected[lo:hi + 1] = [expected[lo] + expected[hi]]
+        probs[lo:hi + 1] = [probs[lo] + probs[hi]]
         del edges[lo]  # the edge between the two merged bins
-    return edges, np.asarray(expected)
+    return edges, np.asarray(probs)
 
 
 def noise_floor(bins: int, n_ref: int, n_live: int, quantile: float = 0.99) -> float:

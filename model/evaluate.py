@@ -60,7 +60,7 @@ def _pixel_metrics(masks: np.ndarray, maps: np.ndarray, usable: np.ndarray) -> t
 def evaluate(detector: AnomalyDetector, dataset: Dataset, out_dir: Path | None = None,
              cache: FeatureCache | None = None, progress: bool = True, overlays_per_group: int = 4) -> dict[str, Any]:
     cfg = detector.cfg
-    require_threshold(detector)
+    threshold = require_threshold(detector)
     cache = cache or FeatureCache(detector.backbone, cfg.data.cache_dir)
     bad = BadFiles()
     t0 = time.monotonic()
@@ -71,7 +71,6 @@ def evaluate(detector: AnomalyDetector, dataset: Dataset, out_dir: Path | None =
     labels = np.array([s.label for s in samples])
     types = np.array([s.defect_type for s in samples])
     masks, usable = load_masks(samples, detector.image_size, bad, cfg.data.bad_files)
-    threshold = float(detector.threshold)
     predicted = scores >= threshold
     pixel_auroc, pixel_aupro = _pixel_metrics(masks, maps, usable)
 

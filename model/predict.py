@@ -32,7 +32,7 @@ def image_paths(path: Path) -> list[Path]:
 
 def predict_path(detector: AnomalyDetector, path: Path, out_dir: Path, batch_size: int = 8,
                  overlays: bool = True, progress: bool = False) -> dict[str, Any]:
-    require_threshold(detector)
+    threshold = require_threshold(detector)
     paths = image_paths(path)
     if not paths:
         raise DataError(f"{path}: no images found (looked for {sorted(IMAGE_SUFFIXES)})")
@@ -40,7 +40,6 @@ def predict_path(detector: AnomalyDetector, path: Path, out_dir: Path, batch_siz
     if overlays:
         (out_dir / "overlays").mkdir(exist_ok=True)
     rows: list[dict[str, Any]] = []
-    threshold = float(detector.threshold)
     for start in tqdm(range(0, len(paths), batch_size), disable=not progress, desc="predict"):
         batch, images = [], []
         for p in paths[start : start + batch_size]:

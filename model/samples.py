@@ -207,6 +207,7 @@ class SampleStore:
         mask_sha = self._write_blob(mask, ".png")[0] if mask else None
         db = self._db()
         now = time.time()
+        evicted: list[tuple[str, str]] = []  # (sha, ext) of the blobs to unlink once committed
         db.execute("BEGIN IMMEDIATE")
         try:
             row = db.execute("SELECT origin FROM samples WHERE sha256 = ?", (sha,)).fetchone()
@@ -232,18 +233,20 @@ class SampleStore:
                 self._event(db, "added", sha, origin, camera_id, by, {"seq": seq, "source": source})
                 result = AddResult(sha, added=True)
             if camera_id is not None and origin != "base":
-                result.evicted = self._enforce_caps(db, camera_id, label)
+                evicted = self._enforce_caps(db, camera_id, label)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        for evicted_sha, evicted_ext in result.evicted:
+        for evicted_sha, evicted_ext in evicted:
             self.blob_path(evicted_sha, evicted_ext).unlink(missing_ok=True)
-        result.evicted = [s for s, _ in result.evicted]
+        result.evicted = [s for s, _ in evicted]
         return result
 
     def _enforce_caps(self, db: sqlite3.Connection, camera_id: str, label: int) -> list[tuple[str, str]]:
         """Inside the add's transaction: evict this camera's oldest samples past the caps."""
+        origins: tuple[str, ...]
+        max_bytes: int | None
         if label:
             origins, max_count, max_bytes = ("confirmed_defect",), self.limits.max_defects_per_camera, None
         else:
@@ -253,7 +256,7 @@ class SampleStore:
         count, total = db.execute(
             f"SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM samples WHERE camera_id=? AND origin IN ({marks})",
             (camera_id, *origins)).fetchone()
-        evicted = []
+        evicted: list[tuple[str, str]] = []
         if count <= max_count and (max_bytes is None or total <= max_bytes):
             return evicted
         # auto before operator, oldest first

@@ -345,4 +345,7 @@ def term_scale(val_maps: Tensor, quantiles: tuple[float, float]) -> float:
 
 def fuse_terms(coarse: Tensor, scales: list[float], use: list[int]) -> Tensor:
     """Σ over the terms in `use` of coarse[:, j] / scales[j]: (B, K, S, S) → (B, S, S)."""
-    return sum(coarse[:, j] / scales[j] for j in use)
+    if not use:  # the config's validator requires a term; an empty sum would be the int 0
+        raise ValueError("fuse_terms needs at least one term")
+    first, rest = use[0], use[1:]
+    return sum((coarse[:, j] / scales[j] for j in rest), coarse[:, first] / scales[first])

@@ -33,7 +33,8 @@ from .scoring import threshold_f1_optimal, threshold_from_normals
 
 log = structlog.get_logger(__name__)
 STATE_FILE = "train_state.pt"
-LossFn = Callable[[Reconstructor, tuple[torch.Tensor, ...]], torch.Tensor]
+# The model: a Reconstructor, or the DistributedDataParallel wrapper around one (Ray Train, several workers).
+LossFn = Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
 
 
 def seed_everything(seed: int) -> None:
@@ -45,7 +46,7 @@ def seed_everything(seed: int) -> None:
 def normal_loss_for(tcfg: TrainConfig) -> LossFn:
     """The normal-only training loss `tcfg.loss` names."""
 
-    def normal_loss(model: Reconstructor, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def normal_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         target, recon = model(batch[0])
         if tcfg.loss == "hard_mining":
             return hard_mining_loss(target, recon, tcfg.hard_fraction)
@@ -67,7 +68,7 @@ def _settings_hash(cfg: AdtrConfig) -> str:
 
 
 def fit(
-    model: Reconstructor,
+    model: torch.nn.Module,
     train_data: tuple[torch.Tensor, ...],
     val_data: tuple[torch.Tensor, ...] | None,
     tcfg: TrainConfig,
@@ -80,8 +81,9 @@ def fit(
     progress: bool = True,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> FitResult:
-    """Train `model` on tensors whose first dimension is the sample; returns the loss history. The loss
-    is `loss_fn`, or the normal-only loss `tcfg.loss` names."""
+    """Train `model` (a Reconstructor, or DistributedDataParallel around one) on tensors whose first
+    dimension is the sample; returns the loss history. The loss is `loss_fn`, or the normal-only loss
+    `tcfg.loss` names."""
     loss_fn = loss_fn or normal_loss_for(tcfg)
     epochs = tcfg.epochs if epochs is None else epochs
     lr = lr or tcfg.lr
@@ -137,7 +139,8 @@ def fit(
         if val_data is not None:
             record["val_loss"] = evaluate_loss(model, val_data, loss_fn, tcfg.batch_size)
             # What the loss cannot say across settings: the share of the normals' variation predicted.
-            record["val_explained_variance"] = explained_variance(unwrap(model), val_data[0], tcfg.batch_size)
+            record["val_explained_variance"] = explained_variance(unwrap_reconstructor(model), val_data[0],
+                                                                  tcfg.batch_size)
         result.history.append(record)
         log.info("epoch done", **{k: round(v, 5) for k, v in record.items()})
         if state_path is not None:
@@ -159,6 +162,14 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+def unwrap_reconstructor(model: torch.nn.Module) -> Reconstructor:
+    """`unwrap` for what `fit` trains, which must be a Reconstructor."""
+    inner = unwrap(model)
+    if not isinstance(inner, Reconstructor):
+        raise TypeError(f"expected a Reconstructor (or DistributedDataParallel around one), got {type(inner).__name__}")
+    return inner
+
+
 def save_train_state(path: Path, tag: str, epoch: int, model, optimizer, scheduler, history) -> None:
     """Everything a resumed run needs; written to a temp file and renamed, so a crash never leaves half."""
     tmp = path.with_name(path.name + ".tmp")
@@ -171,7 +182,7 @@ def save_train_state(path: Path, tag: str, epoch: int, model, optimizer, schedul
 
 
 @torch.no_grad()
-def evaluate_loss(model: Reconstructor, data: tuple[torch.Tensor, ...], loss_fn: LossFn, batch_size: int) -> float:
+def evaluate_loss(model: torch.nn.Module, data: tuple[torch.Tensor, ...], loss_fn: LossFn, batch_size: int) -> float:
     model.eval()
     device = next(model.parameters()).device
     n, total = data[0].shape[0], 0.0
