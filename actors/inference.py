@@ -114,7 +114,7 @@ class InferenceActor:
         if len(set(sizes.values())) > 1:  # one batch, one input size: the ingest resizes every frame once
             raise ModelLoadError(f"inspection points must share the input size to be batched together: {sizes}")
         self.device = self.serving.detector.device
-        self.queue: list[tuple[Any, asyncio.Future]] = []
+        self.queue: list[tuple[np.ndarray | bytes, str, asyncio.Future[InferenceResult]]] = []  # frame, point
         self.arrived: asyncio.Event | None = None
         self.batcher: asyncio.Task | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
@@ -282,7 +282,7 @@ class InferenceActor:
             budget_ms = float(tuned["budget_ms"])
             if not (math.isfinite(budget_ms) and budget_ms > 0):
                 raise ValueError(f"budget_ms {budget_ms!r} must be a positive number")
-            pending = tuned.get("load_check")
+            pending = tuned.get("load_check") or {}
             restart = bool(pending) and pending.get("state") in ("waiting", "checking") and not self.cfg.max_batch
             check = LoadCheck(pending["batches"], budget_ms) if restart else None
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
@@ -420,18 +420,21 @@ class InferenceActor:
         points share the batches: a call is a unit of transport, not a batch."""
         self._point(point)
         loop = asyncio.get_running_loop()
-        self._start_batcher()
-        futures = [loop.create_future() for _ in frames]
+        arrived = self._start_batcher()
+        futures: list[asyncio.Future[InferenceResult]] = [loop.create_future() for _ in frames]
         self.queue.extend((frame, point, future) for frame, future in zip(frames, futures))
-        self.arrived.set()
+        arrived.set()
         return list(await asyncio.gather(*futures))
 
-    def _start_batcher(self) -> None:
-        if self.batcher is None or self.batcher.done():  # done: its event loop ended (asyncio.run in tests)
+    def _start_batcher(self) -> asyncio.Event:
+        """Starts the batch loop unless it runs (done: its event loop ended, asyncio.run in tests); returns
+        the event that wakes it."""
+        if self.batcher is None or self.batcher.done() or self.arrived is None:
             self.arrived = asyncio.Event()
-            self.batcher = asyncio.get_running_loop().create_task(self._batch_loop())
+            self.batcher = asyncio.get_running_loop().create_task(self._batch_loop(self.arrived))
+        return self.arrived
 
-    def _decoded(self, frames: list, size: int) -> tuple[list, dict[int, str]]:
+    def _decoded(self, frames: list, size: int) -> tuple[list[np.ndarray] | torch.Tensor, dict[int, str]]:
         """Frames as pixels, and {index: reason} of those refused: JPEG bytes (jpeg_decode=device) are decoded
         in one batch on the device; pixels pass as they are."""
         if all(isinstance(f, np.ndarray) for f in frames):
@@ -442,15 +445,15 @@ class InferenceActor:
 
     def _forward(self, serving: LoadedModel, shadow: LoadedModel | None, frames: list):
         """Maps of the serving model (and the shadow's), and {index: reason} of frames not decodable."""
-        frames, refused = self._decoded(frames, serving.detector.image_size)
-        if not len(frames):
+        pixels, refused = self._decoded(frames, serving.detector.image_size)
+        if not len(pixels):
             return np.zeros((0, 0, 0), np.float32), None, refused
-        features = serving.detector.embed(frames)
+        features = serving.detector.embed(pixels)
         maps = serving.detector.coarse_maps(features).numpy()
         if shadow is None:
             return maps, None, refused
         same_backbone = shadow.detector.backbone is serving.detector.backbone
-        shadow_features = features if same_backbone else shadow.detector.embed(frames)
+        shadow_features = features if same_backbone else shadow.detector.embed(pixels)
         return maps, shadow.detector.coarse_maps(shadow_features).numpy(), refused
 
     def _run_batch(self, plan: dict[str, tuple[LoadedModel, LoadedModel | None]], points: list[str], frames: list):
@@ -463,14 +466,14 @@ class InferenceActor:
             serving, shadow = next(iter(plan.values()))
             maps, shadow_maps, refused = self._forward(serving, shadow, frames)
             return list(maps), (list(shadow_maps) if shadow_maps is not None else [None] * len(maps)), refused
-        frames, refused = self._decoded(frames, self.serving.detector.image_size)
+        pixels, refused = self._decoded(frames, self.serving.detector.image_size)
         points = [p for i, p in enumerate(points) if i not in refused]
-        maps: list = [None] * len(points)
-        shadow_maps: list = [None] * len(points)
+        maps = [None] * len(points)
+        shadow_maps = [None] * len(points)
         if not len(points):
             return maps, shadow_maps, refused
         shared = self.serving.detector
-        features = shared.embed(frames)
+        features = shared.embed(pixels)
         for point, (serving, shadow) in plan.items():
             rows = [i for i, p in enumerate(points) if p == point]
             if not rows:
@@ -479,12 +482,14 @@ class InferenceActor:
                 if model is None:
                     continue
                 own = features[rows] if model.detector.backbone is shared.backbone else model.detector.embed(
-                    frames[rows] if isinstance(frames, torch.Tensor) else [frames[i] for i in rows])
+                    pixels[rows] if isinstance(pixels, torch.Tensor) else [pixels[i] for i in rows])
                 for i, m in zip(rows, model.detector.coarse_maps(own).numpy()):
                     out[i] = m
         return maps, shadow_maps, refused
 
-    async def _batch_loop(self) -> None:
+    async def _batch_loop(self, arrived: asyncio.Event) -> None:
+        """Forever: a batch of queued frames through the models, each frame's future answered. `arrived`
+        is set when frames are queued."""
         loop = asyncio.get_running_loop()
         since_probe = 0
         while True:
@@ -493,8 +498,8 @@ class InferenceActor:
                 since_probe = 0
                 continue
             if not self.queue:
-                self.arrived.clear()
-                await self.arrived.wait()
+                arrived.clear()
+                await arrived.wait()
             check = self.load_check  # while it runs, its contenders take turns
             size = self.serving_batch
             deadline = loop.time() + self.cfg.max_wait_ms / 1000.0
@@ -546,7 +551,8 @@ class InferenceActor:
                     shadow_map = shadow_maps[row]
                     result = InferenceResult(
                         maps[row], serving.version, len(batch), seconds * 1000.0,
-                        shadow.version if shadow_map is not None else None, shadow_map, point=point)
+                        shadow.version if shadow is not None and shadow_map is not None else None, shadow_map,
+                        point=point)
                     row += 1
                 if not future.done():  # else the caller went away (e.g. cancelled)
                     future.set_result(result)

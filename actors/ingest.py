@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
 import ray
 import structlog
 import zmq
@@ -50,9 +51,10 @@ from .stats import COST_BUCKETS_S, CameraStats, Histogram
 log = structlog.get_logger(__name__)
 OVERFLOW_CAMERA = "_overflow"  # cameras beyond max_cameras share this label
 SHARED_LABELS = (UNKNOWN_CAMERA, OVERFLOW_CAMERA)
-PEER_EVENTS = {zmq.EVENT_ACCEPTED: "accepted", zmq.EVENT_DISCONNECTED: "disconnected",
-               zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
-               zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed", zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth_failed"}
+PEER_EVENTS: dict[int, str] = {  # keyed by int: a monitor message gives its event as one
+    zmq.EVENT_ACCEPTED: "accepted", zmq.EVENT_DISCONNECTED: "disconnected",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed", zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth_failed"}
 
 
 def sampled(count: int) -> bool:
@@ -76,15 +78,18 @@ def _authenticator(socket: zmq.Socket, context: zmq.Context, cfg: IngestConfig,
     if peers is not None:
         auth.allow(*peers)
     if cfg.curve.enabled:
-        curve = cfg.curve  # the settings guarantee both paths are set when CURVE is on
-        if not curve.allowed_keys_dir.is_dir():
+        keys_dir, secret_file = cfg.curve.allowed_keys_dir, cfg.curve.server_secret_key
+        if keys_dir is None or secret_file is None:  # the settings refuse CURVE without both
             auth.stop()
-            raise ValueError(f"ingest.curve.allowed_keys_dir {curve.allowed_keys_dir} is not a folder")
-        public, secret = zmq.auth.load_certificate(str(curve.server_secret_key))
+            raise ValueError("ingest.curve.enabled needs ingest.curve.server_secret_key and allowed_keys_dir")
+        if not keys_dir.is_dir():
+            auth.stop()
+            raise ValueError(f"ingest.curve.allowed_keys_dir {keys_dir} is not a folder")
+        public, secret = zmq.auth.load_certificate(str(secret_file))
         if secret is None:
             auth.stop()
-            raise ValueError(f"{curve.server_secret_key} holds no secret key (use the .key_secret file)")
-        auth.configure_curve(domain=ZAP_DOMAIN, location=str(curve.allowed_keys_dir))  # keys of this domain
+            raise ValueError(f"{secret_file} holds no secret key (use the .key_secret file)")
+        auth.configure_curve(domain=ZAP_DOMAIN, location=str(keys_dir))  # keys of this domain
         socket.curve_secretkey, socket.curve_publickey, socket.curve_server = secret, public, True
     return auth
 
@@ -103,10 +108,11 @@ class IngestActor:
         self.jpeg_bytes = jpeg_bytes
         self.chunk_checked: float | None = None  # JPEG frames go to inference as their bytes (decoded on its device)
         self.decode_seconds = Histogram(COST_BUCKETS_S)  # per frame: decode + resize on a dispatcher
-        # By name, not by handle: a restarted ingest finds the live actors again.
+        # By name, not by handle: a restarted ingest finds the live actors again. Any: Ray types a
+        # handle's method calls (`handle.method.remote`) as Never unless the method is a @ray.method.
         namespace = ray.get_runtime_context().namespace
-        self.inference = ray.get_actor(inference, namespace=namespace)
-        self.scoring = ray.get_actor(scoring, namespace=namespace)
+        self.inference: Any = ray.get_actor(inference, namespace=namespace)
+        self.scoring: Any = ray.get_actor(scoring, namespace=namespace)
         self.limits = FrameLimits(cfg.max_payload_bytes, cfg.max_pixels)
         self.log = log.bind(endpoint=endpoint)
         self.cameras: dict[str, CameraStats] = {}
@@ -229,14 +235,17 @@ class IngestActor:
         return saved.get("bound")
 
     def _save_state(self) -> None:
+        state_file = self.state_file
+        if state_file is None:  # books are kept only with a state file (the callers check it too)
+            return
         with self.lock:
             books = {"run_id": self.run_id, "bound": self.bound, "saved_at": time.time(),
                      "cameras": {cam: dict(s.to_json(), queued=len(self.queues.get(cam, ())),
                                            in_flight=self.in_flight.get(cam, 0))
                                  for cam, s in self.cameras.items()}}
-        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+        tmp = state_file.with_name(state_file.name + ".tmp")
         tmp.write_text(json.dumps(books))
-        tmp.replace(self.state_file)
+        tmp.replace(state_file)
 
     def _save_loop(self) -> None:
         saved = -1
@@ -483,7 +492,8 @@ class IngestActor:
                     self.lock.notify_all()
 
     def _dispatch(self, camera: str, chunk: list[Message]) -> None:
-        frames, items = [], []
+        frames: list[np.ndarray | bytes] = []  # decoded and resized, or a JPEG's bytes (`jpeg_bytes`)
+        items: list[Message] = []
         for item in chunk:
             if self.jpeg_bytes and item.header.encoding == "jpeg":  # decoded by inference, on its device
                 frames.append(item.payload)

@@ -16,7 +16,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 import simplejpeg
@@ -33,7 +33,7 @@ CAMERA_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}"  # the whole id (fullmat
 _CAMERA_ID = re.compile(CAMERA_ID_PATTERN)
 UNKNOWN_CAMERA = "_unknown"  # label for refused messages of a camera that has no label (see ingest)
 DECODE_BYTES_PER_PIXEL = 20  # worst case while decoding: a 16-bit BGRA PNG (8 + 8 shifted + 4 bytes)
-RAW_DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
+RAW_DTYPES: dict[str, type[np.unsignedinteger[Any]]] = {"uint8": np.uint8, "uint16": np.uint16}
 PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG"}
 
 # Invalid-frame reasons (metric label values).
@@ -50,6 +50,13 @@ class FrameError(ValueError):
     def __init__(self, reason: str, detail: str, camera_id: str = UNKNOWN_CAMERA, seq: int | None = None):
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail, self.camera_id, self.seq = reason, detail, camera_id, seq
+
+
+class _Who(TypedDict):
+    """FrameError's attribution of a refused frame, passed on as keywords."""
+
+    camera_id: str
+    seq: int | None
 
 
 class FrameHeader(BaseModel):
@@ -140,13 +147,14 @@ def parse_header(raw: bytes) -> FrameHeader:
 
 def check_payload(header: FrameHeader, payload: bytes, limits: FrameLimits) -> None:
     """Size checks before any decoding: declared pixels, payload bytes, and the image's own header."""
-    who = dict(camera_id=header.camera_id, seq=header.seq)
+    who = _Who(camera_id=header.camera_id, seq=header.seq)
     if len(payload) > limits.max_payload_bytes:
         raise FrameError("payload_too_large", f"{len(payload)} bytes (limit {limits.max_payload_bytes})", **who)
     if header.width * header.height > limits.max_pixels:
         raise FrameError("too_large", f"{header.width}x{header.height} exceeds {limits.max_pixels} pixels", **who)
     if header.encoding == "raw":
-        expected = header.width * header.height * header.channels * np.dtype(RAW_DTYPES[header.dtype]).itemsize
+        channels, dtype = _raw_layout(header)
+        expected = header.width * header.height * channels * dtype.itemsize
         if len(payload) != expected:
             raise FrameError("payload_size", f"raw payload is {len(payload)} bytes, header implies {expected}", **who)
         return
@@ -163,13 +171,21 @@ def check_payload(header: FrameHeader, payload: bytes, limits: FrameLimits) -> N
                          f"header says {header.width}x{header.height}, image is {size[0]}x{size[1]}", **who)
 
 
+def _raw_layout(header: FrameHeader) -> tuple[int, np.dtype[np.unsignedinteger[Any]]]:
+    """A raw frame's channels and pixel type (the header's validator requires both for raw)."""
+    if header.channels is None or header.dtype is None:
+        raise FrameError("header_schema", "raw frames need channels and dtype", header.camera_id, header.seq)
+    return header.channels, np.dtype(RAW_DTYPES[header.dtype])
+
+
 def decode_payload(header: FrameHeader, payload: bytes) -> np.ndarray:
     """Checked payload → RGB uint8 (H, W, 3)."""
-    who = dict(camera_id=header.camera_id, seq=header.seq)
+    who = _Who(camera_id=header.camera_id, seq=header.seq)
     try:
         if header.encoding == "raw":
-            pixels = np.frombuffer(payload, dtype=RAW_DTYPES[header.dtype])
-            return to_rgb8(pixels.reshape(header.height, header.width, header.channels), "raw frame")
+            channels, dtype = _raw_layout(header)
+            pixels = np.frombuffer(payload, dtype=dtype)
+            return to_rgb8(pixels.reshape(header.height, header.width, channels), "raw frame")
         if header.encoding == "jpeg":
             image = decode_jpeg(payload)
         else:

@@ -573,9 +573,11 @@ class ScoringActor:
         self.drift_alarms[camera] = alarm
 
     def _compare_shadow(self, headers, results: list[InferenceResult], decided: list[dict]) -> None:
-        idx = [i for i, r in enumerate(results) if r.shadow_coarse is not None]
-        for point, version in dict.fromkeys((results[i].point, results[i].shadow_version) for i in idx):
-            rows = [i for i in idx if (results[i].point, results[i].shadow_version) == (point, version)]
+        groups: dict[tuple[str, str], list[int]] = {}  # (point, shadow version) → rows, in order of arrival
+        for i, r in enumerate(results):
+            if r.shadow_coarse is not None and r.shadow_version is not None:  # both set where sampled
+                groups.setdefault((r.point, r.shadow_version), []).append(i)
+        for (point, version), rows in groups.items():
             head = self._head(point, version).head
             scored = head.score(torch.from_numpy(np.stack([np.asarray(results[i].shadow_coarse, np.float32)
                                                            for i in rows])))
@@ -591,6 +593,9 @@ class ScoringActor:
         return bounded_frame(header, payload, self.cfg.overlay_max_side)
 
     def _save(self, header, decision, amap, payload: bytes, received_at: float) -> dict[str, str]:
+        store = self.store
+        if store is None:  # anomalies are saved only with output.save_anomalies (the caller checks)
+            return {}
         try:
             frame = self._overlay_frame(header, payload)
             height, width = frame.shape[:2]
@@ -601,7 +606,7 @@ class ScoringActor:
             caption = f"ANOMALY {decision['normalized_score']:.2f}x thr  {header['camera_id']} #{header['seq']}"
             overlay = heatmap_overlay(frame, big, 2 * decision["threshold"], big >= decision["threshold"], caption)
             sidecar = dict(decision, source_encoding=header["encoding"])
-            return self.store.write(header["camera_id"], frame_stem(received_at, header["seq"]), {
+            return store.write(header["camera_id"], frame_stem(received_at, header["seq"]), {
                 PAYLOAD_SUFFIX[header["encoding"]]: payload,
                 "_overlay.png": cv2.imencode(".png", overlay)[1].tobytes(),
                 "_thumb.jpg": thumbnail_jpg(frame),  # for the console: a small frame and the map alone

@@ -120,6 +120,8 @@ class Tuner:
             point.failed = error
             if self._rotation:  # failed in rotation (e.g. memory taken by another process): out of it
                 self._rotation = [k for k in self._rotation if k != (threads, batch)]
+        elif seconds is None:
+            raise ValueError("a pass is recorded with its seconds or with its error")
         elif not point.warmed:
             point.warmed = True  # the first pass of a point pays for allocations and kernel choice
         elif self._rotation:
