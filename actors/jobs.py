@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from .retrain import RetrainBusy
 ACTIVE = ("PENDING", "RUNNING")
 
 
-def retrain_entrypoint(registry: str | Path, namespace: str, by: str, overrides: list[str] = (),
+def retrain_entrypoint(registry: str | Path, namespace: str, by: str, overrides: Sequence[str] = (),
                        python: str = sys.executable) -> str:
     """The job's shell command: this interpreter (a job's shell may not have the venv's `python`)."""
     args = [python, "-m", "agent.cli", "--log-json", "retrain", "--registry", str(Path(registry).resolve()),
@@ -39,7 +40,7 @@ def active_retrains(jobs) -> list[Any]:
 
 
 def submit_retrain(address: str, registry: str | Path, namespace: str, by: str,
-                   overrides: list[str] = ()) -> dict[str, Any]:
+                   overrides: Sequence[str] = ()) -> dict[str, Any]:
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
@@ -69,7 +70,7 @@ def submit_retrain(address: str, registry: str | Path, namespace: str, by: str,
     return {"submission_id": submission_id, "entrypoint": entrypoint, "address": address}
 
 
-def job_info(address: str, submission_id: str, log_tail: int = 40) -> dict[str, Any]:
+def job_info(address: str | None, submission_id: str, log_tail: int = 40) -> dict[str, Any]:
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)

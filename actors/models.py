@@ -54,8 +54,10 @@ class ModelManager:
         configure_logging("info", json_output=True)
         self.registry, self.point = Registry(registry_path), point
         self.cfg, self.namespace, self.jobs_address = learning, namespace, jobs_address
-        self.inference = ray.get_actor(inference, namespace=namespace)
-        self.scoring = ray.get_actor(scoring, namespace=namespace)
+        # Any: Ray types a handle's method calls (`handle.method.remote()`) as Never unless the method is a
+        # @ray.method, and the type checker would then skip everything after the first call.
+        self.inference: Any = ray.get_actor(inference, namespace=namespace)
+        self.scoring: Any = ray.get_actor(scoring, namespace=namespace)
         self.lock: asyncio.Lock | None = None
         self.tasks: list[asyncio.Task] = []
         self.guard: dict[str, Any] | None = None
@@ -202,7 +204,8 @@ class ModelManager:
 
     # ------------------------------------------------------------------ retraining
     async def submit_retrain(self, by: str, overrides: list[str] | None = None) -> dict[str, Any]:
-        if not self.jobs_address:
+        address = self.jobs_address
+        if not address:
             raise RetrainBusy("this agent has no Ray Jobs address (its Ray has no dashboard)")
         # The job runs with this agent's retrain settings, then any the caller adds.
         defaults = RetrainConfig().model_dump()
@@ -210,7 +213,7 @@ class ModelManager:
                if value != defaults[key]]
         loop = asyncio.get_running_loop()
         job = await loop.run_in_executor(None, lambda: submit_retrain(
-            self.jobs_address, self.registry.root, self.namespace, by, [*own, *(overrides or [])]))
+            address, self.registry.root, self.namespace, by, [*own, *(overrides or [])]))
         self.last_job = job
         self.schedule_state.write_text(json.dumps({"last_submitted_at": time.time(), "job": job}))
         self.log.info("retrain submitted", by=by, submission_id=job["submission_id"])

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 import numpy as np
 import structlog
@@ -137,6 +137,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     """One Ray Train worker: fit the reconstructor on its shard, report (and checkpoint) every epoch."""
     import ray
     import ray.train
+    import ray.train.torch  # prepare_model (a submodule `import ray.train` does not load)
     from ray.train import Checkpoint
 
     context = ray.train.get_context()
@@ -155,8 +156,8 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         model.fit_normalization(train)  # on the whole training set, the same on every worker
     device = torch.device("cuda" if config["use_gpu"] and torch.cuda.is_available() else "cpu")
     model.to(device)
-    if world > 1:
-        model = ray.train.torch.prepare_model(model)
+    # What `fit` trains: the model itself, or with several workers DistributedDataParallel around it.
+    trained: torch.nn.Module = ray.train.torch.prepare_model(model) if world > 1 else model
     shard = train[rank::world]
     local = Path(tempfile.mkdtemp(prefix="adtr-retrain-")) / STATE_FILE
     local_plus = local.with_name(PLUS_STATE_FILE)
@@ -168,7 +169,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any]:
                     shutil.copy(Path(folder) / name, target)
     node = ray.get_runtime_context().get_node_id()
 
-    def report(record: dict[str, float]) -> None:
+    def report(record: dict[str, Any]) -> None:
         metrics = dict(record, node_id=node, rank=rank)
         if rank == 0:
             with tempfile.TemporaryDirectory() as folder:
@@ -181,7 +182,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     tcfg = cfg.train.model_copy(update={"epochs": config["epochs"], "lr": config["lr"],
                                         "max_minutes": config["max_minutes"] if world == 1 else 0.0})
-    result = fit(model, (shard,), (val,) if val is not None and len(val) else None, tcfg, state_path=local,
+    result = fit(trained, (shard,), (val,) if val is not None and len(val) else None, tcfg, state_path=local,
                  state_tag=config["run_name"], progress=False, on_epoch=report)
     out = {"node_id": node, "world_size": world, "seconds": result.seconds, "stopped_early": result.stopped_early,
            "epochs": len(result.history), "resumed_from_epoch": result.resumed_from_epoch}
@@ -192,7 +193,7 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         has_mask = torch.from_numpy(np.load(plus["has_mask"]))[rank::world]
         data = plus_training_data(shard, defects, masks, has_mask)
         pcfg = tcfg.model_copy(update={"epochs": plus["epochs"], "lr": plus["lr"]})
-        fitted = fit(model, data, None, pcfg, loss_fn=plus_loss(plus["alpha"], plus["top_k"]), state_path=local_plus,
+        fitted = fit(trained, data, None, pcfg, loss_fn=plus_loss(plus["alpha"], plus["top_k"]), state_path=local_plus,
                      state_tag=config["run_name"] + "/adtr+", progress=False,
                      on_epoch=lambda record: report(dict(record, phase="adtr+")))
         out.update(plus_epochs=len(fitted.history), plus_seconds=fitted.seconds,
@@ -203,8 +204,13 @@ def _worker_loop(config: dict[str, Any]) -> dict[str, Any]:
 def _train_with_ray(cfg: RetrainConfig, model_cfg: AdtrConfig, run_dir: Path, storage: Path, run_name: str,
                     train_path: Path, val_path: Path | None, warm_start: Path | None, epochs: int, lr: float,
                     plus: dict[str, Any] | None = None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    if TYPE_CHECKING:  # what ray.train gives at runtime (Train V2, its default); mypy would see V1's classes
+        from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.v2.api.result import Result
+        from ray.train.v2.torch.torch_trainer import TorchTrainer
+    else:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
 
     # Read by the Train controller (propagated to it from this process's environment): a worker group that
     # cannot be placed fails after this long, `max_start_attempts` times, then the job fails (no hang).
@@ -227,7 +233,7 @@ def _train_with_ray(cfg: RetrainConfig, model_cfg: AdtrConfig, run_dir: Path, st
             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     try:
-        result = trainer.fit()
+        result = cast("Result", trainer.fit())  # Ray's V2 fit() is annotated with the V1 Result (as mypy sees it)
     except Exception as exc:  # noqa: BLE001 - Ray Train wraps worker and placement failures in several types
         text = str(exc).strip().splitlines()
         hint = next((line for line in text if "timeout" in line.lower() or "resources" in line.lower()), text[-1] if text else "")
@@ -250,7 +256,7 @@ def retrain(registry_path: str | Path, cfg: RetrainConfig, run_name: str | None 
     paths = Paths(registry)
     store = SampleStore(registry.store_dir, StoreLimits())
     resuming = run_name is not None and (paths.run(run_name) / "snapshot.json").is_file()
-    snapshot = _load_snapshot(paths.run(run_name)) if resuming else store.snapshot()
+    snapshot = _load_snapshot(paths.run(run_name)) if run_name is not None and resuming else store.snapshot()
     run_name = run_name or new_run_name(snapshot)
     run_dir = paths.run(run_name)
     timings: dict[str, float] = {}
@@ -370,7 +376,7 @@ def retrain(registry_path: str | Path, cfg: RetrainConfig, run_name: str | None 
         calibration = fit_scoring(candidate, train, val, np.zeros(len(val), int))
         candidate_eval = evaluate_model(candidate, holdout_normals, holdout_defects)
         result = gate(candidate_eval, serving_eval, tolerances)
-        if refit is not None and refit["action"] != "rejected" and result.passed:
+        if refit is not None and refit_eval is not None and refit["action"] != "rejected" and result.passed:
             reason = not_better_than(candidate_eval, refit_eval, tolerances, refit["version"])
             if reason:  # training must earn its swap: the refit-only candidate stays where the policy put it
                 result.passed = False
@@ -462,7 +468,7 @@ def _manager(namespace: str | None, registry: Registry):
                                                      a["name"].startswith(MANAGER_ACTOR + "-"))]
     for name in names:
         try:
-            manager = ray.get_actor(name, namespace=namespace)
+            manager: Any = ray.get_actor(name, namespace=namespace)  # Any: see ModelManager.__init__
             if ray.get(manager.registry_root.remote(), timeout=30) == str(registry.root.resolve()):
                 return manager
         except (ValueError, ray.exceptions.RayError):
