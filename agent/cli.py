@@ -527,8 +527,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (SettingsError, DataError, CheckpointError, WeightsError, StoreError, FileNotFoundError,
-            *agent_input_errors()) as exc:
+    except ((SettingsError, DataError, CheckpointError, WeightsError, StoreError, FileNotFoundError)
+            + agent_input_errors()) as exc:
         print(f"adtr-edge {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -149,8 +149,11 @@ def _stream(test, labels, ingest: str, results: str, out: Path, fps: float, http
     camera = subprocess.Popen(_cli("--log-json", "publish", "--source", str(out / "frames.txt"), "--endpoint", ingest,
                                    "--camera-id", camera_id, "--fps", str(fps), "--sent-log", str(out / "sent.jsonl")),
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    if camera.stdout is None:  # stdout=PIPE: always there
+        raise AgentError("the demo camera's output is not piped")
     decisions: dict[int, dict] = {}
-    first = last = None
+    first: float | None = None
+    last: float | None = None
     sent = None
     progress_at, seen, next_check = time.monotonic(), (0, 0.0), 0.0
     while time.monotonic() - progress_at < stall_s:
@@ -186,14 +189,16 @@ def _stream(test, labels, ingest: str, results: str, out: Path, fps: float, http
     y = np.array([labels[s] for s in seqs])
     flagged = np.array([decisions[s]["is_anomaly"] for s in seqs])
     latency = np.array([decisions[s]["received_ms"] for s in seqs])
+    auc = auroc(y, scores) if 0 < y.sum() < len(y) else None
     return {
         "frames_sent": sent,
         "frames_decided": len(decisions),
         "anomalies": int(flagged.sum()),
-        "live_image_auroc": float(auroc(y, scores)) if 0 < y.sum() < len(y) else None,
+        "live_image_auroc": float(auc) if auc is not None else None,
         "recall": float(flagged[y == 1].mean()) if y.sum() else None,
         "false_alarm_rate": float(flagged[y == 0].mean()) if (y == 0).any() else None,
-        "frames_per_second": (len(seqs) - 1) / (last - first) if last and last > first else None,
+        "frames_per_second": ((len(seqs) - 1) / (last - first)
+                              if first is not None and last is not None and last > first else None),
         "latency_ms_p50": float(np.percentile(latency, 50)) if len(latency) else None,
         "latency_ms_p99": float(np.percentile(latency, 99)) if len(latency) else None,
         "inference": inference,

@@ -75,6 +75,8 @@ class Operator:
 
 def relit(path: Path, gain: float) -> SourceFrame:
     pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        raise AgentError(f"{path}: not a readable image")
     return SourceFrame(f"{path.name}@x{gain}", pixels=np.clip(pixels.astype(np.float32) * gain, 0, 255).astype(np.uint8))
 
 
@@ -86,9 +88,12 @@ class Phase:
         self.decisions: dict[int, dict] = {}
 
     def run(self, frames: list[SourceFrame], labels: list[int], timeout_s: float = 600.0) -> dict[str, Any]:
-        seqs = []
+        seqs: list[int] = []
         for frame in frames:
-            seqs.append(self.camera.send(frame, encoding="auto" if frame.encoded else "jpeg"))
+            seq = self.camera.send(frame, encoding="auto" if frame.encoded else "jpeg")
+            if seq is None:  # only a send with a timeout gives up
+                raise AgentError("the demo camera could not send a frame")
+            seqs.append(seq)
             self._drain(0)
         progress = time.monotonic()
         while len(self.decisions) < len(seqs) and time.monotonic() - progress < timeout_s:

@@ -224,8 +224,8 @@ def _camera_metrics(ingests: list[dict[str, Any]]):
         for camera, s in ingest["cameras"].items():
             for kind, n in s.get("events", {}).items():
                 events[camera, kind] = events.get((camera, kind), 0) + n
-    for key, n in sorted(events.items()):
-        faults.add_metric(list(key), _finite(n))
+    for (camera, kind), n in sorted(events.items()):
+        faults.add_metric([camera, kind], _finite(n))
     yield faults
     peers = CounterMetricFamily("adtr_ingest_peer_events", "Connections to an ingest socket, by event (a peer that "
                                 "sends a part over max_payload_bytes is disconnected)", labels=["endpoint", "event"])

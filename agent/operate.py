@@ -160,7 +160,8 @@ def accept(registry: Registry, camera_id: str | None, seq: int | None, file: str
         return dict(client.call("POST", "/v1/samples", {k: v for k, v in body.items() if v is not None}), via="agent")
     folder = anomalies or Path(agent_info(registry).get("anomalies") or "runs/agent/anomalies")
     if file is not None and Path(file).is_file() and camera_id is None:
-        payload, decision = Path(file), {}
+        payload = Path(file)
+        decision: dict[str, Any] = {}
         try:  # a file inside the anomaly folder keeps its decision; any other image is taken as it is
             payload, decision = find_saved_frame(folder, file=file)
         except LookupError:
@@ -197,8 +198,9 @@ def retrain_submit(registry: Registry, address: str | None, namespace: str | Non
                                overrides), via="ray")
 
 
-def retrain_wait(address: str, submission_id: str, poll_s: float = 2.0, printer=print) -> dict[str, Any]:
-    """Follow a retrain job until it ends, printing new log lines; returns its final info."""
+def retrain_wait(address: str | None, submission_id: str, poll_s: float = 2.0, printer=print) -> dict[str, Any]:
+    """Follow a retrain job until it ends, printing new log lines; returns its final info. `address`: the Ray
+    Jobs address; None leaves it to Ray (RAY_ADDRESS, else a running cluster it finds)."""
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)

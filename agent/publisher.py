@@ -97,6 +97,8 @@ def _capture(device, name: str) -> Iterator[SourceFrame]:
 def encode(frame: SourceFrame, encoding: str) -> tuple[bytes, str, int, int, int | None, str | None]:
     """→ payload, encoding, width, height, channels, dtype. Source bytes pass through when they match."""
     wanted = frame.encoding if encoding == "auto" and frame.encoded else ("jpeg" if encoding == "auto" else encoding)
+    if wanted is None:
+        raise DataError(f"{frame.name}: encoded bytes without their encoding")
     if frame.encoded is not None and frame.encoding == wanted:
         try:  # the image's own header gives its size without decoding it
             with Image.open(io.BytesIO(frame.encoded)) as probe:
@@ -105,8 +107,10 @@ def encode(frame: SourceFrame, encoding: str) -> tuple[bytes, str, int, int, int
             raise DataError(f"{frame.name}: not a readable image: {exc}") from None
         return frame.encoded, wanted, width, height, None, None
     pixels = frame.pixels
-    if pixels is None:
+    if pixels is None and frame.encoded is not None:
         pixels = cv2.imdecode(np.frombuffer(frame.encoded, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        raise DataError(f"{frame.name}: no pixels, and no bytes that decode")
     channels = 1 if pixels.ndim == 2 else pixels.shape[2]
     height, width = pixels.shape[:2]
     if wanted == "raw":

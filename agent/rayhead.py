@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 from .errors import AgentError
 
@@ -47,7 +48,7 @@ def _refresh_ray_auth() -> None:
     """Ray reads RAY_AUTH_MODE and the token once, when first used; make this process see them now (what
     `ray.init()` itself does when it turns token mode on for a new local cluster)."""
     try:
-        from ray._raylet import AuthenticationTokenLoader, Config
+        from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # not in _raylet.pyi
     except ImportError:  # a Ray without token auth: nothing to refresh
         return
     Config.initialize("")
@@ -81,6 +82,21 @@ def memory_monitor_env(threshold: float) -> dict[str, str]:
     if threshold >= 1.0:
         env["RAY_memory_monitor_refresh_ms"] = "0"
     return env
+
+
+def _stop_group(process: subprocess.Popen[bytes], log: IO[str], timeout_s: float) -> None:
+    """Stop a `ray start --block` child: its process group (its own session, see _die_with_parent), killed
+    if it outlives `timeout_s`; then close its log."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=timeout_s)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    log.close()
 
 
 class LocalHead:
@@ -133,16 +149,7 @@ class LocalHead:
         raise AgentError(f"the Ray head did not start within {timeout_s:.0f} s (log: {self.log_path})")
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=timeout_s)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        self.log.close()
+        _stop_group(self.process, self.log, timeout_s)
 
 
 class LocalWorker:
@@ -164,4 +171,4 @@ class LocalWorker:
                                         env=dict(os.environ, RAY_AUTH_MODE="token"))
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        LocalHead.stop(self, timeout_s)  # the same: its process group, never `ray stop`
+        _stop_group(self.process, self.log, timeout_s)  # as the head's: its process group, never `ray stop`

@@ -91,7 +91,7 @@ class Point:
         self.head = load_score_head(model_dir)  # a bad checkpoint fails here, clearly, before Ray starts
         if self.head.threshold is None:
             raise AgentError(f"{model_dir}: the model has no threshold; train or finetune it first")
-        self.manager = None
+        self.manager: Any = None  # its ModelManager's Ray handle while the agent runs (Any: see Agent)
 
 
 class Agent:
@@ -131,7 +131,11 @@ class Agent:
         self.owns_ray = False
         self.ray_head: LocalHead | None = None
         self.jobs_address: str | None = None
-        self.inference = self.scoring = self.manager = None
+        # Ray actor handles once started. Any: Ray types a handle's method calls (`handle.method.remote()`)
+        # only for methods decorated with @ray.method.
+        self.inference: Any = None
+        self.scoring: Any = None
+        self.manager: Any = None
         self.ingests: list = []
         self.bound_ingest: list[str] = []
         self.bound_results = ""
@@ -181,10 +185,13 @@ class Agent:
                 for i, endpoint in enumerate(self.ingest_endpoints)
             ]
             for point in learning_points:
+                registry = point.registry
+                if registry is None:  # learning_points are the points with a registry
+                    continue
                 point.manager = ray.remote(ModelManager).options(
                     name=manager_name(point.name), namespace=namespace, max_restarts=restarts, max_task_retries=0,
                     num_cpus=0,
-                ).remote(str(point.registry.root), learning, namespace, self.jobs_address, point=point.name)
+                ).remote(str(registry.root), learning, namespace, self.jobs_address, point=point.name)
             self.manager = next(iter(self.points.values())).manager
         except ValueError as exc:  # a name already taken in this namespace
             raise AgentError(f"cannot create the agent's actors in namespace {namespace!r}: {exc}") from exc

@@ -172,7 +172,9 @@ def load_settings(config_file: str | Path | None = None, overrides: list[str] | 
             raise SettingsError(f"{yaml_file} must hold a mapping of settings, not {type(loaded).__name__}")
     init = overrides if isinstance(overrides, dict) else parse_overrides(overrides or [])
 
-    class _Resolved(kind):
+    base: Any = kind  # the settings class asked for: mypy takes no variable as a base class
+
+    class _Resolved(base):
         @classmethod
         def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
                                        file_secret_settings):

@@ -107,7 +107,7 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
         if point is None or point.registry is None:
             raise ValueError(f"the frame was decided by point {name!r}, which this agent does not serve from a "
                              "registry now")
-        if point.registry is registry:
+        if point.registry is registry and store is not None:  # the first point's (a store iff a registry)
             return store
         if name not in point_stores:
             point_stores[name] = SampleStore(point.registry.store_dir, limits)
@@ -362,7 +362,7 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
     def models_data() -> dict[str, Any]:
         snap = cache.get(wait_s=2.0)
         status = snap.get("models") or {}
-        if registry is None:
+        if registry is None or store is None:  # both, or neither
             return {"learning": False, "serving": (snap.get("inference") or {}).get("model_version",
                                                                                      agent.model_version)}
         versions = registry.versions()
