@@ -5,6 +5,7 @@ Nested keys use `__` in the environment (ADTR_EDGE_TRAIN__EPOCHS=5) and dots on 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,34 +39,61 @@ class Settings(AdtrConfig, BaseSettings):
 # The model's own settings travel in its checkpoint; these say how the agent runs it.
 
 class RayConfig(_Section):
-    address: str | None = None  # None: start an embedded single-node Ray; "auto" or host:port joins a cluster
-    namespace: str = "adtr-edge"
-    num_cpus: int | None = None  # only for the embedded instance
-    include_dashboard: bool = False  # Ray Jobs (retraining) need it
-    # The Ray Jobs API of the head the agent starts for retraining: this port when it is free on the box
-    # (Ray's usual 8265: `ray job submit --address http://127.0.0.1:8265` works as written), else any free
-    # one (`adtr-edge status --registry REG` prints it). 0: always any free port.
-    dashboard_port: int = Field(8265, ge=0, le=65535)
-    # Ray's memory monitor kills Ray workers (the agent's actors, a retrain job) once the *node's* memory use
-    # passes this share, whoever uses it (Ray's default, 0.95, killed the agent's actors and a retrain here
-    # when other programs filled the box). Only for a Ray the agent starts itself; 1.0 turns it off.
-    memory_usage_threshold: float = Field(0.98, gt=0.0, le=1.0)
+    address: str | None = Field(
+        None,
+        description=(
+            "None: start an embedded single-node Ray; \"auto\" or host:port joins a cluster"
+        ),
+    )
+    namespace: str = Field(
+        "adtr-edge",
+        description=(
+            "Ray namespace of the agent's named actors (one agent per namespace)"
+        ),
+    )
+    num_cpus: int | None = Field(None, description="only for the embedded instance")
+    include_dashboard: bool = Field(False, description="Ray Jobs (retraining) need it")
+    dashboard_port: int = Field(
+        8265, ge=0, le=65535,
+        description=(
+            "The Ray Jobs API of the head the agent starts for retraining: this port when it is free on the "
+            "box (Ray's usual 8265: `ray job submit --address http://127.0.0.1:8265` works as written), else "
+            "any free one (`adtr-edge status --registry REG` prints it). 0: always any free port."
+        ),
+    )
+    memory_usage_threshold: float = Field(
+        0.98, gt=0.0, le=1.0,
+        description=(
+            "Ray's memory monitor kills Ray workers (the agent's actors, a retrain job) once the *node's* "
+            "memory use passes this share, whoever uses it (Ray's default, 0.95, killed the agent's actors "
+            "and a retrain here when other programs filled the box). Only for a Ray the agent starts itself; "
+            "1.0 turns it off."
+        ),
+    )
 
 
 class HttpConfig(_Section):
-    enabled: bool = True
-    # 127.0.0.1: this box only. Binding anything else is a deliberate setting (the learning API needs its
-    # token either way; /metrics, /healthz and /readyz are open to whoever can reach the port).
-    host: str = "127.0.0.1"
-    port: int = Field(9108, ge=0, le=65535)  # 0 = any free port
-    # The token of the learning API (accept samples, promote, roll back, retrain): a file holding it,
-    # created (mode 0600) on first start when missing. Default: `api_token` in the model registry.
-    token_file: Path | None = None
-    threads: int = Field(8, ge=1, le=256)  # request handler pool
-    connection_limit: int = Field(100, ge=1)  # open connections; more wait in the listen backlog
-    backlog: int = Field(128, ge=1)
-    request_timeout_s: float = Field(10.0, gt=0)  # a client idle this long mid-request is disconnected
-    snapshot_s: float = Field(1.0, gt=0)  # /metrics and /readyz answer from actor stats at most this old
+    enabled: bool = Field(True, description="serve /metrics, /healthz, /readyz and the learning API")
+    host: str = Field(
+        "127.0.0.1",
+        description=(
+            "127.0.0.1: this box only. Binding anything else is a deliberate setting (the learning API needs "
+            "its token either way; /metrics, /healthz and /readyz are open to whoever can reach the port)."
+        ),
+    )
+    port: int = Field(9108, ge=0, le=65535, description="0 = any free port")
+    token_file: Path | None = Field(
+        None,
+        description=(
+            "The token of the learning API (accept samples, promote, roll back, retrain): a file holding it, "
+            "created (mode 0600) on first start when missing. Default: `api_token` in the model registry."
+        ),
+    )
+    threads: int = Field(8, ge=1, le=256, description="request handler pool")
+    connection_limit: int = Field(100, ge=1, description="open connections; more wait in the listen backlog")
+    backlog: int = Field(128, ge=1, description="listen backlog of the HTTP socket")
+    request_timeout_s: float = Field(10.0, gt=0, description="a client idle this long mid-request is disconnected")
+    snapshot_s: float = Field(1.0, gt=0, description="/metrics and /readyz answer from actor stats at most this old")
 
 
 class ConsoleConfig(_Section):
@@ -73,24 +101,41 @@ class ConsoleConfig(_Section):
     label frames and manage model versions. It starts only once a user exists (`adtr-edge console
     add-user`); passwords are stored as scrypt hashes."""
 
-    enabled: bool = True
-    # 127.0.0.1: this box only. Anything else is a deliberate setting (then serve it behind TLS and set
-    # secure_cookies).
-    host: str = "127.0.0.1"
-    port: int = Field(9109, ge=0, le=65535)  # 0 = any free port
-    # Users and roles (operator: everything; viewer: read only). Default: console/users.json in the model
-    # registry, or in state_dir when the agent serves a plain model folder.
-    users_file: Path | None = None
-    # Every console action (who, when, what, result), one JSON line each. Default: beside users_file.
-    audit_file: Path | None = None
-    session_hours: float = Field(12.0, gt=0, le=24 * 30)  # a login lasts this long
-    secure_cookies: bool = False  # the cookie only travels over HTTPS (set when a TLS proxy fronts it)
-    max_login_failures: int = Field(5, ge=1)  # per user name and per client address…
-    lockout_s: float = Field(60.0, ge=0)  # …then logins from there wait this long
-    page_size: int = Field(48, ge=1, le=500)  # thumbnails per review page
-    threads: int = Field(8, ge=1, le=256)
-    connection_limit: int = Field(100, ge=1)
-    request_timeout_s: float = Field(10.0, gt=0)
+    enabled: bool = Field(True, description="serve the operator console (it starts once a user exists)")
+    host: str = Field(
+        "127.0.0.1",
+        description=(
+            "127.0.0.1: this box only. Anything else is a deliberate setting (then serve it behind TLS and "
+            "set secure_cookies)."
+        ),
+    )
+    port: int = Field(9109, ge=0, le=65535, description="0 = any free port")
+    users_file: Path | None = Field(
+        None,
+        description=(
+            "Users and roles (operator: everything; viewer: read only). Default: console/users.json in the "
+            "model registry, or in state_dir when the agent serves a plain model folder."
+        ),
+    )
+    audit_file: Path | None = Field(
+        None,
+        description=(
+            "Every console action (who, when, what, result), one JSON line each. Default: beside users_file."
+        ),
+    )
+    session_hours: float = Field(12.0, gt=0, le=24 * 30, description="a login lasts this long")
+    secure_cookies: bool = Field(
+        False,
+        description=(
+            "the cookie only travels over HTTPS (set when a TLS proxy fronts it)"
+        ),
+    )
+    max_login_failures: int = Field(5, ge=1, description="per user name and per client address…")
+    lockout_s: float = Field(60.0, ge=0, description="…then logins from there wait this long")
+    page_size: int = Field(48, ge=1, le=500, description="thumbnails per review page")
+    threads: int = Field(8, ge=1, le=256, description="request handler pool")
+    connection_limit: int = Field(100, ge=1, description="open connections; more wait in the listen backlog")
+    request_timeout_s: float = Field(10.0, gt=0, description="a client idle this long mid-request is disconnected")
 
 
 class AgentConfig(_Section):
@@ -102,16 +147,34 @@ class AgentConfig(_Section):
     http: HttpConfig = HttpConfig()
     console: ConsoleConfig = ConsoleConfig()
     learning: LearningConfig = LearningConfig()
-    # Inspection points besides `run --model`'s (named `default`, serving every camera no point lists):
-    # {name: {model: REGISTRY_OR_MODEL, cameras: [ids]}}. Each point has its own model, threshold, gate,
-    # guard, drift reference, sample store and retrain jobs; all share one backbone and one batch.
-    points: dict[str, PointConfig] = {}
-    # Where `adtr-edge points add` creates the registries of points taught on the box.
-    points_dir: Path = Path("runs/agent/points")
-    # The agent's own books (ingest counters that survive an actor restart).
-    state_dir: Path = Path("runs/agent/state")
-    drain_timeout_s: float = Field(30.0, ge=0)
-    actor_max_restarts: int = Field(-1, ge=-1)  # -1: Ray restarts crashed actors forever
+    points: dict[str, PointConfig] = Field(
+        default_factory=dict,
+        description=(
+            "Inspection points besides `run --model`'s (named `default`, serving every camera no point "
+            "lists): {name: {model: REGISTRY_OR_MODEL, cameras: [ids]}}. Each point has its own model, "
+            "threshold, gate, guard, drift reference, sample store and retrain jobs; all share one backbone "
+            "and one batch."
+        ),
+    )
+    points_dir: Path = Field(
+        Path("runs/agent/points"),
+        description=(
+            "Where `adtr-edge points add` creates the registries of points taught on the box."
+        ),
+    )
+    state_dir: Path = Field(
+        Path("runs/agent/state"),
+        description=(
+            "The agent's own books (ingest counters that survive an actor restart)."
+        ),
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0,
+        description=(
+            "on SIGTERM, frames in flight get this long to be decided before the agent stops"
+        ),
+    )
+    actor_max_restarts: int = Field(-1, ge=-1, description="-1: Ray restarts crashed actors forever")
 
 
     @field_validator("points")
@@ -156,9 +219,25 @@ def _format_validation(exc: ValidationError) -> str:
     return f"bad setting {where}: {first['msg']}" + (f" ({exc.error_count()} errors)" if exc.error_count() > 1 else "")
 
 
+ENV_PREFIX = "ADTR_EDGE_"
+
+
+def unknown_environment(environ: dict[str, str] | None = None) -> list[str]:
+    """`ADTR_EDGE_*` variables that name no setting: pydantic-settings reads only the names it knows, so
+    `ADTR_EDGE_INGST__MODE=latest` would be silently ignored. Both kinds share the prefix, so a variable is
+    known when either the model's or the agent's settings have its top-level key (case-insensitive)."""
+    known = set(AdtrConfig.model_fields) | set(AgentConfig.model_fields)
+    names = os.environ if environ is None else environ
+    return sorted(name for name in names if name.upper().startswith(ENV_PREFIX)
+                  and name[len(ENV_PREFIX):].split("__")[0].lower() not in known)
+
+
 def load_settings(config_file: str | Path | None = None, overrides: list[str] | dict | None = None,
                   kind: type[BaseSettings] = Settings) -> Any:
     """Resolve all setting sources into a validated `AdtrConfig` (or `AgentConfig` for kind=AgentSettings)."""
+    if unknown := unknown_environment():
+        raise SettingsError(f"unknown setting in the environment: {', '.join(unknown)} (settings come as "
+                            f"{ENV_PREFIX}<SECTION>__<KEY>, e.g. {ENV_PREFIX}TRAIN__EPOCHS; see docs/settings.md)")
     yaml_file = None
     if config_file is not None:
         yaml_file = Path(config_file).expanduser()
