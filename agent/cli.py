@@ -11,7 +11,7 @@ from pathlib import Path
 
 import structlog
 
-from actors.logs import configure_logging
+from actors.logs import configure_logging, route_library_loggers
 from .settings import SettingsError, load_settings, merge
 
 log = structlog.get_logger("adtr_edge")
@@ -350,7 +350,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from model.registry import Registry
+    from lifecycle.registry import Registry
 
     from . import operate
 
@@ -384,7 +384,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from model.registry import Registry
+    from lifecycle.registry import Registry
 
     from . import operate
 
@@ -393,7 +393,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_points(args) -> int:
-    from model.registry import Registry
+    from lifecycle.registry import Registry
 
     from . import operate
 
@@ -416,7 +416,7 @@ def cmd_points(args) -> int:
 
 
 def cmd_accept(args) -> int:
-    from model.registry import Registry
+    from lifecycle.registry import Registry
 
     from . import operate
 
@@ -441,7 +441,7 @@ def cmd_accept(args) -> int:
 
 def cmd_retrain(args) -> int:
     from actors.retrain import retrain
-    from model.registry import Registry
+    from lifecycle.registry import Registry
 
     from . import operate
 
@@ -465,6 +465,7 @@ def cmd_retrain(args) -> int:
             ray.init(address=args.address or "auto", log_to_driver=False)
         except ConnectionError:
             ray.init(num_cpus=None, log_to_driver=False)  # no cluster: a local one for this run
+        route_library_loggers()
     outcome = retrain(registry.root, cfg, run_name=args.run_name, by=by, namespace=args.namespace,
                       progress=not args.no_progress)
     print(json.dumps({"event": "retrain done", **outcome}), flush=True)
@@ -478,7 +479,7 @@ def cmd_console(args) -> int:
 
     path = args.users_file or Path(args.registry) / "console" / "users.json"
     if args.registry is not None:
-        from model.registry import Registry
+        from lifecycle.registry import Registry
 
         Registry(args.registry)  # a clear error when it is not a registry
     try:
@@ -520,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_json)
     from model.checkpoint import CheckpointError
     from model.data import DataError
-    from model.samples import StoreError
+    from lifecycle.samples import StoreError
     from model.weights import WeightsError
 
     from .errors import agent_input_errors

@@ -12,6 +12,7 @@ import ray
 import structlog
 
 from actors.inference import InferenceActor
+from actors.logs import route_library_loggers
 from actors.ingest import IngestActor
 from actors.models import ModelManager
 from actors.cold import MIN_RECORDED, write_cold
@@ -19,7 +20,7 @@ from actors.config import DEFAULT_POINT, camera_points, check_point_name
 from actors.retrain import AGENT_FILE, manager_name
 from actors.scoring import ScoringActor
 from model.detector import load_score_head
-from model.registry import Registry, resolve_model, write_json_atomic
+from lifecycle.registry import Registry, resolve_model, write_json_atomic
 
 from .errors import AgentError
 from .rayhead import LocalHead, memory_monitor_env
@@ -65,6 +66,7 @@ def connect_ray(cfg: AgentConfig, jobs: bool) -> tuple[bool, str | None, LocalHe
         if head is not None:
             head.stop()
         raise AgentError(f"cannot connect to Ray at {cfg.ray.address or '(embedded)'}: {exc}") from exc
+    route_library_loggers()  # Ray set up its own handlers on import: its lines join our JSON stream
     tighten_ray_token()
     dashboard = head.dashboard if head else getattr(context, "dashboard_url", None)
     if dashboard and not dashboard.startswith("http"):
