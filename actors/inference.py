@@ -39,7 +39,7 @@ import structlog
 import torch
 
 from model.detector import AnomalyDetector, load_detector
-from model.registry import resolve_model
+from lifecycle.registry import resolve_model
 
 from .config import DEFAULT_POINT, InferenceConfig, point_paths
 from .logs import configure_logging

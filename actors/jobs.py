@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from model.samples import SampleStore
+from lifecycle.samples import SampleStore
 
 from .retrain import RetrainBusy
 

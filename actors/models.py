@@ -23,8 +23,8 @@ from typing import Any
 import ray
 import structlog
 
-from model.registry import Registry
-from model.samples import SampleStore
+from lifecycle.registry import Registry
+from lifecycle.samples import SampleStore
 
 from .cold import MIN_RECORDED, end_cold, read_cold, write_cold
 from .config import DEFAULT_POINT, LearningConfig, RetrainConfig

@@ -1,4 +1,5 @@
-"""The wire: camera frames in ([JSON header, payload]) and decisions out ([camera_id, JSON]).
+"""The wire: checking and decoding camera frames ([JSON header, payload]); the header itself and the
+decisions out are the contract's (actors/contract.py, a leaf module that imports no NumPy or OpenCV).
 
 Plain Python (pydantic, NumPy, OpenCV, Pillow): no Ray, no ZeroMQ, so a camera integrator can reuse
 it. Nothing here unpickles: headers are JSON, payloads are JPEG/PNG bytes or raw pixels read with
@@ -12,25 +13,19 @@ from __future__ import annotations
 
 import io
 import json
-import math
-import re
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
 import simplejpeg
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
 from model.data import DataError, decode_image, to_rgb8
 
-PROTOCOL_VERSION = 1
-MAX_HEADER_BYTES = 4096
-# seq and ts stay below 2**53: exact in a float64, so in every JSON parser and in Prometheus' floats.
-MAX_SAFE_INT = 2**53 - 1
-CAMERA_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}"  # the whole id (fullmatch: "cam\n" is not "cam")
-_CAMERA_ID = re.compile(CAMERA_ID_PATTERN)
+from .contract import CAMERA_ID_RE, MAX_HEADER_BYTES, MAX_SAFE_INT, PROTOCOL_VERSION, FrameHeader
+
 UNKNOWN_CAMERA = "_unknown"  # label for refused messages of a camera that has no label (see ingest)
 DECODE_BYTES_PER_PIXEL = 20  # worst case while decoding: a 16-bit BGRA PNG (8 + 8 shifted + 4 bytes)
 RAW_DTYPES: dict[str, type[np.unsignedinteger[Any]]] = {"uint8": np.uint8, "uint16": np.uint16}
@@ -59,49 +54,6 @@ class _Who(TypedDict):
     seq: int | None
 
 
-class FrameHeader(BaseModel):
-    """Header of one camera frame (protocol v1). Unknown extra fields are ignored (forward compatible)."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
-
-    v: Literal[1]
-    camera_id: str
-    seq: StrictInt = Field(ge=0, le=MAX_SAFE_INT)
-    ts: StrictFloat | StrictInt = Field(ge=0, le=MAX_SAFE_INT)  # capture time, Unix seconds (plausibility: ingest)
-    encoding: Literal["jpeg", "png", "raw"]
-    width: StrictInt = Field(ge=1, le=1 << 16)
-    height: StrictInt = Field(ge=1, le=1 << 16)
-    channels: Literal[1, 3, 4] | None = None  # required for raw: 1 = mono, 3 = BGR, 4 = BGRA (OpenCV order)
-    dtype: Literal["uint8", "uint16"] | None = None  # raw only
-
-    @field_validator("v", "channels", mode="before")
-    @classmethod
-    def _not_bool(cls, value: Any) -> Any:
-        if isinstance(value, bool):  # True == 1 to a Literal, even in strict mode
-            raise ValueError("must be an integer, not a boolean")
-        return value
-
-    @field_validator("camera_id")
-    @classmethod
-    def _camera_id(cls, value: str) -> str:
-        if not _CAMERA_ID.fullmatch(value):
-            raise ValueError(f"camera_id must match {CAMERA_ID_PATTERN}")
-        return value
-
-    @field_validator("ts")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("ts must be finite")
-        return float(value)
-
-    @model_validator(mode="after")
-    def _raw_needs_layout(self) -> FrameHeader:
-        if self.encoding == "raw" and (self.channels is None or self.dtype is None):
-            raise ValueError("raw frames need channels and dtype")
-        return self
-
-
 @dataclass(frozen=True)
 class FrameLimits:
     max_payload_bytes: int = 32 << 20
@@ -122,7 +74,7 @@ def _identity(header: Any) -> tuple[str, int | None]:
         return UNKNOWN_CAMERA, None
     camera = header.get("camera_id")
     seq = header.get("seq")
-    camera = camera if isinstance(camera, str) and _CAMERA_ID.fullmatch(camera) else UNKNOWN_CAMERA
+    camera = camera if isinstance(camera, str) and CAMERA_ID_RE.fullmatch(camera) else UNKNOWN_CAMERA
     seq = seq if type(seq) is int and 0 <= seq <= MAX_SAFE_INT else None
     return camera, seq
 
@@ -257,32 +209,3 @@ def frame_message(camera_id: str, seq: int, payload: bytes, encoding: str, width
     if dtype is not None:
         header["dtype"] = dtype
     return [json.dumps(header).encode(), payload]
-
-
-def finite_or_none(value: Any) -> Any:
-    """A copy with every float that is not finite replaced by None: RFC 8259 JSON has no NaN/Infinity."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    return value
-
-
-def strict_json(value: Any, **kwargs) -> bytes:
-    """JSON any parser reads (JavaScript, Go): non-finite numbers become null, never NaN or -Infinity."""
-    return json.dumps(finite_or_none(value), allow_nan=False, **kwargs).encode()
-
-
-def decision_message(decision: dict[str, Any]) -> list[bytes]:
-    return [decision["camera_id"].encode(), strict_json(decision)]
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not JSON (RFC 8259)")
-
-
-def parse_decision(parts: list[bytes]) -> dict[str, Any]:
-    """A decision as any strict JSON parser reads it: NaN or Infinity in it is an error."""
-    return json.loads(parts[1].decode("utf-8"), parse_constant=_no_constant)

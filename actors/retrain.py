@@ -16,7 +16,7 @@
 5. Refit the scoring terms and calibrate the thresholds on the run's own training and validation
    features (`fit_scoring`, as `train` does: a new reconstructor must not ship the serving model's
    residual statistics); score the candidate and the serving model on the same holdout normals and
-   labelled defects; gate (`model.gate`). With a refit-only candidate published, the trained one must
+   labelled defects; gate (`lifecycle.gate`). With a refit-only candidate published, the trained one must
    also pass the gate against it and be better on the same holdout, or it is rejected with that reason.
 6. Publish the version in the registry (with its gate result and the dataset list), then act by
    policy: register, shadow, or promote (through the running agent when there is one).
@@ -47,10 +47,10 @@ from model.config import AdtrConfig
 from model.data import BadFiles, Sample
 from model.detector import AnomalyDetector, load_detector
 from model.features import FeatureCache
-from model.gate import GateTolerances, ModelEvaluation, evaluate_model, gate
+from lifecycle.gate import GateTolerances, ModelEvaluation, evaluate_model, gate
 from model.reconstructor import Reconstructor, explained_variance
-from model.registry import Registry, write_json_atomic
-from model.samples import SampleStore, Snapshot, StoredSample, StoreLimits
+from lifecycle.registry import Registry, write_json_atomic
+from lifecycle.samples import SampleStore, Snapshot, StoredSample, StoreLimits
 from model.scorer import reconstructor_tensors
 from model.train import checkpoint_tensors, fit, fit_scoring, model_manifest, seed_everything
 

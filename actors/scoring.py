@@ -29,9 +29,9 @@ import zmq
 
 from model.checkpoint import read_manifest
 from model.detector import ScoreHead, load_score_head
-from model.drift import Reference, ScoreDrift, reference_bins
-from model.registry import resolve_model
-from model.samples import SampleStore, StoreLimits
+from lifecycle.drift import Reference, ScoreDrift, reference_bins
+from lifecycle.registry import resolve_model
+from lifecycle.samples import SampleStore, StoreLimits
 from model.scoring import defect_regions
 from model.visualize import heatmap_overlay
 
@@ -39,7 +39,8 @@ from .cold import read_cold
 from .config import AutoSampleConfig, LearningConfig, OutputConfig, point_paths
 from .inference import InferenceResult
 from .logs import configure_logging
-from .protocol import FrameHeader, decision_message, decode_jpeg, decode_payload, finite_or_none, strict_json
+from .contract import NORMAL_PREFIX, Decision, FrameHeader, decision_message, strict_json
+from .protocol import decode_jpeg, decode_payload
 from .stats import COST_BUCKETS_S, Histogram
 
 log = structlog.get_logger(__name__)
@@ -47,7 +48,6 @@ PAYLOAD_SUFFIX = {"jpeg": ".jpg", "png": ".png", "raw": ".png"}
 MAX_HEADS = 8  # score heads kept (serving, shadow, recent versions)
 
 
-NORMAL_PREFIX = "ok_"  # saved normal frames: ok_<time>_<seq>.*; anomalies: <time>_<seq>.*
 THUMB_WIDTH = 240
 
 
@@ -509,18 +509,17 @@ class ScoringActor:
         regions = defect_regions(amap, threshold, (header["width"], header["height"]),
                                  self.cfg.min_region_area_px, self.cfg.max_regions) if is_anomaly else []
         now = time.time()
-        decision = {
-            "camera_id": header["camera_id"], "seq": header["seq"], "ts": header["ts"],
-            "score": score, "normalized_score": float(scored.normalized[j]), "threshold": threshold,
-            "is_anomaly": is_anomaly, "regions": regions, "model_version": head.model_version,
-            "point": result.point, "inspected": cold is None,
+        decision = Decision(  # the published contract, checked; a non-finite number becomes null (strict JSON)
+            camera_id=header["camera_id"], seq=header["seq"], ts=header["ts"],
+            score=score, normalized_score=float(scored.normalized[j]), threshold=threshold,
+            is_anomaly=is_anomaly, regions=regions, model_version=head.model_version,
+            point=result.point, inspected=cold is None,
             # capture → published, only when the camera's clock is plausible (a ms clock, 1e306: null)
-            "latency_ms": (now - header["ts"]) * 1000.0 if clock_ok else None,
-            "agent_ms": (now - received_at) * 1000.0,
-            "inference_ms": result.inference_ms, "batch_size": result.batch_size,
-            "width": header["width"], "height": header["height"],
-        }
-        decision = finite_or_none(decision)  # strict JSON out: a non-finite number is null
+            latency_ms=(now - header["ts"]) * 1000.0 if clock_ok else None,
+            agent_ms=(now - received_at) * 1000.0,
+            inference_ms=result.inference_ms, batch_size=result.batch_size,
+            width=header["width"], height=header["height"],
+        ).wire()
         if is_anomaly and self.store is not None:
             decision["files"] = self._save(header, decision, amap, payload, received_at)
         self.socket.send_multipart(decision_message(decision))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from actors.protocol import parse_decision
+from actors.contract import parse_decision
 from model.checkpoint import read_manifest
 from model.config import AdtrConfig
 from model.data import load_dataset

@@ -33,11 +33,11 @@ import cv2
 import numpy as np
 import zmq
 
-from actors.protocol import parse_decision
+from actors.contract import parse_decision
 from model.checkpoint import read_manifest
 from model.config import AdtrConfig
 from model.data import load_dataset
-from model.registry import Registry, is_registry
+from lifecycle.registry import Registry, is_registry
 
 from .demo import _cli, _event, _wait_ready, stop_agent
 from .errors import AgentError
@@ -133,7 +133,7 @@ def phase_images(test: list, normals_per_phase: int = 48, defects: int = 40) -> 
     normals = [s.path for s in test if s.label == 0]
     rng.shuffle(normals)
     # The relit phase is the larger one: the drift window covers it, and the larger the window, the
-    # lower the drift alarm's noise floor (model/drift.py).
+    # lower the drift alarm's noise floor (lifecycle/drift.py).
     sizes = [normals_per_phase, 4 * normals_per_phase // 3, normals_per_phase]
     if len(normals) < sum(sizes):
         sizes = [int(len(normals) * f) for f in (0.3, 0.4, 0.3)]

@@ -30,8 +30,8 @@ from waitress.server import create_server
 
 from actors.config import DEFAULT_POINT
 from actors.retrain import manager_name
-from model.registry import RegistryError
-from model.samples import SampleStore, StoreError, StoreLimits
+from lifecycle.registry import RegistryError
+from lifecycle.samples import SampleStore, StoreError, StoreLimits
 
 from .learning import FrameNotFound, accept_frame, accept_many, find_saved_frame
 from .errors import AgentError

@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from actors.protocol import CAMERA_ID_PATTERN
-from model.samples import SampleStore
+from actors.contract import CAMERA_ID_PATTERN
+from lifecycle.samples import SampleStore
 
 from .console.frames import stem_time
 

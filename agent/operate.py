@@ -23,8 +23,8 @@ from actors.jobs import job_info, submit_retrain
 from model.data import load_dataset
 from model.checkpoint import read_manifest
 from model.config import AdtrConfig
-from model.registry import Registry
-from model.samples import SampleStore, set_journal_mode
+from lifecycle.registry import Registry
+from lifecycle.samples import SampleStore, set_journal_mode
 
 from .errors import AgentError
 from .learning import accept_frame, accept_many, find_saved_frame

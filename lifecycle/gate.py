@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .detector import AnomalyDetector
-from .metrics import auroc
-from .reconstructor import explained_variance
-from .train import batched_scores
+from model.detector import AnomalyDetector
+from model.metrics import auroc
+from model.reconstructor import explained_variance
+from model.train import batched_scores
 
 
 @dataclass(frozen=True)

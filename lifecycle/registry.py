@@ -7,7 +7,7 @@ registry/
                          (gate.json: the retrain's evaluation and gate; dataset.json: the samples it saw)
   pointers.json          {"current", "previous", "candidate"}: rewritten whole, by rename (atomic)
   events.jsonl           one JSON line per event: registered, rejected, shadow, promoted, rolled_back, retired
-  store/                 the accepted-sample store (model.samples), beside the models it trains
+  store/                 the accepted-sample store (lifecycle.samples), beside the models it trains
 ```
 A version folder is written under a temporary name and renamed into place, so a reader sees a whole
 version or none; nothing writes into it afterwards. Pointer moves and event appends hold a file lock,
@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from .checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint, read_manifest
+from model.checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint, read_manifest
 
 FORMAT = "adtr-edge-registry/1"
 MARKER = "registry.json"

@@ -34,8 +34,8 @@ from flask import (Flask, Response, abort, g, jsonify, redirect, render_template
                    url_for)
 from flask_wtf.csrf import CSRFError, CSRFProtect
 
-from model.registry import RegistryError
-from model.samples import SampleStore, StoreError, StoreLimits
+from lifecycle.registry import RegistryError
+from lifecycle.samples import SampleStore, StoreError, StoreLimits
 
 from ..learning import FrameNotFound, accept_frame, find_saved_frame
 from .audit import REVIEW_ACTIONS, AuditLog

@@ -23,14 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.protocol import CAMERA_ID_PATTERN
+from actors.contract import CAMERA_ID_PATTERN, PAYLOADS, STEM, SUFFIXES
 
-NORMAL_PREFIX = "ok_"
-SUFFIXES = (".jpg", ".png", "_overlay.png", "_thumb.jpg", "_heat.png", ".json")
-PAYLOADS = (".jpg", ".png")
-_STEM = r"(?P<ok>ok_)?(?P<time>\d{8}T\d{6})(?:\.(?P<us>\d{6}))?(?:-\d{1,9})?_(?P<seq>\d{10})"
-_NAME = re.compile(rf"^(?P<stem>{_STEM})(?P<suffix>_overlay\.png|_thumb\.jpg|_heat\.png|\.jpg|\.png|\.json)$")
-STEM_PATTERN = rf"^{_STEM}$"
+_SUFFIX = "|".join(re.escape(s) for s in sorted(SUFFIXES, key=len, reverse=True))  # `_heat.png` before `.png`
+_NAME = re.compile(rf"^(?P<stem>{STEM})(?P<suffix>{_SUFFIX})$")
+STEM_PATTERN = rf"^{STEM}$"
 _CAMERA = re.compile(CAMERA_ID_PATTERN)
 
 
