@@ -172,8 +172,8 @@ class IngestConfig(Section):
             if peer != "*":
                 try:
                     ipaddress.ip_address(peer)
-                except ValueError:
-                    raise ValueError(f"ingest.allowed_peers: {peer!r} is not an IP address (or \"*\" for any)")
+                except ValueError as exc:
+                    raise ValueError(f"ingest.allowed_peers: {peer!r} is not an IP address (or \"*\" for any)") from exc
         return self
 
     def peer_allowlist(self, endpoint: str) -> list[str] | None:

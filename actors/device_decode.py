@@ -39,7 +39,8 @@ def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
     return x.round_().clamp_(0.0, 255.0) / 255.0
 
 
-def decode_batch(frames: list[np.ndarray | bytes], size: int, device: torch.device) -> tuple[torch.Tensor, dict[int, str]]:
+def decode_batch(frames: list[np.ndarray | bytes], size: int,
+                 device: torch.device) -> tuple[torch.Tensor, dict[int, str]]:
     """Frames (JPEG bytes, or RGB uint8 pixels at any size) → ((N, 3, S, S) float in [0, 1] on `device` for
     the N frames that decoded, {index: reason} for those that did not). A batch the decoder refuses as a
     whole is decoded frame by frame, so one bad frame costs only itself."""

@@ -38,8 +38,8 @@ import numpy as np
 import structlog
 import torch
 
-from model.detector import AnomalyDetector, load_detector
 from lifecycle.registry import resolve_model
+from model.detector import AnomalyDetector, load_detector
 
 from .config import DEFAULT_POINT, InferenceConfig, point_paths
 from .logs import configure_logging
@@ -148,7 +148,7 @@ class InferenceActor:
             size = detector.image_size
             probe = [np.full((size, size, 3), 127, np.uint8), np.zeros((size, size, 3), np.uint8)]
             maps = detector.coarse_maps(detector.embed(probe))
-        except Exception as exc:  # noqa: BLE001 - any load failure: the version is refused, serving goes on
+        except Exception as exc:  # any load failure: the version is refused, serving goes on
             raise ModelLoadError(f"{model_dir}: {type(exc).__name__}: {exc}") from exc
         if not torch.isfinite(maps).all():
             raise ModelLoadError(f"{model_dir}: the model's outputs on a warm-up batch are not finite")
@@ -203,7 +203,7 @@ class InferenceActor:
                 model_dir = str(resolve_model(models.model_path, version)[0])
                 models.staged[version] = await loop.run_in_executor(
                     self.loader, self._load, model_dir, self.serving.detector.backbone)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - any version that cannot load is refused; serving goes on
                 self.load_failures += 1
                 self.log.error("model version refused", version=version, point=point, error=str(exc)[:300])
                 raise ModelLoadError(str(exc)[:500]) from None
@@ -363,7 +363,8 @@ class InferenceActor:
         self.tuned = {"state": "tuned", "model_version": self.tuning_model.version, "runs": self.tuned["runs"] + 1,
                       "budget_ms": tuner.budget_ms, "table": table, "batch": best["batch"],
                       "threads": best["threads"], "ms": best["ms"], "frames_per_second": best["frames_per_second"],
-                      "within_budget": best["within_budget"], "seconds": round(time.time() - self.tuned["started_at"], 2),
+                      "within_budget": best["within_budget"],
+                      "seconds": round(time.time() - self.tuned["started_at"], 2),
                       **({"load_check": check.entry(time.monotonic())} if check else {})}
         self.log.info("tuned", max_batch=self.max_batch, torch_threads=self.threads, batch_ms=best["ms"],
                       frames_per_second=best["frames_per_second"], budget_ms=tuner.budget_ms,
@@ -399,9 +400,10 @@ class InferenceActor:
             live = next(r for r in entry["table"] if r["batch"] == chosen)  # what it serves with is live-timed
             self.tuned.update(batch=chosen, ms=live["ms"], frames_per_second=live["frames_per_second"])
         entry["batch"] = chosen
+        rows = [f"b{r['batch']}: {r['frames_per_second']} f/s {r['ms']} ms ({r['passes']} batches)"
+                for r in entry["table"]]
         self.log.info("tuned under load" if chosen else f"check under load {entry['state']}; the table's choice stays",
-                      max_batch=self.max_batch, table_choice=before, table=[
-            f"b{r['batch']}: {r['frames_per_second']} f/s {r['ms']} ms ({r['passes']} batches)" for r in entry["table"]])
+                      max_batch=self.max_batch, table_choice=before, table=rows)
         self._save_tuning()
 
     @property

@@ -409,7 +409,8 @@ class IngestActor:
         header = item.header
         camera = header.camera_id
         if self.cfg.allowed_cameras and camera not in self.cfg.allowed_cameras:
-            raise FrameError("unknown_camera", f"camera {camera!r} is not in ingest.allowed_cameras", camera, header.seq)
+            raise FrameError("unknown_camera", f"camera {camera!r} is not in ingest.allowed_cameras", camera,
+                             header.seq)
         if camera not in self.routes and self.default_point is None:
             raise FrameError("unknown_camera", f"camera {camera!r} is in no inspection point (points.<name>.cameras) "
                              "and the agent serves no default point", camera, header.seq)
@@ -576,5 +577,5 @@ class IngestActor:
         try:
             ray.get(result_ref, timeout=0)
             return "scoring_failed"
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - whatever the inference call raised, the frames are counted lost there
             return "inference_failed"

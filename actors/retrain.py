@@ -31,26 +31,27 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import structlog
 import torch
 
+from lifecycle.gate import GateTolerances, ModelEvaluation, evaluate_model, gate
+from lifecycle.registry import Registry, write_json_atomic
+from lifecycle.samples import SampleStore, Snapshot, StoredSample, StoreLimits
 from model.adtr_plus import label_cell_masks, plus_loss, plus_training_data
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import AdtrConfig
 from model.data import BadFiles, Sample
 from model.detector import AnomalyDetector, load_detector
 from model.features import FeatureCache
-from lifecycle.gate import GateTolerances, ModelEvaluation, evaluate_model, gate
 from model.reconstructor import Reconstructor, explained_variance
-from lifecycle.registry import Registry, write_json_atomic
-from lifecycle.samples import SampleStore, Snapshot, StoredSample, StoreLimits
 from model.scorer import reconstructor_tensors
 from model.train import checkpoint_tensors, fit, fit_scoring, model_manifest, seed_everything
 
@@ -117,7 +118,7 @@ def retrain_lock(registry: Registry, run_name: str) -> Iterator[None]:
                           f"(pid {holder.get('pid', '?')}, since {holder.get('since', '?')}); one at a time") from None
     try:
         paths.holder.write_text(json.dumps({"run": run_name, "pid": os.getpid(),
-                                            "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+                                            "since": datetime.now(UTC).isoformat(timespec="seconds")}))
         yield
     finally:
         paths.holder.unlink(missing_ok=True)
@@ -126,7 +127,7 @@ def retrain_lock(registry: Registry, run_name: str) -> Iterator[None]:
 
 
 def new_run_name(snapshot: Snapshot) -> str:
-    return f"retrain-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{snapshot.fingerprint[:8]}"
+    return f"retrain-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{snapshot.fingerprint[:8]}"
 
 
 def _samples(stored: list[StoredSample]) -> list[Sample]:
@@ -225,18 +226,21 @@ def _train_with_ray(cfg: RetrainConfig, model_cfg: AdtrConfig, run_dir: Path, st
             "plus": plus,
         },
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker,
+                                                           **({"GPU": 1} if cfg.use_gpu else {})},
                                      label_selector=cfg.label_selector or None),
         run_config=RunConfig(
             name=run_name, storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=cfg.max_start_attempts),
+            failure_config=FailureConfig(max_failures=cfg.max_failures,
+                                         controller_failure_limit=cfg.max_start_attempts),
             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     try:
         result = cast("Result", trainer.fit())  # Ray's V2 fit() is annotated with the V1 Result (as mypy sees it)
-    except Exception as exc:  # noqa: BLE001 - Ray Train wraps worker and placement failures in several types
+    except Exception as exc:  # Ray Train wraps worker and placement failures in several types
         text = str(exc).strip().splitlines()
-        hint = next((line for line in text if "timeout" in line.lower() or "resources" in line.lower()), text[-1] if text else "")
+        hint = next((line for line in text if "timeout" in line.lower() or "resources" in line.lower()),
+                    text[-1] if text else "")
         raise RetrainError(f"training failed ({type(exc).__name__}): {hint[:400]}") from exc
     if result.checkpoint is None:
         raise RetrainError("training finished without a checkpoint")

@@ -27,19 +27,19 @@ import structlog
 import torch
 import zmq
 
-from model.checkpoint import read_manifest
-from model.detector import ScoreHead, load_score_head
 from lifecycle.drift import Reference, ScoreDrift, reference_bins
 from lifecycle.registry import resolve_model
 from lifecycle.samples import SampleStore, StoreLimits
+from model.checkpoint import read_manifest
+from model.detector import ScoreHead, load_score_head
 from model.scoring import defect_regions
 from model.visualize import heatmap_overlay
 
 from .cold import read_cold
 from .config import AutoSampleConfig, LearningConfig, OutputConfig, point_paths
+from .contract import NORMAL_PREFIX, Decision, FrameHeader, decision_message, strict_json
 from .inference import InferenceResult
 from .logs import configure_logging
-from .contract import NORMAL_PREFIX, Decision, FrameHeader, decision_message, strict_json
 from .protocol import decode_jpeg, decode_payload
 from .stats import COST_BUCKETS_S, Histogram
 
@@ -127,7 +127,9 @@ class AnomalyStore:
             self._drop(True)
         while self.total > self.max_bytes and (self.files or self.normals):
             # the oldest file of either kind
-            self._drop(bool(self.normals) and (not self.files or self._oldest(self.normals) <= self._oldest(self.files)))
+            normal_first = bool(self.normals) and (not self.files or
+                                                   self._oldest(self.normals) <= self._oldest(self.files))
+            self._drop(normal_first)
 
     def stats(self) -> dict[str, int]:
         with self.lock:

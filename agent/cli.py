@@ -12,6 +12,7 @@ from pathlib import Path
 import structlog
 
 from actors.logs import configure_logging, route_library_loggers
+
 from .settings import SettingsError, load_settings, merge
 
 log = structlog.get_logger("adtr_edge")
@@ -502,8 +503,8 @@ def cmd_console(args) -> int:
 
 COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "predict": cmd_predict,
             "run": cmd_run, "publish": cmd_publish, "keys": cmd_keys, "watch": cmd_watch, "demo": cmd_demo,
-            "models": cmd_models, "status": cmd_status, "points": cmd_points, "accept": cmd_accept, "retrain": cmd_retrain,
-            "console": cmd_console}
+            "models": cmd_models, "status": cmd_status, "points": cmd_points, "accept": cmd_accept,
+            "retrain": cmd_retrain, "console": cmd_console}
 
 
 def package_version() -> str:
@@ -519,9 +520,9 @@ def package_version() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_json)
+    from lifecycle.samples import StoreError
     from model.checkpoint import CheckpointError
     from model.data import DataError
-    from lifecycle.samples import StoreError
     from model.weights import WeightsError
 
     from .errors import agent_input_errors

@@ -34,10 +34,10 @@ import numpy as np
 import zmq
 
 from actors.contract import parse_decision
+from lifecycle.registry import Registry, is_registry
 from model.checkpoint import read_manifest
 from model.config import AdtrConfig
 from model.data import load_dataset
-from lifecycle.registry import Registry, is_registry
 
 from .demo import _cli, _event, _wait_ready, stop_agent
 from .errors import AgentError
@@ -77,7 +77,8 @@ def relit(path: Path, gain: float) -> SourceFrame:
     pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if pixels is None:
         raise AgentError(f"{path}: not a readable image")
-    return SourceFrame(f"{path.name}@x{gain}", pixels=np.clip(pixels.astype(np.float32) * gain, 0, 255).astype(np.uint8))
+    brighter = np.clip(pixels.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+    return SourceFrame(f"{path.name}@x{gain}", pixels=brighter)
 
 
 class Phase:

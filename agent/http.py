@@ -3,8 +3,9 @@
 Flask routes, served by waitress: a bounded pool of handler threads, a connection cap, a listen backlog,
 and an inactivity timeout; waitress reads a whole request before a handler thread sees it, so a slow
 or half-sent request holds no thread, and a request still arriving after `request_timeout_s` is cut
-off (a trickling client is never idle, so the inactivity timeout alone let it hold a connection slot). Scrapes never call the actors: a background thread refreshes one
-snapshot of every actor's stats (`http.snapshot_s`), and /metrics and /readyz answer from it.
+off (a trickling client is never idle, so the inactivity timeout alone let it hold a connection slot).
+Scrapes never call the actors: a background thread refreshes one snapshot of every actor's stats
+(`http.snapshot_s`), and /metrics and /readyz answer from it.
 
 The learning API needs the token (`Authorization: Bearer …`), compared by its hash in constant time:
 accept a saved frame as normal or confirm it as a defect, list/promote/roll back/shadow model
@@ -33,8 +34,8 @@ from actors.retrain import manager_name
 from lifecycle.registry import RegistryError
 from lifecycle.samples import SampleStore, StoreError, StoreLimits
 
-from .learning import FrameNotFound, accept_frame, accept_many, find_saved_frame
 from .errors import AgentError
+from .learning import FrameNotFound, accept_frame, accept_many, find_saved_frame
 from .runner import Agent, totals
 
 log = structlog.get_logger(__name__)
@@ -149,7 +150,8 @@ class AgentCollector:
             family = HistogramMetricFamily(name, text, labels=["actor"])
             for i, s in enumerate(stats):
                 if s.get(key):
-                    family.add_metric([f"{actor}-{i}" if actor == "ingest" else actor], s[key], _finite(s[key + "_sum"]))
+                    label = f"{actor}-{i}" if actor == "ingest" else actor
+                    family.add_metric([label], s[key], _finite(s[key + "_sum"]))
             yield family
         scoring = snap.get("scoring") or {}
         if scoring.get("store"):
@@ -552,7 +554,8 @@ class HttpServer:
         self.app = create_app(agent, self.cache, token)
         self.server = create_server(
             self.app, host=cfg.host, port=cfg.port, threads=cfg.threads, connection_limit=cfg.connection_limit,
-            backlog=cfg.backlog, channel_timeout=cfg.request_timeout_s, cleanup_interval=max(1, int(cfg.request_timeout_s / 4)),
+            backlog=cfg.backlog, channel_timeout=cfg.request_timeout_s,
+            cleanup_interval=max(1, int(cfg.request_timeout_s / 4)),
             max_request_header_size=16 << 10, max_request_body_size=1 << 20, ident="adtr-edge", expose_tracebacks=False)
         _request_deadline(self.server, cfg.request_timeout_s)
         self.port = self.server.effective_port

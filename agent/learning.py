@@ -2,13 +2,14 @@
 
 Used by the agent's HTTP API (`POST /v1/samples`) and by `adtr-edge accept` when no agent runs.
 A saved frame is one the scoring actor wrote for an anomaly: `<anomalies>/<camera>/<time>_<seq>.<ext>`
-with a `.json` sidecar (the decision), or a sampled normal one (`ok_<time>_<seq>.<ext>`). "Accept as normal" files it as origin `operator`; "confirm
-defect" as `confirmed_defect`, with an optional box.
+with a `.json` sidecar (the decision), or a sampled normal one (`ok_<time>_<seq>.<ext>`). "Accept as
+normal" files it as origin `operator`; "confirm defect" as `confirmed_defect`, with an optional box.
 """
 from __future__ import annotations
 
 import json
 import re
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def parse_time(value: float | int | str) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str):
-        from datetime import datetime, timezone
+        from datetime import datetime
 
         try:
             return float(value)
@@ -93,7 +94,7 @@ def parse_time(value: float | int | str) -> float:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             raise ValueError(f"not a time: {value!r} (seconds since the epoch, or ISO 8601)") from None
-        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
     raise ValueError(f"not a time: {value!r} (seconds since the epoch, or ISO 8601)")
 
 

@@ -20,11 +20,11 @@ from typing import Any
 
 from actors.config import RetrainConfig
 from actors.jobs import job_info, submit_retrain
-from model.data import load_dataset
-from model.checkpoint import read_manifest
-from model.config import AdtrConfig
 from lifecycle.registry import Registry
 from lifecycle.samples import SampleStore, set_journal_mode
+from model.checkpoint import read_manifest
+from model.config import AdtrConfig
+from model.data import load_dataset
 
 from .errors import AgentError
 from .learning import accept_frame, accept_many, find_saved_frame

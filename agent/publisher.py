@@ -22,8 +22,9 @@ import zmq.auth
 from PIL import Image
 
 from actors.protocol import frame_message
-from .errors import PublishError
 from model.data import IMAGE_SUFFIXES, DataError, images_in
+
+from .errors import PublishError
 
 log = structlog.get_logger(__name__)
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v"}

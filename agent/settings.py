@@ -20,9 +20,11 @@ from actors.config import (
     OutputConfig,
     PointConfig,
     ScoringConfig,
-    Section as _Section,
     camera_points,
     check_point_name,
+)
+from actors.config import (
+    Section as _Section,
 )
 from model.config import AdtrConfig
 

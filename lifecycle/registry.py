@@ -20,10 +20,11 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from model.checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint, read_manifest
 
@@ -259,7 +260,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def resolve_model(path: str | Path, version: str | None = None) -> tuple[Path, Registry | None]:

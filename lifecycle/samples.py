@@ -320,7 +320,8 @@ class SampleStore:
             "SELECT origin, COUNT(*) FROM samples WHERE added_at > ? GROUP BY origin", (since,))}
         by_camera: dict[str, dict[str, int]] = {}
         for camera, origin, n in db.execute(
-                "SELECT camera_id, origin, COUNT(*) FROM samples WHERE camera_id IS NOT NULL GROUP BY camera_id, origin"):
+                "SELECT camera_id, origin, COUNT(*) FROM samples WHERE camera_id IS NOT NULL "
+                "GROUP BY camera_id, origin"):
             by_camera.setdefault(camera, {})[origin] = n
         total_bytes = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM samples").fetchone()[0]
         return {"by_origin": by_origin, "new_since": new, "by_camera": by_camera, "bytes": total_bytes}

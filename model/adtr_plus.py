@@ -7,7 +7,7 @@ pasted onto normal training images, with their exact masks.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +152,7 @@ def finetune_adtr_plus(model_dir: Path, dataset: Dataset, out_dir: Path, progres
     for key in ("weights_sha256", "model_version"):
         manifest.pop(key, None)
     manifest.update({
-        "created_at": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
+        "created_at": datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"),
         "settings": json.loads(cfg.model_dump_json()),
         "parent_model_version": detector.model_version,
         "threshold": calibration.threshold, "threshold_method": calibration.method,

@@ -62,7 +62,7 @@ class Backbone(nn.Module):
             self.body = timm.create_model(
                 cfg.name, features_only=True, out_indices=out_indices, pretrained=cfg.weights == "hub"
             )
-        except Exception as exc:  # noqa: BLE001 - hub download failures come in many types
+        except Exception as exc:  # hub download failures come in many types
             if cfg.weights == "hub":
                 raise WeightsError(
                     f"could not fetch hub weights for {cfg.name} (no network?): {exc}; "
@@ -120,7 +120,7 @@ class Backbone(nn.Module):
     def normalization(self) -> dict[str, list[float]]:
         return {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
 
-    def train(self, mode: bool = True) -> "Backbone":  # noqa: ARG002 - frozen by design
+    def train(self, mode: bool = True) -> Backbone:  # frozen by design: `mode` is ignored
         return super().train(False)
 
     def _load_weights(self) -> str:

@@ -77,7 +77,7 @@ def load_checkpoint(model_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Te
         )
     try:
         tensors = load_file(str(weights))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise CheckpointError(f"{weights} cannot be read as safetensors: {exc}") from exc
     return manifest, tensors
 
@@ -88,7 +88,8 @@ def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source:
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
-        raise CheckpointError(f"{source}: tensors do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(f"{source}: tensors do not fit the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
     for key, value in tensors.items():
         if own[key].shape != value.shape:
             raise CheckpointError(

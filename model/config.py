@@ -145,7 +145,7 @@ class ReconstructorConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ReconstructorConfig":
+    def _heads_divide(self) -> ReconstructorConfig:
         if self.hidden_dim % self.num_heads:
             raise ValueError(
                 f"hidden_dim {self.hidden_dim} must be divisible by num_heads {self.num_heads}"

@@ -233,7 +233,7 @@ def _manifest_config(model_dir: str | Path, manifest: dict[str, Any]) -> AdtrCon
             # from this model (retrain, ADTR+) must not switch to the newer default.
             settings = {**settings, "scoring": {**scoring, "memory_dims": 0}}
         cfg = AdtrConfig.model_validate(settings)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise CheckpointError(f"{model_dir}: manifest settings are invalid: {exc}") from exc
     if "scoring_fit" not in manifest:  # written before fitted scoring: the paper's L2 map
         legacy = cfg.scoring.model_copy(update={"image_terms": ["l2"], "localization_terms": ["l2"]})

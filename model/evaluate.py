@@ -18,15 +18,16 @@ import torch
 from .data import NORMAL_TYPE, BadFiles, DataError, Dataset, read_image, read_mask, resize_mask
 from .detector import AnomalyDetector, require_threshold
 from .features import FeatureCache
-from .scoring import normalized_score
 from .metrics import aupro, auroc, precision_recall_f1, roc_points
 from .reconstructor import reconstruction_report
+from .scoring import normalized_score
 from .visualize import heatmap_overlay, roc_image
 
 log = structlog.get_logger(__name__)
 
 
-def score_feature_set(detector: AnomalyDetector, features: torch.Tensor, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def score_feature_set(detector: AnomalyDetector, features: torch.Tensor,
+                      batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(maps (N, H, W), scores (N,)) for cached features."""
     out = [detector.score_features(features[i : i + batch]) for i in range(0, len(features), batch)]
     return torch.cat([o.maps for o in out]).numpy(), torch.cat([o.scores for o in out]).numpy()

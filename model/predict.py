@@ -14,8 +14,8 @@ import structlog
 from tqdm import tqdm
 
 from .data import IMAGE_SUFFIXES, DataError, images_in, read_image
-from .scoring import normalized_score
 from .detector import AnomalyDetector, require_threshold
+from .scoring import normalized_score
 from .visualize import heatmap_overlay
 
 log = structlog.get_logger(__name__)

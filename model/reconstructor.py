@@ -186,7 +186,7 @@ class Reconstructor(nn.Module):
                 self.__dict__[name] = cached
         return cached[1]
 
-    def train(self, mode: bool = True) -> "Reconstructor":
+    def train(self, mode: bool = True) -> Reconstructor:
         for name in self._CACHES:
             self.__dict__.pop(name, None)
         return super().train(mode)

@@ -86,7 +86,7 @@ class FittedScorer(nn.Module):
             self.register_buffer("memory_sq", memory_norms(self.memory), persistent=False)
 
     @classmethod
-    def from_checkpoint(cls, terms: list[str], tensors: dict[str, Tensor]) -> "FittedScorer":
+    def from_checkpoint(cls, terms: list[str], tensors: dict[str, Tensor]) -> FittedScorer:
         return cls(terms, {k.removeprefix(PREFIX): v for k, v in tensors.items() if k.startswith(PREFIX)})
 
     def checkpoint_tensors(self) -> dict[str, Tensor]:

@@ -95,7 +95,8 @@ def sized_for_defects(cfg: AdtrConfig, samples: list[Sample], bad: BadFiles) -> 
             "mahalanobis_rank": max(16, min(sc.mahalanobis_rank, round(sc.mahalanobis_rank / grow))),
             "memory_size": sc.memory_size and max(16, min(sc.memory_size, round(sc.memory_size / grow ** 2)))})
         if rc.neighbor_mask:
-            update["reconstructor"] = rc.model_copy(update={"neighbor_mask": 2 * round(rc.neighbor_mask * grow / 2) + 1})
+            mask = 2 * round(rc.neighbor_mask * grow / 2) + 1
+            update["reconstructor"] = rc.model_copy(update={"neighbor_mask": mask})
     return cfg.model_copy(update=update), size
 
 

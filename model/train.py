@@ -10,10 +10,11 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import structlog
@@ -28,8 +29,8 @@ from .detector import AnomalyDetector, resolve_device
 from .features import FeatureCache
 from .reconstructor import Reconstructor, explained_variance, hard_mining_loss, reconstruction_loss
 from .scorer import fit_scorer
-from .sizing import sized_for_defects, small_defect_check
 from .scoring import threshold_f1_optimal, threshold_from_normals
+from .sizing import sized_for_defects, small_defect_check
 
 log = structlog.get_logger(__name__)
 STATE_FILE = "train_state.pt"
@@ -212,12 +213,14 @@ def batched_scores(detector: AnomalyDetector, features: torch.Tensor, batch: int
                            for i in range(0, len(features), batch)]) if len(features) else np.zeros(0)
 
 
-def calibrate_threshold(detector: AnomalyDetector, features: torch.Tensor, labels: np.ndarray) -> tuple[float, str, np.ndarray]:
+def calibrate_threshold(detector: AnomalyDetector, features: torch.Tensor,
+                        labels: np.ndarray) -> tuple[float, str, np.ndarray]:
     """Normals only → high quantile; labelled anomalies present → F1-optimal. Validation data only."""
     scores = batched_scores(detector, features)
     if labels.max() > 0 and labels.min() == 0:
         return threshold_f1_optimal(scores, labels), "f1_optimal", scores
-    return threshold_from_normals(scores[labels == 0], detector.cfg.threshold.normal_quantile), "normal_quantile", scores
+    quantile = threshold_from_normals(scores[labels == 0], detector.cfg.threshold.normal_quantile)
+    return quantile, "normal_quantile", scores
 
 
 def calibrate_localization(detector: AnomalyDetector, val_normal: torch.Tensor) -> dict[str, Any]:
@@ -280,7 +283,7 @@ def model_manifest(cfg: AdtrConfig, backbone: Backbone, calibration: Calibration
                    data: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
     """The manifest of a new model: what loading, scoring, drift monitoring and auditing need."""
     return {
-        "created_at": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
+        "created_at": datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"),
         "settings": json.loads(cfg.model_dump_json()),
         "backbone": {"name": cfg.backbone.name, "weights": cfg.backbone.weights,
                      "weights_id": backbone.weights_id, "channels": backbone.out_channels,
@@ -320,8 +323,9 @@ def train_model(cfg: AdtrConfig, dataset: Dataset, out_dir: Path, progress: bool
     backbone = (cache.backbone if cache else Backbone(cfg.backbone)).to(device)
     cache = cache or FeatureCache(backbone, cfg.data.cache_dir)
     t0 = time.monotonic()
-    train = cache.extract(dataset.train, bad, cfg.data.bad_files, cfg.train.feature_batch_size, progress, "train features")
-    val = cache.extract(dataset.val, bad, cfg.data.bad_files, cfg.train.feature_batch_size, progress, "val features")
+    batch = cfg.train.feature_batch_size
+    train = cache.extract(dataset.train, bad, cfg.data.bad_files, batch, progress, "train features")
+    val = cache.extract(dataset.val, bad, cfg.data.bad_files, batch, progress, "val features")
     feature_seconds = time.monotonic() - t0
 
     model = new_reconstructor(cfg, backbone.out_channels, train.features).to(device)

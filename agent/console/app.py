@@ -20,7 +20,7 @@ import math
 import re
 import secrets
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,7 @@ import cv2
 import numpy as np
 import ray
 import structlog
-from flask import (Flask, Response, abort, g, jsonify, redirect, render_template, request, send_file, session,
-                   url_for)
+from flask import Flask, Response, abort, g, jsonify, redirect, render_template, request, send_file, session, url_for
 from flask_wtf.csrf import CSRFError, CSRFProtect
 
 from lifecycle.registry import RegistryError
@@ -56,7 +55,7 @@ def _fmt_time(ts: Any) -> str:
     if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not ts:
         return "—"
     try:
-        return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     except (OverflowError, OSError, ValueError):
         return "—"
 
@@ -167,7 +166,8 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
     def csrf_failed(exc: CSRFError):
         user = current()
         audit.record(user.user if user else "-", user.role if user else "-", "refused", ok=False,
-                     address=request.remote_addr, what=f"{request.method} {request.path}", reason=f"CSRF: {exc.description}")
+                     address=request.remote_addr, what=f"{request.method} {request.path}",
+                     reason=f"CSRF: {exc.description}")
         if wants_json():
             return jsonify(error=f"CSRF check failed: {exc.description} (reload the page)"), 400
         return render_template("login.html", error="The form expired or did not come from this console; "
@@ -221,7 +221,8 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
         role = auth.check(name, password)
         if role is None:
             throttle.failed(*keys)
-            audit.record(name or "-", "-", "login", ok=False, address=request.remote_addr, reason="wrong name or password")
+            audit.record(name or "-", "-", "login", ok=False, address=request.remote_addr,
+                         reason="wrong name or password")
             return render_template("login.html", error="Wrong name or password.", next=target), 401
         throttle.succeeded(*keys)
         old = session.get("sid")
@@ -295,7 +296,9 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
         total, frames = index.query(**query_args(f), offset=(page - 1) * size, limit=size)
         pages = max(1, math.ceil(total / size))
         cards = [card(fr) for fr in frames]
-        link = lambda p: url_for("review_page", **{k: v for k, v in {**f, "page": p}.items() if v})  # noqa: E731
+        def link(p: int) -> str:
+            return url_for("review_page", **{k: v for k, v in {**f, "page": p}.items() if v})
+
         return render_template("review.html", page="review", cards=cards, total=total, page_no=page, pages=pages,
                                f=f, cameras=index.camera_names(), windows=list(WINDOWS),
                                prev_url=link(page - 1) if page > 1 else None,
@@ -404,7 +407,7 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
         """Run an action, audit it (ok or not) and answer JSON."""
         try:
             result, code = fn()
-        except Exception as exc:  # noqa: BLE001 - audited and answered, never a traceback to the page
+        except Exception as exc:  # audited and answered, never a traceback to the page
             audit.record(g.user.user, g.user.role, action, ok=False, frame=frame_key, address=request.remote_addr,
                          error=str(exc)[:300], **detail)
             raise
