@@ -19,6 +19,7 @@ import pytest
 from agent.console import start_console
 from agent.console.auth import add_user
 from agent.http import start_http
+
 from live import live_agent
 
 OPERATOR = ("ana", "correct horse battery staple")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import zmq
 
-from actors.protocol import parse_decision
+from actors.contract import parse_decision
 from agent.runner import Agent, totals
 from agent.settings import AgentSettings, load_settings
 from agent.watch import subscribe
@@ -124,14 +124,14 @@ class Streamer:
 def registry_with_base(model_dir: Path, root: Path, data):
     """A model registry serving `model_dir`, its training normals in the store as origin base."""
     from agent.operate import import_base
-    from model.registry import Registry
+    from lifecycle.registry import Registry
 
     registry = Registry.create(root, model_dir, by="test")
     import_base(registry, str(data), "test")
     return registry
 
 
-def versions_in_order(decisions: "Decisions", camera: str) -> list[str]:
+def versions_in_order(decisions: Decisions, camera: str) -> list[str]:
     """The model versions of a camera's decisions in seq order, runs collapsed: ["v1", "v2", "v1"]."""
     out: list[str] = []
     for key in sorted(k for k in decisions.by_key if k[0] == camera):

@@ -17,9 +17,17 @@ from torch import Tensor
 
 from model.config import AdtrConfig
 from model.detector import ScoreHead
-from model.patch_memory import PatchMemory
-from model.scoring import (cell_tokens, channel_major_memory, fit_cell_gaussians, fit_cell_memory,
-                           mahalanobis_distance, memory_distance, memory_norms)
+from model.scoring import (
+    cell_tokens,
+    channel_major_memory,
+    fit_cell_gaussians,
+    fit_cell_memory,
+    mahalanobis_distance,
+    memory_distance,
+    memory_norms,
+)
+
+from patch_memory import PatchMemory
 
 METHODS = ("full_memory", "local_memory", "padim")
 LABELS = {"full_memory": "nearest-neighbour memory, all cells (PatchCore w/o coreset)",

@@ -17,7 +17,7 @@ import platform
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +29,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from agent.publisher import FramePublisher, SourceFrame, frame_from_file  # noqa: E402
-from agent.runner import Agent, totals  # noqa: E402
-from agent.settings import AgentSettings, load_settings  # noqa: E402
-from live import Decisions  # noqa: E402
-from model.data import load_dataset, read_image  # noqa: E402
-from model.detector import load_detector  # noqa: E402
-from readme_table import plural, update_section  # noqa: E402
+from agent.publisher import FramePublisher, SourceFrame, frame_from_file
+from agent.runner import Agent, totals
+from agent.settings import AgentSettings, load_settings
+from model.data import load_dataset, read_image
+from model.detector import load_detector
+
+from live import Decisions
+from results_table import plural, update_section
 
 log = structlog.get_logger("bench-agent")
 
@@ -119,7 +120,7 @@ def main() -> None:
     cfg = load_settings(overrides=[*args.set, "http.enabled=false", "output.save_anomalies=false"], kind=AgentSettings)
     paths = frames_of(args.data, model_dir, 200)
     frames = [frame_from_file(q) for q in paths]
-    results: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    results: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                      "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                                  "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                                  "load_average_start": os.getloadavg()},
@@ -168,9 +169,10 @@ def main() -> None:
     print(json.dumps({"batch": batch, "threads": threads, "raw_fps": round(raw, 1), "agent_fps": round(capacity, 1),
                       "ratio": round(capacity / raw, 3), "costs_ms": costs,
                       **{k: (round(v["latency_ms_p50"]), round(v["latency_ms_p99"])) for k, v in latency.items()},
-                      "splits": [(s["split"], round(s["frames_per_second"] or 0, 1)) for s in results.get("splits", [])]}))
+                      "splits": [(s["split"], round(s["frames_per_second"] or 0, 1))
+                                 for s in results.get("splits", [])]}))
     if not args.no_readme:
-        update_section(ROOT / "README.md", "agent-bench", render(results))
+        update_section(ROOT / "docs" / "results.md", "agent-bench", render(results))
     if not args.no_hostile:  # `make bench` runs this script: the hostile-peer benchmark comes with it
         from bench_hostile import run as run_hostile
 
@@ -183,7 +185,8 @@ def frame_costs(snap: dict) -> dict:
     decode_n = sum(i["decode_seconds_count"] for i in ingests)
     scoring = snap.get("scoring") or {}
     return {"decode": 1000 * sum(i["decode_seconds_sum"] for i in ingests) / decode_n if decode_n else None,
-            "scoring": 1000 * scoring["seconds_sum"] / scoring["seconds_count"] if scoring.get("seconds_count") else None}
+            "scoring": (1000 * scoring["seconds_sum"] / scoring["seconds_count"]
+                        if scoring.get("seconds_count") else None)}
 
 
 def run_split(model_dir: Path, frames: list, args, batch: int, split: str) -> dict:
@@ -228,23 +231,27 @@ def render(r: dict) -> str:
              "every-frame mode, default settings: the inference actor tuned itself to "
              f"batch {r['max_batch']} × {plural(r['torch_threads'], 'torch thread')} ({t.get('state')}, budget "
              f"{t.get('budget_ms', '—')} ms).", "",
-             "| | frames/s | ratio to raw model | p50 latency | p99 latency | mean batch |", "|---|---|---|---|---|---|",
-             f"| raw model (`score_images`, in-process, batch {r['max_batch']}, {plural(r['torch_threads'], 'thread')}) | "
+             "| | frames/s | ratio to raw model | p50 latency | p99 latency | mean batch |",
+             "|---|---|---|---|---|---|",
+             f"| raw model (`score_images`, in-process, batch {r['max_batch']}, "
+             f"{plural(r['torch_threads'], 'thread')}) | "
              f"{r['raw_frames_per_second']:.1f} | 1.00 | — | — | {r['max_batch']} |",
              f"| agent at saturation (camera → decision) | {s['frames_per_second']:.1f} | {r['agent_vs_raw']:.2f} | "
              f"{s['latency_ms_p50']:.0f} ms | {s['latency_ms_p99']:.0f} ms | {s['mean_batch']:.1f} |"]
     if r.get("backbone_frames_per_second"):  # results written before this row existed lack it
         lines.insert(-1, f"| backbone alone (resize + features, in-process, same batch and threads; the bound) | "
                          f"{r['backbone_frames_per_second']:.1f} | "
-                         f"{r['backbone_frames_per_second'] / r['raw_frames_per_second']:.2f} | — | — | {r['max_batch']} |")
+                         f"{r['backbone_frames_per_second'] / r['raw_frames_per_second']:.2f} | — | — | "
+                         f"{r['max_batch']} |")
     for share, v in r["latency"].items():
         lines.append(f"| agent at {share} of capacity ({v['offered_fps']:.1f} fps offered) | "
-                     f"{v['frames_per_second']:.1f} | — | {v['latency_ms_p50']:.0f} ms | {v['latency_ms_p99']:.0f} ms | "
-                     f"{v['mean_batch']:.1f} |")
+                     f"{v['frames_per_second']:.1f} | — | {v['latency_ms_p50']:.0f} ms | "
+                     f"{v['latency_ms_p99']:.0f} ms | {v['mean_batch']:.1f} |")
     costs = r["costs_ms"]
     lines += ["", f"The raw model was measured before and after the agent in the same run "
               f"({r['raw_before']:.1f} and {r['raw_after']:.1f} frames/s); the ratio uses their mean"
-              + (f", and so was the backbone alone ({r['backbone_before']:.1f} and {r['backbone_after']:.1f}): the agent "
+              + (f", and so was the backbone alone ({r['backbone_before']:.1f} and "
+                 f"{r['backbone_after']:.1f}): the agent "
                  f"keeps {s['frames_per_second'] / r['backbone_frames_per_second']:.2f} × the backbone's own rate"
                  if r.get("backbone_frames_per_second") else "") + ". Latency is "
               "capture timestamp → decision received by a subscriber. Per frame, from the actors' own stats: decode + "

@@ -20,7 +20,7 @@ import shutil
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import cv2
@@ -31,17 +31,19 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from agent.operate import import_base  # noqa: E402
-from agent.publisher import FramePublisher, SourceFrame, frame_from_file  # noqa: E402
-from agent.runner import Agent  # noqa: E402
-from agent.settings import AgentSettings, load_settings  # noqa: E402
-from bench_agent import frames_of  # noqa: E402
-from bench_learning import camera_at_half_load  # noqa: E402
-from live import wait_until  # noqa: E402
-from model.data import load_dataset, resize_image  # noqa: E402
-from model.detector import load_detector  # noqa: E402
-from model.registry import Registry  # noqa: E402
-from readme_table import update_section  # noqa: E402
+from bench_learning import camera_at_half_load
+
+from agent.operate import import_base
+from agent.publisher import FramePublisher, SourceFrame, frame_from_file
+from agent.runner import Agent
+from agent.settings import AgentSettings, load_settings
+from lifecycle.registry import Registry
+from model.data import load_dataset, resize_image
+from model.detector import load_detector
+
+from bench_agent import frames_of
+from live import wait_until
+from results_table import update_section
 
 
 def inverted(path: Path) -> SourceFrame:
@@ -90,7 +92,7 @@ def main() -> int:
     normals = [s.path for s in [*dataset.test, *dataset.val, *dataset.train] if s.label == 0]
     recorded, later = normals[: args.frames + 40], normals[args.frames + 40: args.frames + 100]
     agent = Agent(registry.root, ["tcp://127.0.0.1:*"], "tcp://127.0.0.1:*", cfg).start()
-    results: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": str(model_dir),
+    results: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "model": str(model_dir),
                      "frames": args.frames, "fps_new": args.fps_new}
     try:
         camera, capacity, idle = camera_at_half_load(agent, frames)
@@ -101,7 +103,10 @@ def main() -> int:
         stop = threading.Event()
         new_cam, sender = stream(agent, "cam-new", [inverted(q) for q in recorded], args.fps_new, stop)
         manager = agent.points["new"].manager
-        state = lambda: (ray.get(manager.status.remote(), timeout=30)["cold_start"] or {})  # noqa: E731
+
+        def state() -> dict:
+            return ray.get(manager.status.remote(), timeout=30)["cold_start"] or {}
+
         if not wait_until(lambda: state().get("state") == "candidate", 1800, 1.0):
             raise SystemExit(f"no candidate: {state()}")
         candidate_at = time.time()
@@ -115,7 +120,10 @@ def main() -> int:
         seq0 = new_cam.seq  # the new camera's next normals, decided by its own model now
         for q in later:
             new_cam.send(inverted(q))
-        keys = lambda: [k for k in camera.decisions.by_key if k[0] == "cam-new" and k[1] >= seq0]  # noqa: E731
+
+        def keys() -> list:
+            return [k for k in camera.decisions.by_key if k[0] == "cam-new" and k[1] >= seq0]
+
         wait_until(lambda: len(keys()) >= len(later), 300)
         decided = [camera.decisions.by_key[k] for k in keys()]
         results["new_model_false_alarms"] = sum(d["is_anomaly"] for d in decided) / max(1, len(decided))
@@ -132,7 +140,7 @@ def main() -> int:
     (Path(args.out) / "cold_start.json").write_text(json.dumps(results, indent=1, default=str))
     print(json.dumps(results, default=str))
     if not args.no_readme:
-        update_section(ROOT / "README.md", "cold-start-bench", render(results))
+        update_section(ROOT / "docs" / "results.md", "cold-start-bench", render(results))
     return 0
 
 

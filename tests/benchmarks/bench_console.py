@@ -26,7 +26,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import cv2
@@ -38,16 +38,17 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from actors.scoring import frame_stem, heat_png, thumbnail_jpg  # noqa: E402
-from agent.console import start_console  # noqa: E402
-from agent.console.auth import add_user  # noqa: E402
-from agent.console.frames import FrameIndex  # noqa: E402
-from agent.runner import Agent  # noqa: E402
-from agent.settings import AgentSettings, load_settings  # noqa: E402
-from console_live import CHROMIUM_ARGS, chromium_path  # noqa: E402
-from model.checkpoint import read_manifest  # noqa: E402
-from model.visualize import heatmap_overlay  # noqa: E402
-from readme_table import update_section  # noqa: E402
+from actors.scoring import frame_stem, heat_png, thumbnail_jpg
+from agent.console import start_console
+from agent.console.auth import add_user
+from agent.console.frames import FrameIndex
+from agent.runner import Agent
+from agent.settings import AgentSettings, load_settings
+from model.checkpoint import read_manifest
+from model.visualize import heatmap_overlay
+
+from console_live import CHROMIUM_ARGS, chromium_path
+from results_table import update_section
 
 CAMERAS = ("line-1", "line-2", "line-3", "line-4")
 USER = ("bench", "bench password 2026")
@@ -67,7 +68,8 @@ def fill(folder: Path, data: str, threshold: float, count: int) -> dict:
         amap = cv2.GaussianBlur(rng.random((64, 64)).astype(np.float32), (0, 0), 6) * 2.5 * threshold
         big = cv2.resize(amap, (frame.shape[1], frame.shape[0]))
         files = {".jpg": payload, "_thumb.jpg": thumbnail_jpg(frame), "_heat.png": heat_png(amap, threshold),
-                 "_overlay.png": cv2.imencode(".png", heatmap_overlay(frame, big, 2 * threshold, big >= threshold))[1].tobytes()}
+                 "_overlay.png": cv2.imencode(".png", heatmap_overlay(frame, big, 2 * threshold,
+                                                                      big >= threshold))[1].tobytes()}
         for suffix, data_ in files.items():
             (originals / f"{i}{suffix}").write_bytes(data_)
         made.append((frame.shape[1], frame.shape[0]))
@@ -188,7 +190,7 @@ def main() -> None:
     ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)
     agent = Agent(Path(args.model), ["tcp://127.0.0.1:*"], "tcp://127.0.0.1:*", cfg).start()
     console = start_console(agent)
-    results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    results = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
                "model": str(args.model), "stored": made, "fill_s": fill_s, "index_first_listing_ms": cold_index_ms,
                "index_relisting_ms": index_ms, "page_size": cfg.console.page_size}
@@ -198,7 +200,8 @@ def main() -> None:
         first = f"/review/{CAMERAS[0]}/" + index.query(camera=CAMERAS[0], decision="anomaly", limit=1)[1][0].stem
         pages = (args.anomalies + args.anomalies // 10 + cfg.console.page_size - 1) // cfg.console.page_size
         deep = f"/review?page={pages // 2}"
-        server = {"review page 1": session.timed("/review"), f"review page {pages // 2} of {pages}": session.timed(deep),
+        server = {"review page 1": session.timed("/review"),
+                  f"review page {pages // 2} of {pages}": session.timed(deep),
                   "review, one camera, anomalies": session.timed(f"/review?camera={CAMERAS[1]}&decision=anomaly"),
                   "review, normals only": session.timed("/review?decision=normal"),
                   "detail view": session.timed(first), "live JSON": session.timed("/api/live")}
@@ -212,18 +215,20 @@ def main() -> None:
     (Path(args.out) / "console.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=1))
     if not args.no_readme:
-        update_section(ROOT / "README.md", "console-bench", render(results))
+        update_section(ROOT / "docs" / "results.md", "console-bench", render(results))
     shutil.rmtree(out / "anomalies", ignore_errors=True)
 
 
 def render(r: dict) -> str:
     s = r["stored"]
-    lines = [f"Measured by `tests/benchmarks/bench_console.py` (in `make bench`) on {r['date'][:10]} ({r['machine']['cpus']} CPU threads, no GPU): "
+    lines = [f"Measured by `tests/benchmarks/bench_console.py` (in `make bench`) on {r['date'][:10]} "
+             f"({r['machine']['cpus']} CPU threads, no GPU): "
              f"{s['anomalies']:,} stored anomalies and {s['normals']:,} sampled normals over 4 cameras "
              f"({s['files']:,} files), {r['page_size']} thumbnails per review page, the agent's console on loopback, "
              "Debian's headless Chromium.", "",
              f"Listing the folder: {r['index_first_listing_ms']:.0f} ms the first time after a start, "
-             f"{r['index_relisting_ms']:.0f} ms for a full relisting (done only for a camera whose folder changed).", "",
+             f"{r['index_relisting_ms']:.0f} ms for a full relisting (done only for a camera whose folder "
+             "changed).", "",
              "| request | server (median of 20) | in the browser: navigation → load, first / warm |",
              "|---|---|---|"]
     browser = {k.split(" of ")[0]: v for k, v in r["browser"].items()}
@@ -233,10 +238,10 @@ def render(r: dict) -> str:
         cell = f"{b['first_load_ms']:.0f} ms / {b['warm_load_ms']:.0f} ms ({b['images']} images)" if b else "—"
         lines.append(f"| {name if name != 'live JSON' else 'Live page / its JSON'} | {t['median_ms']:.1f} ms "
                      f"({max(1, t['bytes'] // 1024)} KiB) | {cell} |")
-    lines += ["", f"Model `{Path(r['model']).name}`: it does not matter here (no frame is scored; no camera ran during the "
-              "measurement). Server: the HTTP round trip from a client on the box. Browser: Chromium's Navigation "
-              "Timing, first visit with an empty cache / later visits; thumbnails below the fold load lazily as the "
-              "operator scrolls. The first request after a start also pays the folder's first listing."]
+    lines += ["", f"Model `{Path(r['model']).name}`: it does not matter here (no frame is scored; no camera ran "
+              "during the measurement). Server: the HTTP round trip from a client on the box. Browser: Chromium's "
+              "Navigation Timing, first visit with an empty cache / later visits; thumbnails below the fold load "
+              "lazily as the operator scrolls. The first request after a start also pays the folder's first listing."]
     return "\n".join(lines)
 
 

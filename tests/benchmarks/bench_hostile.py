@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +27,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from agent.http import start_http  # noqa: E402
-from agent.runner import Agent  # noqa: E402
-from agent.settings import AgentSettings, load_settings  # noqa: E402
-from hostile import StrictDecisions, corrupt_jpegs, flat_jpeg, nested_json, parse_metrics, scrape  # noqa: E402
-from readme_table import update_section  # noqa: E402
+from agent.http import start_http
+from agent.runner import Agent
+from agent.settings import AgentSettings, load_settings
+
+from hostile import StrictDecisions, corrupt_jpegs, flat_jpeg, nested_json, parse_metrics, scrape
+from results_table import update_section
 
 
 def _header(camera: str, seq, width: int, height: int, ts=None, **extra) -> bytes:
@@ -185,7 +186,7 @@ def run(model_dir: Path, data: str, out: Path, seconds: float = 20.0, fps: float
     import cv2
 
     frames = [(p.read_bytes(), *cv2.imread(str(p)).shape[1::-1]) for p in paths if p.suffix.lower() == ".jpg"]
-    results: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": str(model_dir),
+    results: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "model": str(model_dir),
                      "victim_fps": fps, "seconds": seconds, "machine": {"platform": platform.platform()},
                      "phases": {}}
     started_ray = not ray.is_initialized()
@@ -224,7 +225,7 @@ def run(model_dir: Path, data: str, out: Path, seconds: float = 20.0, fps: float
     out.mkdir(parents=True, exist_ok=True)
     (out / "hostile.json").write_text(json.dumps(results, indent=2))
     if readme:
-        update_section(ROOT / "README.md", "hostile-bench", render(results))
+        update_section(ROOT / "docs" / "results.md", "hostile-bench", render(results))
     return results
 
 

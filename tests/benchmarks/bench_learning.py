@@ -20,7 +20,7 @@ import shutil
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import cv2
@@ -32,20 +32,21 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from agent.operate import import_base  # noqa: E402
-from agent.publisher import FramePublisher, frame_from_file  # noqa: E402
-from agent.runner import Agent  # noqa: E402
-from agent.settings import AgentSettings, load_settings  # noqa: E402
-from bench_agent import agent_run, frames_of  # noqa: E402
-from live import Decisions  # noqa: E402
-from model.checkpoint import read_manifest  # noqa: E402
-from model.config import AdtrConfig  # noqa: E402
-from model.data import BadFiles, Sample, load_dataset  # noqa: E402
-from model.detector import load_detector  # noqa: E402
-from model.features import FeatureCache  # noqa: E402
-from model.registry import Registry  # noqa: E402
-from model.samples import SampleStore  # noqa: E402
-from readme_table import update_section  # noqa: E402
+from agent.operate import import_base
+from agent.publisher import FramePublisher, frame_from_file
+from agent.runner import Agent
+from agent.settings import AgentSettings, load_settings
+from lifecycle.registry import Registry
+from lifecycle.samples import SampleStore
+from model.checkpoint import read_manifest
+from model.config import AdtrConfig
+from model.data import BadFiles, Sample, load_dataset
+from model.detector import load_detector
+from model.features import FeatureCache
+
+from bench_agent import agent_run, frames_of
+from live import Decisions
+from results_table import update_section
 
 
 def new_frames(data: str, model_dir: Path, count: int, folder: Path) -> list[Path]:
@@ -97,7 +98,8 @@ class Camera:
             return {"frames": len(keys)}
         latency = np.array([self.decisions.received_at[k] - self.decisions.by_key[k]["ts"] for k in keys]) * 1000
         return {"frames": len(keys), "frames_per_second": len(keys) / (end - start),
-                "latency_ms_p50": float(np.percentile(latency, 50)), "latency_ms_p99": float(np.percentile(latency, 99))}
+                "latency_ms_p50": float(np.percentile(latency, 50)),
+                "latency_ms_p99": float(np.percentile(latency, 99))}
 
     def longest_gap(self, start: float, end: float) -> float:
         times = sorted(t for t in self.decisions.received_at.values() if start <= t <= end)
@@ -173,7 +175,7 @@ def main() -> None:
                                    "learning.auto_sample.enabled=false"], kind=AgentSettings)
     frames = [frame_from_file(q) for q in frames_of(args.data, model_dir, 120)]
     agent = Agent(registry.root, ["tcp://127.0.0.1:*"], "tcp://127.0.0.1:*", cfg).start()
-    results: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    results: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                      "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
                      "model": str(model_dir), "base_samples": len(base), "base_feature_s": base_feature_s}
     try:
@@ -195,7 +197,7 @@ def main() -> None:
                             "submit_to_trained_s": trained_at - submitted,
                             "serving_during_training": camera.window(train_start, train_end),
                             "longest_gap_around_promotion_s": camera.longest_gap(promoted_at - 10, promoted_at + 10),
-                            "camera_interval_s": 1.0 / (0.5 * capacity)}
+                            "camera_interval_s": camera.interval}
         inference = agent.snapshot()["inference"]
         results["forward_ms_mean"] = 1000 * inference["forward_sum"] / max(1, inference["forward_count"])
         results["mean_batch"] = inference["batch_size_sum"] / max(1, inference["batch_count"])
@@ -215,7 +217,7 @@ def main() -> None:
     save(results, args.out)
     print(json.dumps({k: results[k] for k in ("idle", "small", "large") if k in results}, default=str)[:4000])
     if not args.no_readme:
-        update_section(ROOT / "README.md", "learning-bench", render(results, args))
+        update_section(ROOT / "docs" / "results.md", "learning-bench", render(results, args))
 
 
 def save(results: dict, out: str) -> None:
@@ -251,8 +253,8 @@ def render(r: dict, args) -> str:
     s = r["small"]
     refit = s["outcome"].get("refit")
     if refit:  # the control beside the trained candidate, on the same holdout
-        lines += ["", "| candidate ({} new frames) | action | holdout false alarms | explained variance | "
-                  "submit → published s |".format(args.small), "|---|---|---|---|---|"]
+        lines += ["", f"| candidate ({args.small} new frames) | action | holdout false alarms | explained variance | "
+                  "submit → published s |", "|---|---|---|---|---|"]
         for name, entry, at in (("refit only (scoring refitted, reconstructor unchanged)", refit,
                                  s["submit_to_promoted_s"]),
                                 ("trained (Ray Train, warm start)", s["outcome"], s.get("submit_to_trained_s"))):
@@ -260,7 +262,8 @@ def render(r: dict, args) -> str:
             explained = c.get("explained_variance")
             lines.append(f"| {name} | {entry['action']} | {c['false_alarm_rate']} | "
                          f"{'—' if explained is None else f'{explained:.3f}'} | {'—' if at is None else f'{at:.0f}'} |")
-    lines += ["", f"Submit → first promoted ({args.small} new frames, policy auto): **{s['submit_to_promoted_s']:.0f} s**. "
+    lines += ["", f"Submit → first promoted ({args.small} new frames, policy auto): "
+              f"**{s['submit_to_promoted_s']:.0f} s**. "
               f"Longest gap between two decisions of the camera within 10 s of the promotion: "
               f"**{1000 * s['longest_gap_around_promotion_s']:.0f} ms**, with frames every "
               f"{1000 * s['camera_interval_s']:.0f} ms and a mean batch forward pass of {r['forward_ms_mean']:.0f} ms "

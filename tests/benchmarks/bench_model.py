@@ -1,7 +1,7 @@
 """Model benchmarks (`make bench`): ADTR against the training-free baselines that share its features,
 on Magnetic Tile (several training seeds), ELPV and large mosaics with small defects; AUROC against
 training minutes; ablations; cost (training time, images/s, size on disk, peak memory). Writes
-results.json and the README's results section.
+results.json and docs/results.md.
 
 Every choice (the scoring defaults, the baselines' own settings) is made on VALIDATION data: the
 validation normals and synthetic defects painted on them (`synthetic_sets.py`), never the test set;
@@ -20,7 +20,7 @@ import shlex
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -31,20 +31,21 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from agent.settings import load_settings, merge  # noqa: E402
-from model.backbone import Backbone  # noqa: E402
-from model.config import AdtrConfig  # noqa: E402
-from model.data import BadFiles, Dataset, load_dataset, read_image, resize_image, to_tensor_batch  # noqa: E402
-from model.detector import AnomalyDetector, ScoreHead, load_detector  # noqa: E402
-from model.evaluate import evaluate, load_masks, score_feature_set  # noqa: E402
-from model.features import FeatureCache  # noqa: E402
-from model.metrics import aupro, auroc  # noqa: E402
-from model.reconstructor import Reconstructor, reconstruction_loss, reconstruction_report  # noqa: E402
-from model.train import fit_scoring, train_model  # noqa: E402
+from synthetic_sets import build_mosaic_set, synthetic_defects
 
-from baselines import LABELS, METHODS, coarse_map, fit_baseline, save_baseline  # noqa: E402
-from readme_table import update_readme  # noqa: E402
-from synthetic_sets import build_mosaic_set, synthetic_defects  # noqa: E402
+from agent.settings import load_settings, merge
+from model.backbone import Backbone
+from model.config import AdtrConfig
+from model.data import BadFiles, Dataset, load_dataset, read_image, resize_image, to_tensor_batch
+from model.detector import AnomalyDetector, ScoreHead, load_detector
+from model.evaluate import evaluate, load_masks, score_feature_set
+from model.features import FeatureCache
+from model.metrics import aupro, auroc
+from model.reconstructor import Reconstructor, reconstruction_loss, reconstruction_report
+from model.train import fit_scoring, train_model
+
+from baselines import LABELS, METHODS, coarse_map, fit_baseline, save_baseline
+from results_table import update_readme
 
 log = structlog.get_logger("bench")
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -79,7 +80,7 @@ class Bench:
         self.caches: dict[str, FeatureCache] = {}
         self.sets: dict[tuple, dict] = {}
         self.results: dict = {
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": " ".join(["python", "tests/benchmarks/bench_model.py", *sys.argv[1:]]),
             "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(),
                         "load_average": os.getloadavg()[0],
@@ -568,7 +569,8 @@ def main() -> None:
         old = json.loads(previous.read_text())
         commands = old.get("commands") or ([old["command"]] if old.get("command") else [])
         bench.results = {**old, **{k: bench.results[k] for k in ("date", "command", "machine", "settings")},
-                         "commands": [c for c in commands if c != bench.results["command"]] + [bench.results["command"]]}
+                         "commands": [c for c in commands if c != bench.results["command"]]
+                         + [bench.results["command"]]}
     steps = {"mt": bench.magnetic_tile, "mt-baselines": bench.magnetic_tile_baselines, "cost": bench.magnetic_tile_cost,
              "speed": bench.training_speed, "elpv": bench.elpv,
              "ablations": bench.ablations, "highres": bench.highres}
@@ -578,7 +580,7 @@ def main() -> None:
         bench.results["commands"] = _sources(bench.results["commands"])
         bench.save()
     if not args.no_readme:
-        update_readme(ROOT / "README.md", bench.results)
+        update_readme(ROOT / "docs" / "results.md", bench.results)
     print(json.dumps(bench.results, indent=2)[:4000])
 
 

@@ -9,7 +9,7 @@ machine, with the same backbone weights, split, resolution and metric code.
    has) at batches 1, 2, 4, 8, then runs each peer in .venv-peers (tests/benchmarks/peers_anomalib.py),
    then times ADTR again; ADTR's images/s is the mean of before and after.
 3. Scores everything with model.metrics (image AUROC, pixel AUROC at 256×256, AUPRO up to FPR 0.3) and
-   writes the README's peers table.
+   writes the peers table in docs/results.md.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +29,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from model.checkpoint import read_manifest  # noqa: E402
-from model.config import AdtrConfig  # noqa: E402
-from model.data import BadFiles, load_dataset, read_image, resize_image  # noqa: E402
-from model.detector import load_detector  # noqa: E402
-from model.evaluate import load_masks  # noqa: E402
-from model.metrics import aupro, auroc  # noqa: E402
+from model.checkpoint import read_manifest
+from model.config import AdtrConfig
+from model.data import BadFiles, load_dataset, read_image, resize_image
+from model.detector import load_detector
+from model.evaluate import load_masks
+from model.metrics import aupro, auroc
 
-from readme_table import plural, update_section  # noqa: E402
+from results_table import plural, update_section
 
 HF_REPO = "timm/tf_efficientnet_lite0.in1k"  # what timm's pretrained_cfg for tf_efficientnet_lite0 names
 SPEED_BATCHES = (1, 2, 4, 8)
@@ -155,7 +155,7 @@ def main() -> None:
     share = {b: (before["adtr"][b] / before["backbone"][b] + after["adtr"][b] / after["backbone"][b]) / 2
              for b in SPEED_BATCHES}
     best = {name: max(r["images_per_second"].values()) for name, r in rows.items()}
-    results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    results = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                "machine": {"threads": threads, "platform": platform.platform(), "torch": torch.__version__,
                            "load_average": os.getloadavg()},
                "model": str(model_dir), "weights": str(weights), "rows": rows, "backbone_images_per_second": backbone,
@@ -167,7 +167,7 @@ def main() -> None:
     print(json.dumps({"best_images_per_second": {k: round(v, 1) for k, v in best.items()},
                       "ratio_to_padim": results["ratio_to_padim"]}, indent=1))
     if not args.no_readme:
-        update_section(ROOT / "README.md", "peers-bench", render(results))
+        update_section(ROOT / "docs" / "results.md", "peers-bench", render(results))
 
 
 def render(r: dict) -> str:
@@ -177,10 +177,11 @@ def render(r: dict) -> str:
     ours = r["best_images_per_second"]["ADTR, edge default (ours)"]
     backbone = r["backbone_images_per_second"]
     load = r["machine"]["load_average"]
-    lines = [f"Measured by `make bench-peers` on {r['date'][:10]} ({plural(r['machine']['threads'], 'CPU thread')}, no GPU; "
-             f"load average {load[0]:.1f} on this shared 2-core box), one run. Magnetic Tile, method-doc split, 256 px, "
-             "the same tf_efficientnet_lite0 ImageNet weights for all, pixel metrics at 256×256, our metric code for "
-             "every row. images/s: maps and scores from decoded 256 px images, the best of batches "
+    lines = [f"Measured by `make bench-peers` on {r['date'][:10]} "
+             f"({plural(r['machine']['threads'], 'CPU thread')}, no GPU; load average {load[0]:.1f} on this shared "
+             "2-core box), one run. Magnetic Tile, method-doc split, 256 px, the same tf_efficientnet_lite0 ImageNet "
+             "weights for all, pixel metrics at 256×256, our metric code for every row. images/s: maps and scores "
+             "from decoded 256 px images, the best of batches "
              f"{', '.join(map(str, SPEED_BATCHES))}.", "",
              "| method | image AUROC | pixel AUROC | AUPRO (FPR≤0.3) | fit | images/s | × PaDiM |",
              "|---|---|---|---|---|---|---|"]

@@ -45,7 +45,7 @@ def rss_mb() -> float:
 def registries(models: list[Path], root: Path, n: int) -> list[str]:
     """n registries: the n models given (one per point), or n copies of the one model under versions of
     their own."""
-    from model.registry import Registry
+    from lifecycle.registry import Registry
 
     out = []
     for i in range(n):
@@ -64,8 +64,8 @@ def child(args) -> dict:
 
     from actors.config import InferenceConfig
     from actors.inference import InferenceActor
-    from model.data import load_dataset, read_image, resize_image
     from agent.settings import load_settings
+    from model.data import load_dataset, read_image, resize_image
 
     cfg = InferenceConfig(max_batch=args.batch, torch_threads=args.threads, max_wait_ms=2.0)
     paths = registries(args.model, args.work, 3)
@@ -144,9 +144,9 @@ def main() -> int:
     table = render(rows, args)
     print(table)
     if not args.no_readme:
-        from readme_table import update_section
+        from results_table import update_section
 
-        update_section(ROOT / "README.md", "points-bench", table)
+        update_section(ROOT / "docs" / "results.md", "points-bench", table)
     return 0
 
 

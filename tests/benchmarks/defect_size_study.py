@@ -24,11 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from agent.settings import load_settings  # noqa: E402
-from model.data import BadFiles, load_dataset  # noqa: E402
-from model.detector import load_detector  # noqa: E402
-from model.sizing import small_defect_check  # noqa: E402
-from model.train import train_model  # noqa: E402
+from agent.settings import load_settings
+from model.data import BadFiles, load_dataset
+from model.detector import load_detector
+from model.sizing import small_defect_check
+from model.train import train_model
 
 SETS = {"mt": str(ROOT.parent / "shared" / "data" / "magnetic-tile"), "elpv:mono": "elpv:mono",
         "elpv:poly": "elpv:poly"}
@@ -47,7 +47,8 @@ def main() -> int:
         dataset = load_dataset(SETS[name], base.data)
         for d in args.sizes:
             for variant, extra in (("configured", []), ("sized", [f"backbone.min_defect_px={d}"])):
-                cfg = load_settings(overrides=[f"data.limit_per_class={args.limit_per_class}", "train.epochs=0", *extra])
+                cfg = load_settings(overrides=[f"data.limit_per_class={args.limit_per_class}", "train.epochs=0",
+                                               *extra])
                 t0 = time.monotonic()
                 with tempfile.TemporaryDirectory() as tmp:
                     manifest = train_model(cfg, dataset, Path(tmp), progress=False)
@@ -55,12 +56,13 @@ def main() -> int:
                     check = small_defect_check(detector, [s for s in dataset.val if s.label == 0], d,
                                                BadFiles(), "skip", seed=1)
                 row = {"set": name, "min_defect_px": d, "variant": variant, "image_size": manifest["image_size"],
-                       "feature_size": manifest["feature_shape"][1], "seconds": round(time.monotonic() - t0, 1), **check}
+                       "feature_size": manifest["feature_shape"][1], "seconds": round(time.monotonic() - t0, 1),
+                       **check}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
-    print(f"\n| set | defect px | input | grid | recall | false alarms | AUROC |\n|---|---|---|---|---|---|---|")
+    print("\n| set | defect px | input | grid | recall | false alarms | AUROC |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['set']} | {r['min_defect_px']:g} | {r['image_size']} ({r['variant']}) | {r['feature_size']} "
               f"| {r['recall']:.3f} | {r['false_alarms']:.3f} | {r['auroc']:.3f} |")

@@ -26,8 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from actors.config import InferenceConfig  # noqa: E402
-from actors.inference import InferenceActor  # noqa: E402
+from actors.config import InferenceConfig
+from actors.inference import InferenceActor
 
 
 def sync(device: str) -> None:
@@ -90,11 +90,11 @@ def main() -> None:
             size = det.image_size
             frames = [np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8) for i in range(batch)]
 
-            def full():
+            def full(det=det, frames=frames, batch=batch):
                 det.coarse_maps(det.embed(frames))  # back on the CPU: includes the copy, as in the actor
                 return batch
 
-            def backbone():
+            def backbone(det=det, frames=frames, batch=batch):
                 with torch.inference_mode(), det._autocast():
                     det.backbone(det.preprocess(frames))
                 return batch
@@ -122,7 +122,7 @@ def main() -> None:
             chunks = [payloads[i: i + batch] for i in range(0, len(payloads), batch)]
             state = {"i": 0}
 
-            def on_device():
+            def on_device(chunks=chunks, state=state):
                 chunk = chunks[state["i"] % len(chunks)]
                 state["i"] += 1
                 decode_batch(chunk, size, device)

@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from model.data import to_tensor_batch  # noqa: E402
+from model.data import to_tensor_batch
 
 
 def rate(fn, batch: torch.Tensor, bs: int, repeats: int) -> float:

@@ -3,8 +3,9 @@ with .venv-peers/bin/python; it imports nothing of adtr-edge).
 
 Reads the images that bench_peers.py wrote (the same seeded split as our benchmark, decoded and resized to
 256×256 by our own code, so every method sees the same pixels), fits one model on the training normals,
-scores the test images, and writes per-image scores, 256×256 anomaly maps, fit seconds and images/s. The metrics are computed by bench_peers.py with
-our own metric code, so every row of the table is measured the same way.
+scores the test images, and writes per-image scores, 256×256 anomaly maps, fit seconds and images/s. The
+metrics are computed by bench_peers.py with our own metric code, so every row of the table is measured
+the same way.
 
 The models are anomalib's plain torch modules (`PadimModel`, `PatchcoreModel`), the way its Lightning
 wrappers drive them: embeddings collected in training mode, then `fit()` (PaDiM's Gaussians) or

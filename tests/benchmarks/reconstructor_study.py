@@ -31,14 +31,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from agent.settings import load_settings, merge  # noqa: E402
-from model.data import Dataset, load_dataset  # noqa: E402
-from model.evaluate import score_feature_set  # noqa: E402
-from model.metrics import auroc  # noqa: E402
-from model.reconstructor import reconstruction_report  # noqa: E402
-from model.train import fit, new_reconstructor, seed_everything  # noqa: E402
+from bench_model import Bench
 
-from bench_model import Bench  # noqa: E402
+from agent.settings import load_settings, merge
+from model.data import Dataset, load_dataset
+from model.evaluate import score_feature_set
+from model.metrics import auroc
+from model.reconstructor import reconstruction_report
+from model.train import fit, new_reconstructor, seed_everything
 
 log = structlog.get_logger("study")
 
@@ -171,7 +171,8 @@ def main() -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| set | variant | kind | seeds | explained var. | defect/normal residual | val img / px / PRO | train s |",
+    lines = ["| set | variant | kind | seeds | explained var. | defect/normal residual | val img / px / PRO "
+             "| train s |",
              "|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     parts = [{**r, "set": f"{r['set']} › {name}", "validation": part, **{k: part[k] for k in
@@ -180,7 +181,7 @@ def table(rows: list[dict]) -> str:
     for r in rows + parts:
         groups.setdefault((r["set"], r["variant"], r["kind"]), []).append(r)
     for (spec, name, kind), group in groups.items():
-        def m(key, sub=None):
+        def m(key, sub=None, group=group):
             values = [(g[sub] if sub else g)[key] for g in group]
             values = [v for v in values if v is not None]
             if not values:

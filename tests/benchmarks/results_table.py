@@ -1,4 +1,4 @@
-"""Regenerate the README's results section from a benchmark results.json."""
+"""Regenerate the results tables (docs/results.md) from a benchmark results.json."""
 from __future__ import annotations
 
 import json
@@ -44,10 +44,11 @@ def render(r: dict) -> str:
     commands = r.get("commands") or [r.get("command", "make bench")]
     load = r["machine"].get("load_average")
     shared = f"a shared machine, load average {load:.0f} at the start" if load is not None else "a shared machine"
-    lines = [f"Measured by {'; '.join(f'`{c}`' for c in commands)}"
-             f"{' (each writing its sections of one results file, same machine, same code)' if len(commands) > 1 else ''} on {r['date'][:10]} "
-             f"({plural(r['machine']['cpus'], 'CPU thread')}, no GPU, {shared}). Magnetic Tile, method-doc protocol (seeded 80/20 split of MT_Free, all defect "
-             "images in test), 256 px, pixel metrics at 256×256. Choices belong to the validation "
+    several = " (each writing its sections of one results file, same machine, same code)" if len(commands) > 1 else ""
+    lines = [f"Measured by {'; '.join(f'`{c}`' for c in commands)}{several} on {r['date'][:10]} "
+             f"({plural(r['machine']['cpus'], 'CPU thread')}, no GPU, {shared}). Magnetic Tile, method-doc protocol "
+             "(seeded 80/20 split of MT_Free, all defect images in test), 256 px, pixel metrics at 256×256. Choices "
+             "belong to the validation "
              "columns (validation normals and synthetic defects painted on them), never to the test set."]
     for note in r.get("notes", []):  # what the run's own numbers cannot say (how it was run)
         lines += ["", note]
@@ -64,8 +65,8 @@ def render(r: dict) -> str:
                          f"{a['model_mb']:.1f} MB | {a['peak_rss_mb']:.0f} MB |")
         for x in mt["adtr_runs"]:
             lines.append(f"| ADTR, edge default, seed {x['seed']} | {_f(x['image_auroc'])} | {_f(x['pixel_auroc'])} | "
-                         f"{_f(x['aupro'])} | {_val(x)} | {x['train_seconds'] / 60:.1f} min ({x['epochs']} epochs) | — | "
-                         f"{x['model_mb']:.1f} MB | — |")
+                         f"{_f(x['aupro'])} | {_val(x)} | {x['train_seconds'] / 60:.1f} min ({x['epochs']} epochs) | "
+                         f"— | {x['model_mb']:.1f} MB | — |")
         if mt.get("adtr_plus"):
             p = mt["adtr_plus"]
             lines.append(f"| {p['run']} | {_f(p['image_auroc'])} | {_f(p['pixel_auroc'])} | {_f(p['aupro'])} | — | "
@@ -74,33 +75,37 @@ def render(r: dict) -> str:
         if u:
             lines.append(f"| {u['run']} | {_f(u['image_auroc'])} | {_f(u['pixel_auroc'])} | {_f(u['aupro'])} | "
                          f"{_val(u)} | none | — | — | — |")
-        for method, b in base.items():
+        for _method, b in base.items():
             extra = f", shrinkage {b['shrinkage']:g}" if "shrinkage" in b else ""
             lines.append(f"| {b['run']}{extra} | {_f(b['image_auroc'])} | {_f(b['pixel_auroc'])} | {_f(b['aupro'])} | "
-                         f"{_val(b)} | none (fit {b['fit_seconds']:.0f} s) | {_f(b.get('batch_1'), 1)} / {_f(b.get('batch_8'), 1)} | "
-                         f"{b['size_mb']:.0f} MB | {_f(b.get('peak_rss_mb'), 0)} MB |")
+                         f"{_val(b)} | none (fit {b['fit_seconds']:.0f} s) | {_f(b.get('batch_1'), 1)} / "
+                         f"{_f(b.get('batch_8'), 1)} | {b['size_mb']:.0f} MB | {_f(b.get('peak_rss_mb'), 0)} MB |")
         if a:
             lines += ["", "Issue targets on this run (ADTR mean over seeds; 'best baseline' is the best of the three "
                       "same-feature baselines on that metric):", "",
                       "| target | ADTR | best baseline | met |", "|---|---|---|---|"]
-            for key, goal, label in (("image_auroc", 0.97, "image AUROC ≥ 0.97"), ("pixel_auroc", 0.83, "pixel AUROC ≥ 0.83"),
+            for key, goal, label in (("image_auroc", 0.97, "image AUROC ≥ 0.97"),
+                                     ("pixel_auroc", 0.83, "pixel AUROC ≥ 0.83"),
                                      ("aupro", 0.76, "AUPRO ≥ 0.76")):
                 name, value = _best_baseline(base, key)
                 met = a[key] >= goal and value is not None and a[key] >= value
                 lines.append(f"| {label} and ≥ best baseline | {a[key]:.3f} | {_f(value)} ({name}) | "
                              f"{'yes' if met else 'no'} |")
-            lines.append(f"| ≥ 25 images/s at batch 8 | {a['batch_8']:.1f} | — | {'yes' if a['batch_8'] >= 25 else 'no'} |")
+            lines.append(f"| ≥ 25 images/s at batch 8 | {a['batch_8']:.1f} | — | "
+                         f"{'yes' if a['batch_8'] >= 25 else 'no'} |")
             lines.append(f"| model ≤ 100 MB | {a['model_mb']:.1f} MB | — | {'yes' if a['model_mb'] <= 100 else 'no'} |")
-            lines.append(f"| normalized scores finite, < 100× threshold (MT test) | max {a['max_normalized_score']:.1f}× | — | "
+            lines.append(f"| normalized scores finite, < 100× threshold (MT test) | "
+                         f"max {a['max_normalized_score']:.1f}× | — | "
                          f"{'yes' if a['max_normalized_score'] < 100 else 'no'} |")
             if a.get("per_type"):
-                lines += ["", "ADTR (seed " + str(a["seeds"][0]) + ") image / pixel AUROC per defect type: " + ", ".join(
-                    f"{k} {_f(v)} / {_f(a['per_type_pixel'].get(k))}" for k, v in a["per_type"].items()) + "."]
+                lines += ["", "ADTR (seed " + str(a["seeds"][0]) + ") image / pixel AUROC per defect type: "
+                          + ", ".join(f"{k} {_f(v)} / {_f(a['per_type_pixel'].get(k))}"
+                                      for k, v in a["per_type"].items()) + "."]
         curve = mt["adtr_runs"][0].get("curve")
         if curve:
             flat = list(base.values()) + ([u] if u else [])
-            lines += ["", "AUROC against training time (seed " + str(mt["adtr_runs"][0]["seed"]) + ", scorer refitted at each "
-                      "point; pixel AUROC on a 1/16 pixel grid). The training-free models are flat lines: " +
+            lines += ["", "AUROC against training time (seed " + str(mt["adtr_runs"][0]["seed"]) + ", scorer refitted "
+                      "at each point; pixel AUROC on a 1/16 pixel grid). The training-free models are flat lines: " +
                       "; ".join(f"{b['run']} {_f(b['image_auroc'])} / {_f(b['pixel_auroc'])}" for b in flat) + ".", "",
                       "| epoch | training min | validation image AUROC | image AUROC | pixel AUROC |",
                       "|---|---|---|---|---|"]
@@ -136,12 +141,14 @@ def render(r: dict) -> str:
     if hr:
         s = hr["summary"]
         lines += ["", f"Small defects on large images: 2×2 mosaics of Magnetic Tile tiles at about native resolution "
-                  f"(640×640, one defect tile per anomalous mosaic; {s['train']} train, {s['test']} test), built by the "
-                  "benchmark from the same splits:", "",
-                  "| model | image AUROC | pixel AUROC | AUPRO | validation img / px / PRO | training | images/s batch 1 / 8 | size |",
+                  f"(640×640, one defect tile per anomalous mosaic; {s['train']} train, {s['test']} test), built by "
+                  "the benchmark from the same splits:", "",
+                  "| model | image AUROC | pixel AUROC | AUPRO | validation img / px / PRO | training "
+                  "| images/s batch 1 / 8 | size |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {x['run']} | {_f(x['image_auroc'])} | {_f(x['pixel_auroc'])} | {_f(x['aupro'])} | {_val(x)} | "
-                  f"{x['train_seconds'] / 60:.1f} min | {_f(x['batch_1'], 1)} / {_f(x['batch_8'], 1)} | {x['model_mb']:.0f} MB |"
+                  f"{x['train_seconds'] / 60:.1f} min | {_f(x['batch_1'], 1)} / {_f(x['batch_8'], 1)} | "
+                  f"{x['model_mb']:.0f} MB |"
                   for x in hr["rows"]]
     sp = r.get("speed")
     if sp:
@@ -185,7 +192,7 @@ def update_section(readme: Path, name: str, body: str) -> None:
 
 
 if __name__ == "__main__":
-    # readme_table.py README.md results.json [more results.json ...] [--out merged.json]
+    # results_table.py docs/results.md results.json [more results.json ...] [--out merged.json]
     args = sys.argv[1:]
     out = Path(args.pop(args.index("--out") + 1)) if "--out" in args else None
     args = [a for a in args if a != "--out"]

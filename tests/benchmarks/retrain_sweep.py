@@ -3,10 +3,11 @@
 After `make demo-loop`, its registry holds the original model, the base normals and the relit normals the
 operator accepted. For each setting this trains the serving reconstructor on that store's training split
 exactly as the retrain job does (actors/retrain.py: warm start, operator normals repeated, the scoring
-terms and thresholds refitted on the store's training and validation normals), then counts false alarms on relit normals the demo streams
-after its retrain, and recall on relit defects, plus both on the original lighting (nothing may get worse
-there). The first row is the control: the serving reconstructor untouched, only the scoring refitted on
-the same snapshot. One seed; minutes on a GPU, hours on 2 busy cores.
+terms and thresholds refitted on the store's training and validation normals), then counts false alarms
+on relit normals the demo streams after its retrain, and recall on relit defects, plus both on the
+original lighting (nothing may get worse there). The first row is the control: the serving reconstructor
+untouched, only the scoring refitted on the same snapshot. One seed; minutes on a GPU, hours on 2 busy
+cores.
 
     python tests/benchmarks/retrain_sweep.py --registry runs/demo/loop/registry \
         --configs '[{"epochs": 12, "lr": 0.3, "rep": 4}, {"epochs": 24, "lr": 0.3, "rep": 4}]'
@@ -26,16 +27,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from agent.demo_loop import GAIN, phase_images, relit  # noqa: E402
-from model.checkpoint import load_checkpoint  # noqa: E402
-from model.data import BadFiles, Sample, load_dataset, read_image, to_rgb8  # noqa: E402
-from model.detector import AnomalyDetector, load_detector  # noqa: E402
-from model.features import FeatureCache  # noqa: E402
-from model.reconstructor import Reconstructor, explained_variance  # noqa: E402
-from model.registry import Registry  # noqa: E402
-from model.samples import SampleStore  # noqa: E402
-from model.scorer import reconstructor_tensors  # noqa: E402
-from model.train import fit, fit_scoring, seed_everything  # noqa: E402
+from agent.demo_loop import GAIN, phase_images, relit
+from lifecycle.registry import Registry
+from lifecycle.samples import SampleStore
+from model.checkpoint import load_checkpoint
+from model.data import BadFiles, Sample, load_dataset, read_image, to_rgb8
+from model.detector import AnomalyDetector, load_detector
+from model.features import FeatureCache
+from model.reconstructor import Reconstructor, explained_variance
+from model.scorer import reconstructor_tensors
+from model.train import fit, fit_scoring, seed_everything
 
 DEFAULT = [{"epochs": e, "lr": 0.3, "rep": 4} for e in (12, 24, 30)]
 
@@ -70,7 +71,8 @@ def main() -> None:
             "normals": embed([read_image(p) for p in before]), "defects": embed([read_image(p) for p in defects])}
 
     def flagged(det: AnomalyDetector) -> dict[str, float]:
-        return {k: round(float((det.score_features(v).scores.numpy() >= det.threshold).mean()), 3) for k, v in sets.items()}
+        return {k: round(float((det.score_features(v).scores.numpy() >= det.threshold).mean()), 3)
+                for k, v in sets.items()}
 
     print(json.dumps({"model": version, "threshold": round(serving.threshold, 3), **flagged(serving),
                       "train": len(train_fs.samples),

@@ -17,14 +17,15 @@ import numpy as np
 import pytest
 import zmq
 import zmq.auth
+from test_deploy import alert_metrics, dashboard_metrics
 
 from actors.protocol import frame_message
 from agent.publisher import FramePublisher, SourceFrame, frame_from_file, frames_from
-from hostile import malformed
-from live import Decisions, accounted, live_agent, settled_totals, wait_until
 from model.detector import load_detector
 from model.predict import predict_path
-from test_deploy import alert_metrics, dashboard_metrics
+
+from hostile import malformed
+from live import Decisions, accounted, live_agent, settled_totals, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -328,7 +329,8 @@ def test_overload_at_3x_capacity_for_a_minute_keeps_memory_flat_latency_bounded_
     bound_s = 2.0 * (queue_depth + max_in_flight) / processed_rate + 1.0
     print(f"offered {offered_rate:.1f} fps, processed {processed_rate:.1f} fps, p50 {np.median(latencies):.3f} s "
           f"p99 {p99:.3f} s (bound {bound_s:.2f} s), RSS {middle / 2**20:.0f} MB -> {late / 2**20:.0f} MB "
-          f"(growth bound {held_mb:.1f} MB held by design + {allocator_mb:.0f} MB allocators), dropped {totals['dropped']}")
+          f"(growth bound {held_mb:.1f} MB held by design + {allocator_mb:.0f} MB allocators), "
+          f"dropped {totals['dropped']}")
     assert offered_rate >= 2.5 * processed_rate, "the test did not overload the agent"
     assert growth_mb < held_mb + allocator_mb, f"memory grew {growth_mb:.0f} MB under overload"
     assert p99 < bound_s

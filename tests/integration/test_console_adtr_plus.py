@@ -11,9 +11,10 @@ import pytest
 
 from actors.config import GateConfig, RetrainConfig, RetrainPlusConfig
 from actors.retrain import retrain
+from lifecycle.samples import SampleStore, split_for
+
 from conftest import MAGNETIC_TILE
 from live import registry_with_base
-from model.samples import SampleStore, split_for
 
 pytestmark = [pytest.mark.usefixtures("magnetic_tile"), pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 

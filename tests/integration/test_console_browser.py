@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 
 from agent.publisher import frame_from_file
+from lifecycle.registry import Registry
+from lifecycle.samples import SampleStore
+
 from conftest import MAGNETIC_TILE
-from console_live import OPERATOR, VIEWER, add_users, agent_with_console, browser, screenshot_dir  # noqa: F401
+from console_live import OPERATOR, VIEWER, add_users, agent_with_console, browser, screenshot_dir  # noqa: F401 - browser is a pytest fixture, used by name
 from live import Decisions, Streamer, registry_with_base, versions_in_order, wait_until
-from model.registry import Registry
-from model.samples import SampleStore
 
 pytestmark = [pytest.mark.usefixtures("magnetic_tile"), pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 XSS = '<img src=x onerror="window.__xss=1">'
@@ -54,7 +55,7 @@ def _live_number(page, camera: str, cell: str) -> float:
 
 @pytest.mark.timeout(1800)  # waits on real Ray jobs that train
 def test_an_operator_triages_labels_retrains_promotes_and_rolls_back_in_the_browser(
-        browser, trained_model, tmp_path, small_dataset):  # noqa: F811
+        browser, trained_model, tmp_path, small_dataset):  # noqa: F811 - the browser fixture imported above
     shots = screenshot_dir(tmp_path)
     model = _sensitive_copy(trained_model, tmp_path / "model", 0.8)
     registry = registry_with_base(model, tmp_path / "registry", MAGNETIC_TILE)
@@ -155,7 +156,8 @@ def test_an_operator_triages_labels_retrains_promotes_and_rolls_back_in_the_brow
             page.click("#retrain")
             page.click("#confirm-ok")
             page.wait_for_selector("#job-panel[data-job^='retrain-']")
-            page.wait_for_selector(", ".join(f"#job-panel[data-status='{s}']" for s in ("SUCCEEDED", "FAILED", "STOPPED")),
+            page.wait_for_selector(", ".join(f"#job-panel[data-status='{s}']"
+                                             for s in ("SUCCEEDED", "FAILED", "STOPPED")),
                                    state="attached", timeout=900_000)
             assert page.text_content("#job-status") == "SUCCEEDED", page.text_content("#job-log")
             assert "retrain done" in page.text_content("#job-log")

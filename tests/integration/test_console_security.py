@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from agent.publisher import frame_from_file
+from lifecycle.samples import SampleStore
+
 from conftest import MAGNETIC_TILE
 from console_live import OPERATOR, VIEWER, Client, add_users, agent_with_console, raw_get
 from live import Streamer, registry_with_base, wait_until
-from model.samples import SampleStore
 
 pytestmark = [pytest.mark.usefixtures("magnetic_tile"), pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 XSS = '<img src=x onerror="window.__xss=1">'
@@ -33,8 +34,8 @@ def env(trained_model, tmp_path_factory, small_dataset):
                             output={"normals": {"every_s": 0.5}}) as (agent, console):
         camera = Streamer(agent.bound_ingest[0], "line-1", frames, fps=6)
         anomalies = Path(agent.cfg.output.dir) / "line-1"
-        ok = wait_until(lambda: len(list(anomalies.glob("2*.json"))) >= 4 and len(list(anomalies.glob("ok_*.json"))) >= 2,
-                        180)
+        ok = wait_until(lambda: len(list(anomalies.glob("2*.json"))) >= 4
+                        and len(list(anomalies.glob("ok_*.json"))) >= 2, 180)
         camera.stop()
         assert ok, sorted(p.name for p in anomalies.glob("*.json"))
         yield {"agent": agent, "console": console, "registry": registry, "store": SampleStore(registry.store_dir),
@@ -112,7 +113,8 @@ def _state(env) -> tuple:
 def _routes(env) -> list[tuple[str, dict]]:
     camera, stem = _first_frame(env)
     current = env["registry"].current()
-    return [(f"/api/review/{camera}/{stem}/accept", {}), (f"/api/review/{camera}/{stem}/confirm", {"box": [0, 0, 5, 5]}),
+    return [(f"/api/review/{camera}/{stem}/accept", {}),
+            (f"/api/review/{camera}/{stem}/confirm", {"box": [0, 0, 5, 5]}),
             (f"/api/review/{camera}/{stem}/skip", {}), ("/api/models/promote", {"version": current}),
             ("/api/models/rollback", {}), ("/api/models/shadow", {"version": current}), ("/api/retrain", {})]
 
@@ -186,7 +188,8 @@ def test_labels_land_in_the_store_with_who_and_bad_labels_are_refused(env):
     assert stored.shape == mask.shape[:2] and set(np.unique(stored)) == {0, 255}
     assert (stored > 0).sum() == 30 * 40
 
-    for body, message in [({"box": [0, 0, width + 1, 5]}, "not inside"), ({"box": [0, 0, "5", 5]}, "whole frame pixels"),
+    for body, message in [({"box": [0, 0, width + 1, 5]}, "not inside"),
+                          ({"box": [0, 0, "5", 5]}, "whole frame pixels"),
                           ({"box": [0, 0, 0, 5]}, "not inside"), ({"mask": "data:image/png;base64,!!!"}, "base64"),
                           ({"mask": data_url.replace("image/png", "text/html")}, "PNG data URL"),
                           ({"mask": data_url}, f"the frame is {width}x{height}"),

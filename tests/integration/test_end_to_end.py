@@ -6,9 +6,10 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import MAGNETIC_TILE, ROOT
 from model.detector import load_detector
 from model.evaluate import evaluate
+
+from conftest import MAGNETIC_TILE, ROOT
 
 pytestmark = pytest.mark.usefixtures("magnetic_tile")  # real data; skipped, and said, without it
 
@@ -138,7 +139,8 @@ def test_cli_train_small(tmp_path, small_overrides):
     r = _run("train", "--data", MAGNETIC_TILE, "--out", tmp_path / "m", "--no-progress",
              "--set", "data.limit_per_class=12", "--set", "train.epochs=1",
              "--set", "backbone.image_size=64", "--set", "backbone.feature_size=4",
-             "--set", "reconstructor.hidden_dim=32", "--set", "reconstructor.neighbor_mask=0", "--set", f"data.cache_dir={tmp_path / 'cache'}")
+             "--set", "reconstructor.hidden_dim=32", "--set", "reconstructor.neighbor_mask=0",
+             "--set", f"data.cache_dir={tmp_path / 'cache'}")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "m" / "reconstructor.safetensors").is_file()
 
@@ -146,7 +148,8 @@ def test_cli_train_small(tmp_path, small_overrides):
 @pytest.mark.parametrize("args, message", [
     (["train", "--data", "/nonexistent/place", "--out", "x"], "dataset folder not found"),
     (["train", "--data", MAGNETIC_TILE, "--out", "x", "--set", "train.epochs=-3"], "train.epochs"),
-    (["eval", "--model", "/nonexistent/model", "--data", MAGNETIC_TILE, "--report", "r.json"], "manifest.json is missing"),
+    (["eval", "--model", "/nonexistent/model", "--data", MAGNETIC_TILE, "--report", "r.json"],
+     "manifest.json is missing"),
     (["predict", "--model", "/nonexistent/model", "img.png", "--out", "o"], "manifest.json is missing"),
 ])
 def test_cli_bad_input_exits_2_with_one_clear_line(args, message):

@@ -19,8 +19,9 @@ import pytest
 import zmq
 
 from actors.config import OutputConfig
-from actors.protocol import MAX_SAFE_INT
+from actors.contract import MAX_SAFE_INT
 from actors.scoring import ScoringActor
+
 from hostile import StrictDecisions, corrupt_jpegs, flat_jpeg, malformed, metric, parse_metrics, push_socket, scrape
 from live import live_agent, wait_until
 
@@ -498,6 +499,7 @@ def test_a_hostile_fuzz_mix_is_counted_exactly_per_reason(trained_model, tmp_pat
 def test_an_attack_mix_for_a_minute_keeps_memory_in_its_bound_metrics_readable_and_the_books_exact(
         trained_model, tmp_path, test_images, jpeg):
     from agent.settings import AgentConfig
+
     from hostile import forward_working_set, nested_json, resized_sof
 
     payload, w, h = jpeg
@@ -591,9 +593,9 @@ def test_an_attack_mix_for_a_minute_keeps_memory_in_its_bound_metrics_readable_a
             rounds += 1
             # progress, not a sleep: the agent has counted every message so far, then /metrics shows it
             target = attack_messages
-            assert wait_until(lambda: _received(agent) - sent["victim"] >= target - 4, 120)
+            assert wait_until(lambda target=target: _received(agent) - sent["victim"] >= target - 4, 120)
             asked = time.time()
-            _scrape_when(server.url, lambda m: time.time() - m[("adtr_stats_age_seconds", ())] >= asked)
+            _scrape_when(server.url, lambda m, asked=asked: time.time() - m[("adtr_stats_age_seconds", ())] >= asked)
             memory.append((time.monotonic() - started, {name: _vm(pid, "VmRSS") for name, pid in pids.items()}))
             if not warm_peaks and time.monotonic() - started >= 15:
                 # Warmed up: every path has run, batches have been full. From here, memory must stay flat.

@@ -25,16 +25,25 @@ import pytest
 import ray
 import torch
 
+from actors.config import RetrainConfig
 from actors.jobs import job_info, submit_retrain
 from actors.retrain import RetrainBusy, retrain
-from actors.config import RetrainConfig
 from agent.publisher import SourceFrame, frame_from_file
-from conftest import MAGNETIC_TILE, ROOT
-from live import (Decisions, Streamer, accounted, live_agent, registry_with_base, settled_totals, versions_in_order,
-                  wait_until)
+from lifecycle.registry import Registry
+from lifecycle.samples import SampleStore
 from model.checkpoint import load_checkpoint
-from model.registry import Registry
-from model.samples import SampleStore
+
+from conftest import MAGNETIC_TILE, ROOT
+from live import (
+    Decisions,
+    Streamer,
+    accounted,
+    live_agent,
+    registry_with_base,
+    settled_totals,
+    versions_in_order,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.usefixtures("magnetic_tile"), pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 FAST = ["learning.retrain.epochs=3", "learning.retrain.start_timeout_s=60"]
@@ -169,7 +178,8 @@ def test_a_worse_candidate_is_rejected_by_the_gate_and_never_serves(registry, tm
     assert inference["swaps"] == 0 and inference["shadow_version"] is None and not inference["staged"]
 
 
-def test_one_retrain_at_a_time_and_a_stopped_one_leaves_only_its_gated_refit(registry, tmp_path, extra_normals, ray_cluster):
+def test_one_retrain_at_a_time_and_a_stopped_one_leaves_only_its_gated_refit(registry, tmp_path, extra_normals,
+                                                                              ray_cluster):
     store = SampleStore(registry.store_dir)
     _accept(store, extra_normals[:40], "operator")
     address = ray_cluster.dashboard
@@ -367,7 +377,7 @@ def _brightened(path: Path, gain: float) -> SourceFrame:
 @pytest.fixture(scope="module")
 def drift_model(tmp_path_factory, small_overrides):
     """The small model trained on more normals: a drift alarm needs a validation set of tens of images
-    (with the session model's 5 the alarm's noise floor is above any shift; model/drift.py)."""
+    (with the session model's 5 the alarm's noise floor is above any shift; lifecycle/drift.py)."""
     from agent.settings import load_settings
     from model.data import load_dataset
     from model.train import train_model
@@ -452,7 +462,8 @@ def test_killing_the_agent_mid_retrain_loses_no_accepted_frame(registry, tmp_pat
     anomalies = tmp_path / "anomalies"
     agent = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "--log-json", "run", "--model", str(registry.root),
-         "--ingest", "tcp://127.0.0.1:*", "--results", "tcp://127.0.0.1:*", "--set", f"ray.address={ray_cluster.address}",
+         "--ingest", "tcp://127.0.0.1:*", "--results", "tcp://127.0.0.1:*",
+         "--set", f"ray.address={ray_cluster.address}",
          "--set", "http.port=0", "--set", f"output.dir={anomalies}", "--set", f"state_dir={tmp_path / 'state'}",
          "--set", "ray.namespace=killed-agent"],
         stdout=open(out, "w"), stderr=open(tmp_path / "agent.log", "w"), cwd=ROOT)
@@ -586,9 +597,9 @@ def test_on_a_two_node_cluster_training_runs_on_the_worker_node(registry, tmp_pa
     out = tmp_path / "agent.out"
     agent = None
     try:
-        nodes_script = ("import json, ray; ray.init(address=%r, log_to_driver=False); "
+        nodes_script = (f"import json, ray; ray.init(address={head.address!r}, log_to_driver=False); "
                         "print(json.dumps([{'id': n['NodeID'], 'labels': n.get('Labels', {}), 'alive': n['Alive']} "
-                        "for n in ray.nodes()]))" % head.address)
+                        "for n in ray.nodes()]))")
 
         def nodes() -> list[dict]:
             probe = subprocess.run([sys.executable, "-c", nodes_script], capture_output=True, text=True, timeout=120)

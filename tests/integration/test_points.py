@@ -19,13 +19,14 @@ from actors.inference import InferenceActor, InferenceResult
 from actors.protocol import UNKNOWN_CAMERA
 from actors.scoring import ScoringActor
 from agent.errors import AgentError
-from agent.publisher import FramePublisher, frame_from_file
+from agent.publisher import FramePublisher, SourceFrame, frame_from_file
 from agent.runner import Agent
 from agent.settings import SettingsError
-from live import ANY_PORT, Decisions, agent_config, settled_totals, wait_until
+from lifecycle.registry import Registry
+from lifecycle.samples import SampleStore
 from model.data import read_image, resize_image
-from model.registry import Registry
-from model.samples import SampleStore
+
+from live import ANY_PORT, Decisions, agent_config, settled_totals, wait_until
 
 pytestmark = pytest.mark.usefixtures("magnetic_tile")  # real data; skipped, and said, without it
 
@@ -160,7 +161,7 @@ def test_two_points_stream_together_and_a_promotion_on_one_changes_only_its_came
         v2 = side.add_version(_variant(trained_model, tmp_path / "side-v2", "side-v2", 1.0), by="test")
         ray.get(agent.points["side"].manager.promote.remote(v2, "test"), timeout=120)
         assert side.current() == v2 and top.current() != v2
-        for seq, path in enumerate(test_images[:6], start=6):
+        for _seq, path in enumerate(test_images[:6], start=6):
             for camera in ("cam-top", "cam-side"):
                 publishers[camera].send(frame_from_file(path))
         assert decisions.wait_for(24)
@@ -187,9 +188,9 @@ def test_a_retrain_of_one_point_goes_to_that_points_manager_and_leaves_the_other
     """A real Ray job for point `side`: its refit-only candidate is gated on side's own holdout and shadowed
     by side's model manager; the default point serves and shadows nothing new."""
     from actors.jobs import job_info
-    from live import registry_with_base
 
     from conftest import MAGNETIC_TILE
+    from live import registry_with_base
 
     top = Registry.create(tmp_path / "reg-top", trained_model, by="test")
     side = registry_with_base(_variant(trained_model, tmp_path / "side-model", "side-v1", 1e-3),
@@ -222,11 +223,9 @@ def test_a_retrain_of_one_point_goes_to_that_points_manager_and_leaves_the_other
         agent.stop(drain=False)
 
 
-def _new_product(path) -> "SourceFrame":
+def _new_product(path) -> SourceFrame:
     """A product the agent's model never saw: Magnetic Tile inverted (dark grain on bright), as a JPEG."""
     import cv2
-
-    from agent.publisher import SourceFrame
 
     image = 255 - cv2.imread(str(path))
     return SourceFrame(path.name, encoded=cv2.imencode(".jpg", image)[1].tobytes(), encoding="jpeg")
@@ -241,10 +240,10 @@ def test_a_new_camera_is_taught_on_the_box_from_its_first_frames_while_another_c
     promoted → its decisions are inspected,
     with far fewer false alarms on its normals than the template model; the other camera never stops."""
     from actors.jobs import job_info
-    from live import Streamer, accounted, registry_with_base
     from model.detector import load_detector
 
     from conftest import MAGNETIC_TILE
+    from live import Streamer, accounted, registry_with_base
 
     normals = sorted((MAGNETIC_TILE / "MT_Free" / "Imgs").glob("*.jpg"))[-120:]
     recorded, later = normals[:80], normals[80:110]

@@ -8,7 +8,7 @@ import pytest
 
 from actors.scoring import frame_stem
 from agent.learning import accept_many, parse_time, saved_anomalies
-from model.samples import SampleStore
+from lifecycle.samples import SampleStore
 
 
 @pytest.fixture

@@ -13,8 +13,17 @@ import pytest
 import torch
 
 from actors.scoring import NORMAL_PREFIX, AnomalyStore, frame_stem, heat_png, thumbnail_jpg
-from agent.console.auth import (Authenticator, LoginThrottle, Sessions, UserError, add_user, hash_password, read_users,
-                                remove_user, verify_password)
+from agent.console.auth import (
+    Authenticator,
+    LoginThrottle,
+    Sessions,
+    UserError,
+    add_user,
+    hash_password,
+    read_users,
+    remove_user,
+    verify_password,
+)
 from agent.console.frames import FrameIndex, MediaNotFound
 from agent.console.live import histogram_quantile
 from model.adtr_plus import label_cell_masks, plus_loss, plus_training_data

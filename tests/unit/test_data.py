@@ -5,7 +5,6 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import MAGNETIC_TILE, write_png
 from model.config import DataConfig
 from model.data import (
     NORMAL_TYPE,
@@ -15,6 +14,8 @@ from model.data import (
     read_image,
     read_mask,
 )
+
+from conftest import MAGNETIC_TILE, write_png
 
 pytestmark = pytest.mark.usefixtures("magnetic_tile")  # real data; skipped, and said, without it
 

@@ -4,10 +4,11 @@ import shutil
 import pytest
 import torch
 
-from conftest import MAGNETIC_TILE
 from model.backbone import Backbone
 from model.data import BadFiles, DataError, Sample
 from model.features import FeatureCache
+
+from conftest import MAGNETIC_TILE
 
 pytestmark = pytest.mark.usefixtures("magnetic_tile")  # real data; skipped, and said, without it
 

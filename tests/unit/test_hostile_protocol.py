@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from actors.config import IngestConfig
-from actors.protocol import (MAX_HEADER_BYTES, MAX_SAFE_INT, FrameError, FrameLimits, check_message,
-                             decision_message, parse_decision, parse_frame)
+from actors.contract import MAX_HEADER_BYTES, MAX_SAFE_INT, decision_message, parse_decision
+from actors.protocol import FrameError, FrameLimits, check_message, parse_frame
 from actors.scoring import AnomalyStore
 from agent.learning import find_saved_frame
+
 from conftest import MAGNETIC_TILE
 from hostile import corrupt_jpegs, malformed, nested_json
 

@@ -11,7 +11,9 @@ import json
 import shutil
 import threading
 import time
+from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import zmq
@@ -20,8 +22,8 @@ from actors.config import InferenceConfig, LearningConfig, OutputConfig
 from actors.inference import InferenceActor, InferenceResult, ModelLoadError
 from actors.scoring import ScoringActor
 from agent.watch import subscribe
+from lifecycle.registry import Registry
 from model.data import read_image, resize_image
-from model.registry import Registry
 
 
 def _second_version(registry: Registry, model_dir, tmp_path, name="v2", threshold_factor=1.0):
@@ -149,6 +151,9 @@ def test_scoring_thresholds_each_map_with_its_own_versions_threshold(registry, t
     published = [json.loads(sub.recv_multipart()[1]) for _ in range(2)]
     sub.close(linger=0)
     context.term()
+    schema = json.loads((Path(__file__).resolve().parents[2] / "docs" / "decision.schema.json").read_text())
+    for decision in published:  # what subscribers get is what docs/decision.schema.json says
+        jsonschema.validate(decision, schema)
     assert [d["is_anomaly"] for d in out] == [True, False]
     assert [(d["model_version"], d["is_anomaly"]) for d in published] == [(v1, True), (v2, False)]
     assert published[1]["threshold"] == pytest.approx(1000.0 * threshold)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from actors.protocol import FrameError, FrameLimits, frame_message, parse_frame
+
 from conftest import MAGNETIC_TILE
 
 pytestmark = pytest.mark.usefixtures("magnetic_tile")  # real data; skipped, and said, without it

@@ -190,7 +190,8 @@ def test_defect_cells_with_a_larger_residual_raise_the_ratio():
     report = reconstruction_report(model, torch.cat([normals, defects]), [0] * 20 + [1] * 4, masks)
     assert report["normals"] == 20 and report["explained_variance"] == pytest.approx(0.0, abs=1e-5)
     assert report["defect_residual_ratio"] > 50
-    assert defect_residual_ratio(torch.ones(2, 4, 4), torch.zeros(2, 4, 4, dtype=torch.bool), torch.ones(3, 4, 4)) is None
+    assert defect_residual_ratio(torch.ones(2, 4, 4), torch.zeros(2, 4, 4, dtype=torch.bool),
+                                 torch.ones(3, 4, 4)) is None
 
 
 def test_an_untrained_reconstructor_skips_the_transformer_with_the_same_output():

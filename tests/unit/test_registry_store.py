@@ -13,12 +13,13 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import MAGNETIC_TILE, ROOT
+from lifecycle.drift import ScoreDrift, psi, reference_bins
+from lifecycle.gate import GateTolerances, ModelEvaluation, gate
+from lifecycle.registry import Registry, RegistryError, resolve_model
+from lifecycle.samples import SampleStore, StoreError, StoreLimits, set_journal_mode, split_for
 from model.checkpoint import read_manifest
-from model.drift import ScoreDrift, psi, reference_bins
-from model.gate import GateTolerances, ModelEvaluation, gate
-from model.registry import Registry, RegistryError, resolve_model
-from model.samples import SampleStore, StoreError, StoreLimits, set_journal_mode, split_for
+
+from conftest import MAGNETIC_TILE, ROOT
 
 pytestmark = pytest.mark.usefixtures("magnetic_tile")  # real data; skipped, and said, without it
 
@@ -174,7 +175,7 @@ def test_an_acknowledged_sample_is_on_disk_and_committed(tmp_path):
 
 
 def _add_from_another_process(root, paths, camera) -> subprocess.Popen:
-    code = ("import sys, pathlib; from model.samples import SampleStore; s = SampleStore(sys.argv[1]); "
+    code = ("import sys, pathlib; from lifecycle.samples import SampleStore; s = SampleStore(sys.argv[1]); "
             "[s.add(pathlib.Path(p).read_bytes(), 'operator', 'proc', '.jpg', camera_id=sys.argv[2]) "
             "for p in sys.argv[3:]]")
     return subprocess.Popen([sys.executable, "-c", code, str(root), camera, *map(str, paths)], cwd=ROOT)
@@ -265,7 +266,7 @@ def test_a_small_validation_set_raises_the_drift_threshold_to_its_noise_floor():
     sizes; the alarm must not fire on that noise, and must still fire on a real shift."""
     rng = np.random.default_rng(1)
     alarms = 0
-    for trial in range(50):
+    for _trial in range(50):
         validation = rng.normal(10, 1, 40)
         stats = {"n": 40, "quantiles": [[p, float(np.quantile(validation, p))]
                                          for p in (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)]}

@@ -94,7 +94,7 @@ def test_thresholds():
 
 
 def test_patch_memory_baseline_matches_brute_force():
-    from model.patch_memory import PatchMemory
+    from benchmarks.patch_memory import PatchMemory
 
     rng = torch.Generator().manual_seed(0)
     train = torch.randn(5, 6, 3, 3, generator=rng)

@@ -151,3 +151,20 @@ def test_an_ingest_endpoint_other_hosts_reach_needs_a_peer_list_or_curve():
 
     with pytest.raises(AgentError, match="reachable from other hosts"):  # refused before Ray starts
         Agent("/nonexistent", ["tcp://0.0.0.0:5555"], "tcp://127.0.0.1:*", load_settings(kind=AgentSettings))
+
+
+def test_an_unknown_adtr_edge_variable_is_refused_by_name(monkeypatch):
+    from agent.settings import AgentSettings
+
+    monkeypatch.setenv("ADTR_EDGE_TRAIN__EPOCHS", "3")  # a model setting: fine for both kinds
+    monkeypatch.setenv("ADTR_EDGE_INGEST__MODE", "latest")  # an agent setting: fine for both kinds
+    assert load_settings().train.epochs == 3
+    assert load_settings(kind=AgentSettings).ingest.mode == "latest"
+    monkeypatch.setenv("ADTR_EDGE_BOGUS", "1")
+    for kind in ({}, {"kind": AgentSettings}):
+        with pytest.raises(SettingsError, match="ADTR_EDGE_BOGUS"):
+            load_settings(**kind)
+    monkeypatch.delenv("ADTR_EDGE_BOGUS")
+    monkeypatch.setenv("adtr_edge_ingst__mode", "latest")  # a misspelled section, in any case
+    with pytest.raises(SettingsError, match="adtr_edge_ingst__mode"):
+        load_settings(kind=AgentSettings)

@@ -12,8 +12,8 @@ import pytest
 from actors.config import InferenceConfig
 from actors.inference import InferenceActor, cpu_cores
 from actors.tuning import LoadCheck, Tuner, best_point, contenders, ladder
+from lifecycle.registry import Registry
 from model.data import read_image, resize_image
-from model.registry import Registry
 
 
 def _row(threads, batch, ms, fps, failed=None):
