@@ -11,6 +11,7 @@ import zmq
 from actors.contract import parse_decision
 from agent.runner import Agent, totals
 from agent.settings import AgentSettings, load_settings
+from agent.waiting import wait_until
 from agent.watch import subscribe
 
 ANY_PORT = "tcp://127.0.0.1:*"
@@ -62,19 +63,12 @@ class Decisions:
         return wait_until(lambda: len(self.by_key) >= count, timeout_s)
 
     def close(self):
+        """Idempotent: the test's normal path and its clean-up on failure may both call it."""
         self._stop.set()
         self._thread.join(timeout=2)
-        self._socket.close(linger=0)
-        self._context.term()
-
-
-def wait_until(predicate, timeout_s: float, poll_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll_s)
-    return predicate()
+        if not self._socket.closed:
+            self._socket.close(linger=0)
+            self._context.term()
 
 
 def settled_totals(agent: Agent, timeout_s: float = 60.0) -> dict[str, dict]:
@@ -100,14 +94,17 @@ class Streamer:
         self.publisher = FramePublisher(endpoint, camera)
         self.frames, self.interval = frames, 1.0 / fps
         self._stop = threading.Event()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self):
         i = 0
         while not self._stop.is_set():
-            self.publisher.send(self.frames[i % len(self.frames)])
-            i += 1
+            # never blocked for good: an agent that is gone (a failed test) must not keep this thread in a send
+            # while stop() closes the socket; a frame not taken in time is offered again, and not counted sent
+            if self.publisher.send(self.frames[i % len(self.frames)], timeout_ms=500) is not None:
+                i += 1
             self._stop.wait(self.interval)
 
     @property
@@ -115,9 +112,12 @@ class Streamer:
         return self.publisher.seq
 
     def stop(self) -> int:
+        """Idempotent: the test's normal path and its clean-up on failure may both call it."""
         self._stop.set()
         self._thread.join(timeout=10)
-        self.publisher.close()
+        if not self._closed:
+            self._closed = True
+            self.publisher.close()
         return self.sent
 
 

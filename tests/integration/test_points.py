@@ -9,6 +9,7 @@ import asyncio
 import json
 import shutil
 import time
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
@@ -252,14 +253,18 @@ def test_a_new_camera_is_taught_on_the_box_from_its_first_frames_while_another_c
                                                "cold_start": {"epochs": 1, "frames": 500}},
                                   "points_dir": str(tmp_path / "points")})
     agent = Agent(top.root, [ANY_PORT], ANY_PORT, cfg).start()
+    cleanup = ExitStack()  # on a failure too: a camera thread or a socket left open can hang a later test
     try:
         decisions = Decisions(agent.bound_results)
+        cleanup.callback(decisions.close)
         other = Streamer(agent.bound_ingest[0], "cam-top", [frame_from_file(p) for p in test_images], fps=5)
+        cleanup.callback(other.stop)
         assert decisions.wait_for(5)
         started = time.monotonic()
         added = agent.add_point("new", ["cam-new"], "test")
         assert added["frames"] == 500 and (tmp_path / "points" / "new" / "cold_start.json").is_file()
         new_cam = FramePublisher(agent.bound_ingest[0], "cam-new")
+        cleanup.callback(new_cam.close)
         def decided_new() -> int:
             return sum(k[0] == "cam-new" for k in decisions.by_key)
 
@@ -304,9 +309,8 @@ def test_a_new_camera_is_taught_on_the_box_from_its_first_frames_while_another_c
         assert info["status"] == "SUCCEEDED", "\n".join(info["log_tail"])
         sent = other.stop()
         totals = settled_totals(agent)
-        new_cam.close()
-        decisions.close()
     finally:
+        cleanup.close()  # last in, first out: the new camera, the other camera, the subscriber
         agent.stop(drain=False)
     template = load_detector(trained_model)
     import cv2
