@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,13 +24,8 @@ from model.data import load_dataset
 from model.metrics import auroc
 
 from .errors import AgentError
+from .rayhead import free_port
 from .watch import subscribe
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(*args: str) -> list[str]:

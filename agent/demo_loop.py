@@ -41,36 +41,12 @@ from model.data import load_dataset
 
 from .demo import _cli, _event, _wait_ready, stop_agent
 from .errors import AgentError
-from .operate import import_base
+from .operate import AgentClient, import_base
 from .publisher import FramePublisher, SourceFrame, frame_from_file
+from .waiting import wait_until
 from .watch import subscribe
 
 GAIN = 1.8  # the re-aimed lamp
-
-
-class Operator:
-    """The agent's learning API with its token."""
-
-    def __init__(self, url: str, token: str):
-        self.url, self.token = url, token
-
-    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        request = urllib.request.Request(f"{self.url}{path}", method=method,
-                                         data=json.dumps(body or {}).encode() if method != "GET" else None,
-                                         headers={"Authorization": f"Bearer {self.token}",
-                                                  "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=600) as response:
-                return response.status, json.loads(response.read() or b"{}")
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"{}")
-
-    def ready(self) -> dict:
-        try:
-            with urllib.request.urlopen(f"{self.url}/readyz", timeout=10) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return json.loads(exc.read() or b"{}")
 
 
 def relit(path: Path, gain: float) -> SourceFrame:
@@ -182,7 +158,7 @@ def run_loop_demo(model_dir: Path, data: str, out: Path, overrides: list[str] | 
         print(f"starting the agent on registry {registry.root} (it starts a Ray head with Ray Jobs) …", flush=True)
         _wait_ready(agent, out / "agent.out", 600)
         token = (registry.root / "api_token").read_text().strip()
-        operator = Operator(f"http://127.0.0.1:{http}", token)
+        operator = AgentClient(f"http://127.0.0.1:{http}", token, timeout_s=600)
         context = zmq.Context()
         sub = subscribe(context, results)
         camera = FramePublisher(ingest, "line-1")
@@ -199,21 +175,21 @@ def run_loop_demo(model_dir: Path, data: str, out: Path, overrides: list[str] | 
         phase = Phase(f"2. lamp re-aimed (x{GAIN} brightness)", camera, sub)
         step = phase.run([relit(p, GAIN) for p in accept_set], [0] * len(accept_set))
         step["drift"] = _settled_drift(operator)
-        step["hint"] = operator.ready().get("hint")
+        step["hint"] = operator.request("GET", "/readyz")[1].get("hint")
         steps.append(step)
         print(f"   drift: {json.dumps(step['drift'])}\n   {step['hint']}", flush=True)
 
         accepted = 0
         for seq, d in sorted(phase.decisions.items()):
             if d["is_anomaly"]:
-                code, body = operator.call("POST", "/v1/samples", {"camera_id": "line-1", "seq": seq,
+                code, body = operator.request("POST", "/v1/samples", {"camera_id": "line-1", "seq": seq,
                                                                    "label": "normal", "by": "demo-operator"})
                 accepted += int(code in (200, 201) and body.get("added", False))
         steps.append({"phase": "3. operator accepts the false alarms as normal", "accepted": accepted})
         print(f"── 3. the operator accepted {accepted} false alarms as normal", flush=True)
 
         submitted_at = time.monotonic()
-        code, job = operator.call("POST", "/v1/retrain", {"by": "demo-operator"})
+        code, job = operator.request("POST", "/v1/retrain", {"by": "demo-operator"})
         if code != 200:
             raise AgentError(f"retrain was not submitted: {job}")
         print(f"── 4. retrain submitted as Ray job {job['submission_id']} …", flush=True)
@@ -238,19 +214,19 @@ def run_loop_demo(model_dir: Path, data: str, out: Path, overrides: list[str] | 
                   + (f" ({'; '.join(trained['reasons'])})" if trained["reasons"] else ""), flush=True)
         if not candidate:
             raise AgentError("the retrain produced no candidate (see the job log in agent.log / the registry events)")
-        assert_shadow = _wait(lambda: operator.call("GET", "/v1/models")[1].get("status", {}).get("shadow")
-                              == candidate, 60)
+        assert_shadow = wait_until(lambda: operator.request("GET", "/v1/models")[1].get("status", {}).get("shadow")
+                                   == candidate, 60, 0.5)
 
         half = len(after_set) // 2
         step = Phase("5. shadow on new relit normals", camera, sub).run([relit(p, GAIN) for p in after_set[:half]],
                                                                          [0] * half)
-        _wait(lambda: (_shadow_stats(operator, candidate) or {}).get("frames_total", 0) >= half, 30)
+        wait_until(lambda: (_shadow_stats(operator, candidate) or {}).get("frames_total", 0) >= half, 30, 0.5)
         shadow = _shadow_stats(operator, candidate)
         step.update(shadow=shadow, shadowing=assert_shadow)
         steps.append(step)
         print(f"   shadow {candidate}: {json.dumps(shadow)}", flush=True)
 
-        code, body = operator.call("POST", "/v1/models/promote", {"version": candidate, "by": "demo-operator",
+        code, body = operator.request("POST", "/v1/models/promote", {"version": candidate, "by": "demo-operator",
                                                                   "reason": "shadow shows fewer false alarms"})
         steps.append({"phase": "6. operator promotes the candidate", "result": body, "code": code})
         print(f"── 6. promoted: {json.dumps(body)[:200]}", flush=True)
@@ -273,23 +249,14 @@ def run_loop_demo(model_dir: Path, data: str, out: Path, overrides: list[str] | 
     return summary
 
 
-def _settled_drift(operator: Operator) -> dict | None:
+def _settled_drift(operator: AgentClient) -> dict | None:
     """The camera's drift state once /readyz's stats snapshot (refreshed every second) has seen the
     phase's last decisions."""
     time.sleep(3.0)
-    return operator.ready().get("drift", {}).get("line-1")
+    return operator.request("GET", "/readyz")[1].get("drift", {}).get("line-1")
 
 
-def _wait(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return False
-
-
-def _wait_for_job(operator: Operator, submission_id: str, stall_s: float = 900.0,
+def _wait_for_job(operator: AgentClient, submission_id: str, stall_s: float = 900.0,
                   registry: Registry | None = None) -> dict:
     """Until the job ends; gives up only if its log has not moved for `stall_s`. With `registry`, the
     returned info also says when (seconds after this call) each version the job published appeared."""
@@ -301,7 +268,7 @@ def _wait_for_job(operator: Operator, submission_id: str, stall_s: float = 900.0
             for v in registry.versions():
                 if v["version"] not in known and v["version"] not in appeared:
                     appeared[v["version"]] = round(time.monotonic() - start, 1)
-        code, info = operator.call("GET", f"/v1/retrain/{submission_id}")
+        code, info = operator.request("GET", f"/v1/retrain/{submission_id}")
         if code == 200 and info:
             info = {**info, "versions_appeared_after_s": appeared}
         if code == 200 and info and info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
@@ -316,7 +283,7 @@ def _wait_for_job(operator: Operator, submission_id: str, stall_s: float = 900.0
         time.sleep(2.0)
 
 
-def _shadow_stats(operator: Operator, candidate: str) -> dict | None:
+def _shadow_stats(operator: AgentClient, candidate: str) -> dict | None:
     """The shadow comparison as /metrics shows it (agreement, anomaly rate by model, score correlation)."""
     try:
         with urllib.request.urlopen(f"{operator.url}/metrics", timeout=10) as response:

@@ -59,8 +59,9 @@ class AgentClient:
             return None  # announced but gone (killed): act on the registry directly
         return cls(info["http"], Path(info["token_file"]).read_text().strip(), point=info.get("point"))
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """One API call about this client's inspection point (the registry's, as the agent announced it)."""
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        """One call about this client's inspection point (the registry's, as the agent announced it): the HTTP
+        status and the JSON answer; a refusal (4xx, 5xx) is an answer too."""
         if self.point:
             body = {"point": self.point, **(body or {})}
             path += ("&" if "?" in path else "?") + f"point={self.point}"
@@ -69,13 +70,19 @@ class AgentClient:
             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return json.loads(response.read())
+                return response.status, json.loads(response.read() or b"{}")
         except urllib.error.HTTPError as exc:
             try:
-                message = json.loads(exc.read()).get("error", exc.reason)
+                return exc.code, json.loads(exc.read() or b"{}")
             except (json.JSONDecodeError, ValueError):
-                message = exc.reason
-            raise AgentError(f"the agent refused: {message} (HTTP {exc.code})") from None
+                return exc.code, {"error": str(exc.reason)}
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`request`, for a caller that needs success: a refusal becomes an AgentError saying why."""
+        code, answer = self.request(method, path, body)
+        if code >= 400:
+            raise AgentError(f"the agent refused: {answer.get('error', 'no reason given')} (HTTP {code})")
+        return answer
 
 
 def agent_info(registry: Registry) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from .errors import AgentError
+from .private import create_private
 
 _PR_SET_PDEATHSIG = 1
 
@@ -33,12 +34,8 @@ _PR_SET_PDEATHSIG = 1
 def ensure_token() -> Path:
     """The Ray auth token file (RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), created 0600 when missing."""
     path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
-    os.chmod(path, 0o600)
+    create_private(path, secrets.token_hex(32))
+    os.chmod(path, 0o600)  # a token file Ray wrote itself is world-readable
     os.environ["RAY_AUTH_MODE"] = "token"  # clients (SDK, jobs) send the token only with this set
     _refresh_ray_auth()
     return path
