@@ -42,7 +42,7 @@ import numpy as np
 import structlog
 import torch
 
-from lifecycle.gate import GateTolerances, ModelEvaluation, evaluate_model, gate
+from lifecycle.gate import GateResult, GateTolerances, ModelEvaluation, evaluate_model, gate
 from lifecycle.registry import Registry, write_json_atomic
 from lifecycle.samples import SampleStore, Snapshot, StoredSample, StoreLimits
 from model.adtr_plus import label_cell_masks, plus_loss, plus_training_data
@@ -53,7 +53,7 @@ from model.detector import AnomalyDetector, load_detector
 from model.features import FeatureCache
 from model.reconstructor import Reconstructor, explained_variance
 from model.scorer import reconstructor_tensors
-from model.train import checkpoint_tensors, fit, fit_scoring, model_manifest, seed_everything
+from model.train import Calibration, checkpoint_tensors, fit, fit_scoring, model_manifest, seed_everything
 
 from .config import DEFAULT_POINT, RetrainConfig
 
@@ -371,20 +371,10 @@ def retrain(registry_path: str | Path, cfg: RetrainConfig, run_name: str | None 
         timings["train_s"] = time.monotonic() - t0
 
         t0 = time.monotonic()
-        reconstructor = Reconstructor(serving.backbone.out_channels, model_cfg.backbone.feature_size,
-                                      model_cfg.reconstructor)
-        reconstructor.load_state_dict(state["model"])
-        candidate = AnomalyDetector(model_cfg, serving.backbone, reconstructor, manifest={"model_version": "candidate"})
-        # A new reconstructor has new residual statistics: its scoring terms, fusion scales and
-        # thresholds are refitted on this run's own training and validation features, as `train` does.
-        calibration = fit_scoring(candidate, train, val, np.zeros(len(val), int))
-        candidate_eval = evaluate_model(candidate, holdout_normals, holdout_defects)
-        result = gate(candidate_eval, serving_eval, tolerances)
-        if refit is not None and refit_eval is not None and refit["action"] != "rejected" and result.passed:
-            reason = not_better_than(candidate_eval, refit_eval, tolerances, refit["version"])
-            if reason:  # training must earn its swap: the refit-only candidate stays where the policy put it
-                result.passed = False
-                result.reasons.append(reason)
+        candidate, calibration, result = _judge_trained(
+            state["model"], serving, train, val, (holdout_normals, holdout_defects), serving_eval, tolerances,
+            refit if refit is not None and refit_eval is not None and refit["action"] != "rejected" else None,
+            refit_eval)
         timings["evaluate_s"] = time.monotonic() - t0
 
         version = publish(candidate, calibration, result, {
@@ -405,6 +395,30 @@ def retrain(registry_path: str | Path, cfg: RetrainConfig, run_name: str | None 
         log.info("retrain done", **{k: outcome[k] for k in ("run", "version", "action")},
                  passed=result.passed, reasons=result.reasons)
         return outcome
+
+
+def _judge_trained(weights: dict[str, torch.Tensor], serving: AnomalyDetector, train: torch.Tensor,
+                   val: torch.Tensor, holdout: tuple[torch.Tensor, torch.Tensor], serving_eval: ModelEvaluation,
+                   tolerances: GateTolerances, refit: dict[str, Any] | None,
+                   refit_eval: ModelEvaluation | None) -> tuple[AnomalyDetector, Calibration, GateResult]:
+    """The trained reconstructor as a candidate: its scoring refitted, gated against serving and, when a refit-only
+    candidate is out (`refit`), required to be better than it on the same holdout."""
+    model_cfg = serving.cfg
+    reconstructor = Reconstructor(serving.backbone.out_channels, model_cfg.backbone.feature_size,
+                                  model_cfg.reconstructor)
+    reconstructor.load_state_dict(weights)
+    candidate = AnomalyDetector(model_cfg, serving.backbone, reconstructor, manifest={"model_version": "candidate"})
+    # A new reconstructor has new residual statistics: its scoring terms, fusion scales and
+    # thresholds are refitted on this run's own training and validation features, as `train` does.
+    calibration = fit_scoring(candidate, train, val, np.zeros(len(val), int))
+    candidate_eval = evaluate_model(candidate, *holdout)
+    result = gate(candidate_eval, serving_eval, tolerances)
+    if refit is not None and refit_eval is not None and result.passed:
+        reason = not_better_than(candidate_eval, refit_eval, tolerances, refit["version"])
+        if reason:  # training must earn its swap: the refit-only candidate stays where the policy put it
+            result.passed = False
+            result.reasons.append(reason)
+    return candidate, calibration, result
 
 
 PLUS_FILES = ("plus_features.npy", "plus_cell_masks.npy", "plus_has_mask.npy")

@@ -38,7 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-json", action="store_true", default=None, help="JSON log lines even on a TTY")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _model_commands(sub)
+    _agent_commands(sub)
+    _learning_commands(sub)
+    return parser
 
+
+def _model_commands(sub) -> None:
+    """train, finetune, eval, predict: the model alone, no agent."""
     p = sub.add_parser("train", help="train a normal-only ADTR model")
     p.add_argument("--data", required=True, help="dataset folder (MVTec or folder layout) or elpv:mono|poly")
     p.add_argument("--out", required=True, type=Path, help="model folder to write")
@@ -67,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     _device(p)
     _common(p, config=False)
 
+
+def _agent_commands(sub) -> None:
+    """run, publish, keys, watch, demo: the streaming agent and its peers."""
     p = sub.add_parser("run", help="run the streaming inspection agent until SIGINT/SIGTERM")
     p.add_argument("--model", type=Path, help="model folder or registry of the `default` inspection point (every "
                    "camera no other point lists); optional when points.<name> are set")
@@ -105,6 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anomalies-only", action="store_true")
     p.add_argument("--json", action="store_true", help="print each decision's JSON as it arrived")
 
+    p = sub.add_parser("demo", help="agent + camera replaying a dataset's test split + live summary")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, type=Path, help="folder for the agent's anomaly files and summary")
+    p.add_argument("--fps", type=float, default=0.0)
+    p.add_argument("--loop", action="store_true",
+                   help="the learning loop: lighting drifts, false alarms are accepted, a retrain job runs, "
+                        "the candidate is shadowed and promoted (--model may be a model or a registry)")
+    p.add_argument("--normals-per-phase", type=int, default=48, help="with --loop")
+    p.add_argument("--epochs", type=int, default=24, help="with --loop: retrain epochs (warm-started)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _learning_commands(sub) -> None:
+    """models, status, points, accept, retrain, console: learning on the line and its operators."""
     p = sub.add_parser("models", help="a model registry: versions, pointers, promotion, rollback, events")
     msub = p.add_subparsers(dest="models_command", required=True)
     q = msub.add_parser("init", help="create a registry serving a trained model")
@@ -193,19 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
                            help="operator: review, label, retrain, promote, roll back; viewer: read only")
             q.add_argument("--password-stdin", action="store_true",
                            help="read the password from the first line of stdin (else: asked twice)")
-
-    p = sub.add_parser("demo", help="agent + camera replaying a dataset's test split + live summary")
-    p.add_argument("--model", required=True, type=Path)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True, type=Path, help="folder for the agent's anomaly files and summary")
-    p.add_argument("--fps", type=float, default=0.0)
-    p.add_argument("--loop", action="store_true",
-                   help="the learning loop: lighting drifts, false alarms are accepted, a retrain job runs, "
-                        "the candidate is shadowed and promoted (--model may be a model or a registry)")
-    p.add_argument("--normals-per-phase", type=int, default=48, help="with --loop")
-    p.add_argument("--epochs", type=int, default=24, help="with --loop: retrain epochs (warm-started)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    return parser
 
 
 def cmd_train(args) -> int:

@@ -20,6 +20,7 @@ import math
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import wraps
 from pathlib import Path
@@ -72,6 +73,83 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _decode_mask(data_url: Any, width: int, height: int) -> bytes | None:
+    if data_url is None:
+        return None
+    if not isinstance(data_url, str) or not data_url.startswith("data:image/png;base64,"):
+        raise ValueError("mask must be a PNG data URL")
+    try:
+        raw = base64.b64decode(data_url.split(",", 1)[1], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("mask is not valid base64") from None
+    pixels = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        raise ValueError("mask is not a readable PNG")
+    if pixels.shape[:2] != (height, width):
+        raise ValueError(f"mask is {pixels.shape[1]}x{pixels.shape[0]}, the frame is {width}x{height}")
+    marked = pixels[..., -1] > 0 if pixels.ndim == 3 and pixels.shape[2] == 4 else \
+        (pixels.max(axis=2) if pixels.ndim == 3 else pixels) > 0
+    if not marked.any():
+        return None
+    return cv2.imencode(".png", marked.astype(np.uint8) * 255)[1].tobytes()  # re-encoded: never stored as sent
+
+
+def _check_box(box: Any, width: int, height: int) -> list[int] | None:
+    if box is None:
+        return None
+    if not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                              for v in box):
+        raise ValueError("box must be [x, y, width, height] in whole frame pixels")
+    x, y, w, h = box
+    if w < 1 or h < 1 or x < 0 or y < 0 or (width and x + w > width) or (height and y + h > height):
+        raise ValueError(f"box {box} is not inside the {width}x{height} frame")
+    return box
+
+
+@dataclass
+class _Console:
+    """What the console's route groups share: its parts, and the who-is-asking helpers."""
+
+    agent: Any
+    cache: Any
+    cfg: Any
+    auth: Any
+    throttle: Any
+    sessions: Any
+    audit: Any
+    index: Any
+    live: Any
+    registry: Any
+    store: Any
+    store_of: Any
+    login_required: Any
+    wants_json: Any
+    by: Any
+
+
+def _models_data(c: _Console) -> dict[str, Any]:
+    cache, registry, store, agent, audit = c.cache, c.registry, c.store, c.agent, c.audit
+    snap = cache.get(wait_s=2.0)
+    status = snap.get("models") or {}
+    if registry is None or store is None:  # both, or neither
+        return {"learning": False, "serving": (snap.get("inference") or {}).get("model_version",
+                                                                                 agent.model_version)}
+    versions = registry.versions()
+    for v in versions:  # the files beside each version (not registry.show: it rereads the event log each time)
+        folder = registry.version_dir(v["version"])
+        v["gate_full"] = _read_json(folder / "gate.json") or None
+        v["dataset"] = (_read_json(folder / "dataset.json") or {}).get("counts")
+        v["adtr_plus"] = ((_read_json(folder / "manifest.json") or {}).get("training") or {}).get("adtr_plus")
+    versions.reverse()  # newest first
+    counts = store.counts()
+    return {"learning": True, "versions": versions, "pointers": registry.pointers(),
+            "serving": (snap.get("inference") or {}).get("model_version"),
+            "shadow": (snap.get("inference") or {}).get("shadow_version"),
+            "shadow_stats": (snap.get("scoring") or {}).get("shadow", []), "guard": status.get("guard"),
+            "last_job": status.get("last_job"), "store": counts,
+            "events": list(reversed(registry.events(30))), "activity": audit.tail(15)}
 
 
 def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flask:
@@ -194,8 +272,19 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
         user = getattr(g, "user", None)
         return {"user": user, "can_change": bool(user and user.role == "operator"),
                 "learning": registry is not None}
+    c = _Console(agent=agent, cache=cache, cfg=cfg, auth=auth, throttle=throttle, sessions=sessions, audit=audit,
+                 index=index, live=live, registry=registry, store=store, store_of=store_of,
+                 login_required=login_required, wants_json=wants_json, by=by)
+    _login_routes(app, c)
+    _page_routes(app, c)
+    _action_routes(app, c)
+    return app
 
-    # ------------------------------------------------------------------ login
+
+def _login_routes(app: Flask, c: _Console) -> None:
+    """Log in and out."""
+    audit, auth, login_required, sessions, throttle = c.audit, c.auth, c.login_required, c.sessions, c.throttle
+
     def safe_next(target: str | None) -> str:
         """Only a path on this console (no scheme, no host, no //, no backslash, no control characters that a
         browser would drop to make one): a login link cannot send anyone elsewhere."""
@@ -241,7 +330,13 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
         audit.record(g.user.user, g.user.role, "logout", address=request.remote_addr)
         return redirect(url_for("login"))
 
-    # ------------------------------------------------------------------ pages
+
+
+def _page_routes(app: Flask, c: _Console) -> None:
+    """The pages (Live, Review, Models, Activity), their JSON and the frames' files."""
+    audit, cfg, index, live, login_required, registry, store, wants_json = (
+        c.audit, c.cfg, c.index, c.live, c.login_required, c.registry, c.store, c.wants_json)
+
     @app.get("/")
     def home():
         return redirect(url_for("live_page"))
@@ -327,7 +422,7 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
     @app.get("/models")
     @login_required()
     def models_page():
-        return render_template("models.html", page="models", m=models_data())
+        return render_template("models.html", page="models", m=_models_data(c))
 
     @app.get("/activity")
     @login_required()
@@ -362,38 +457,23 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
     def api_live():
         return jsonify(live.view())
 
-    def models_data() -> dict[str, Any]:
-        snap = cache.get(wait_s=2.0)
-        status = snap.get("models") or {}
-        if registry is None or store is None:  # both, or neither
-            return {"learning": False, "serving": (snap.get("inference") or {}).get("model_version",
-                                                                                     agent.model_version)}
-        versions = registry.versions()
-        for v in versions:  # the files beside each version (not registry.show: it rereads the event log each time)
-            folder = registry.version_dir(v["version"])
-            v["gate_full"] = _read_json(folder / "gate.json") or None
-            v["dataset"] = (_read_json(folder / "dataset.json") or {}).get("counts")
-            v["adtr_plus"] = ((_read_json(folder / "manifest.json") or {}).get("training") or {}).get("adtr_plus")
-        versions.reverse()  # newest first
-        counts = store.counts()
-        return {"learning": True, "versions": versions, "pointers": registry.pointers(),
-                "serving": (snap.get("inference") or {}).get("model_version"),
-                "shadow": (snap.get("inference") or {}).get("shadow_version"),
-                "shadow_stats": (snap.get("scoring") or {}).get("shadow", []), "guard": status.get("guard"),
-                "last_job": status.get("last_job"), "store": counts,
-                "events": list(reversed(registry.events(30))), "activity": audit.tail(15)}
-
     @app.get("/api/models")
     @login_required()
     def api_models():
-        return jsonify(models_data())
+        return jsonify(_models_data(c))
 
     @app.get("/api/activity")
     @login_required()
     def api_activity():
         return jsonify(audit.tail(100))
 
-    # ------------------------------------------------------------------ actions (operator only)
+
+
+def _action_routes(app: Flask, c: _Console) -> None:
+    """What an operator changes: review labels, promotion, rollback, shadow, retrain."""
+    (agent, audit, by, index, login_required, registry, store, store_of) = (
+        c.agent, c.audit, c.by, c.index, c.login_required, c.registry, c.store, c.store_of)
+
     def body() -> dict[str, Any]:
         data = request.get_json(silent=True)
         return data if isinstance(data, dict) else {}
@@ -417,37 +497,6 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
                                                                         "submission_id", "label")}, **detail)
         return jsonify(result), code
 
-    def decode_mask(data_url: Any, width: int, height: int) -> bytes | None:
-        if data_url is None:
-            return None
-        if not isinstance(data_url, str) or not data_url.startswith("data:image/png;base64,"):
-            raise ValueError("mask must be a PNG data URL")
-        try:
-            raw = base64.b64decode(data_url.split(",", 1)[1], validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("mask is not valid base64") from None
-        pixels = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
-        if pixels is None:
-            raise ValueError("mask is not a readable PNG")
-        if pixels.shape[:2] != (height, width):
-            raise ValueError(f"mask is {pixels.shape[1]}x{pixels.shape[0]}, the frame is {width}x{height}")
-        marked = pixels[..., -1] > 0 if pixels.ndim == 3 and pixels.shape[2] == 4 else \
-            (pixels.max(axis=2) if pixels.ndim == 3 else pixels) > 0
-        if not marked.any():
-            return None
-        return cv2.imencode(".png", marked.astype(np.uint8) * 255)[1].tobytes()  # re-encoded: never stored as sent
-
-    def check_box(box: Any, width: int, height: int) -> list[int] | None:
-        if box is None:
-            return None
-        if not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                                  for v in box):
-            raise ValueError("box must be [x, y, width, height] in whole frame pixels")
-        x, y, w, h = box
-        if w < 1 or h < 1 or x < 0 or y < 0 or (width and x + w > width) or (height and y + h > height):
-            raise ValueError(f"box {box} is not inside the {width}x{height} frame")
-        return box
-
     @app.post("/api/review/<camera>/<stem>/<action>")
     @login_required("operator")
     def review_action(camera: str, stem: str, action: str):
@@ -469,8 +518,8 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
         def run():
             try:
                 width, height = int(side.get("width") or 0), int(side.get("height") or 0)
-                box = check_box(data.get("box"), width, height) if action == "confirm" else None
-                mask = decode_mask(data.get("mask"), width, height) if action == "confirm" else None
+                box = _check_box(data.get("box"), width, height) if action == "confirm" else None
+                mask = _decode_mask(data.get("mask"), width, height) if action == "confirm" else None
                 payload, decision = find_saved_frame(index.root,
                                                      file=f"{frame.camera}/{frame.stem}{frame.payload_suffix}")
                 result = accept_frame(store_of(frame.camera, decision), payload, decision,
@@ -545,4 +594,3 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
         result, code = manager_call("job", submission_id)
         return jsonify(result), code
 
-    return app
