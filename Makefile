@@ -61,7 +61,7 @@ lint: $(VENV)/.installed-test
 # The README's console screenshots, produced by the browser test itself.
 screenshots: $(VENV)/.installed-test
 	bash tests/install_browser.sh
-	ADTR_TESTS_SCREENSHOTS=docs/screenshots $(PY) -m pytest tests/test_console_browser.py
+	ADTR_TESTS_SCREENSHOTS=docs/screenshots $(PY) -m pytest tests/integration/test_console_browser.py
 
 bench: $(VENV)/.installed-test
 	$(PY) tests/benchmarks/bench_model.py --data $(DATA) --out runs/bench

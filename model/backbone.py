@@ -181,7 +181,7 @@ class Backbone(nn.Module):
             try:
                 with warnings.catch_warnings():
                     # TracerWarnings (the level-size checks are constants for one input size) and the
-                    # deprecation notices: the graph is checked against eager in tests/test_backbone.py.
+                    # deprecation notices: the graph is checked against eager in tests/unit/test_backbone.py.
                     warnings.simplefilter("ignore")
                     traced = torch.jit.trace(_Features(self), images[:1], check_trace=False)
                     graph = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))

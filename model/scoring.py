@@ -50,7 +50,7 @@ def upsample_map(coarse: Tensor, out_size: int, blur_sigma: float = 0.0) -> Tens
     map is U · coarse · Uᵀ: two small matrix products instead of a full-size interpolation and two
     33-tap convolutions per map (measured: 10 ms → well under 1 ms per 256 px map on one CPU thread).
     U is built by running the 1-D linear interpolation and `gaussian_blur`'s kernel and padding on the
-    unit impulses, so it is the same arithmetic, not an approximation of it (tests/test_scoring.py).
+    unit impulses, so it is the same arithmetic, not an approximation of it (tests/unit/test_scoring.py).
     """
     u = _axis_operator(_square_side(coarse), out_size, float(blur_sigma)).to(device=coarse.device, dtype=coarse.dtype)
     return u @ coarse @ u.T
@@ -63,7 +63,7 @@ def coarse_image_score(coarse: Tensor, out_size: int, blur_sigma: float, kernel:
     with Q = (box mean along one axis) · U, an (out_size − k + 1, S) matrix: a few small float64
     products on the (S, S) map instead of a float64 summed-area table of the (out_size, out_size) map
     (measured: 0.54 → 0.05 ms per 256 px map on one CPU thread). The same numbers to float32 rounding
-    of the full map (tests/test_scoring.py).
+    of the full map (tests/unit/test_scoring.py).
     """
     q = _pooled_axis_operator(_square_side(coarse), out_size, float(blur_sigma), kernel).to(coarse.device)
     return (q @ coarse.double() @ q.T).flatten(1).amax(dim=1).to(coarse.dtype)

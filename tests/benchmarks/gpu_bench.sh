@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU benchmark in one go (planned at under 8 minutes on an H200; every step has its own time limit):
-#   1. the GPU tests (tests/test_device.py: fp16 + channels-last parity, JPEG decoding on the GPU, the tuner);
+#   1. the GPU tests (tests/unit/test_device.py: fp16 + channels-last parity, JPEG decoding on the GPU, the tuner);
 #   2. gpu_bench.py: the inference actor's own tuning ladder in fp32 and fp16 + channels-last, the full model
 #      against the backbone alone at the tuned batch, batched JPEG decoding on the GPU against the CPU path,
 #      fp16 parity;
@@ -42,7 +42,7 @@ step() {  # step NAME SECONDS COMMAND…: runs it, keeps its log, reports its ex
   tail -n 25 "$RES/$name.log"
   return 0
 }
-ADTR_TESTS_SHARED=$(cd "$DATA/../.." && pwd) step device-tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_device.py
+ADTR_TESTS_SHARED=$(cd "$DATA/../.." && pwd) step device-tests 120 $PY -m pytest -q -p no:cacheprovider tests/unit/test_device.py
 step gpu-bench 150 $PY tests/benchmarks/gpu_bench.py --model "$MODEL" --frames "$DATA" --out "$RES/gpu.json"
 if $PY -c "import ray, zmq" 2>/dev/null; then
   for decode in ingest device; do

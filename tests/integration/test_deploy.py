@@ -60,7 +60,7 @@ def test_the_unit_drains_and_runs_the_registry_backed_agent_with_settings_that_e
 
 def dashboard_metrics() -> set[str]:
     """Every metric the provisioned Grafana dashboard queries (checked against a live agent's /metrics in
-    tests/test_agent.py)."""
+    tests/integration/test_agent.py)."""
     import json
 
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "adtr-edge.json").read_text())
@@ -69,7 +69,8 @@ def dashboard_metrics() -> set[str]:
 
 
 def alert_metrics() -> set[str]:
-    """Every metric the alert rules (deploy/prometheus-rules.yml) query (checked live in tests/test_agent.py)."""
+    """Every metric the alert rules (deploy/prometheus-rules.yml) query (checked live in
+    tests/integration/test_agent.py)."""
     rules = yaml.safe_load((DEPLOY / "prometheus-rules.yml").read_text())
     return {name for group in rules["groups"] for rule in group["rules"]
             for name in re.findall(r"\badtr_[a-z_]+", rule["expr"])}

@@ -41,7 +41,7 @@ def test_fp16_and_channels_last_on_a_gpu_match_fp32(trained_model, small_dataset
 def test_jpeg_frames_decoded_on_the_gpu_score_like_frames_decoded_by_the_ingest(trained_model, small_dataset):
     """inference.jpeg_decode=device on a GPU: nvJPEG, batched, then the resize on the GPU."""
     if not torch.cuda.is_available():
-        pytest.skip("no GPU here: tests/test_tuning.py runs the same path on the CPU")
+        pytest.skip("no GPU here: tests/unit/test_tuning.py runs the same path on the CPU")
     import asyncio
 
     import numpy as np

@@ -1,6 +1,6 @@
 """Hostile and broken peers at the protocol level (no Ray, no sockets): every message is refused under
 the reason it deserves, never by an exception we did not expect, and nothing that goes out is anything
-but strict JSON. The live side of the same attacks is tests/test_hostile.py."""
+but strict JSON. The live side of the same attacks is tests/integration/test_hostile.py."""
 from __future__ import annotations
 
 import json
