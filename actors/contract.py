@@ -75,10 +75,6 @@ class FrameHeader(BaseModel):
         return self
 
 
-def _finite(value: float | None) -> float | None:
-    return value if value is None or math.isfinite(value) else None
-
-
 class Region(BaseModel):
     """One connected defect region of an anomalous frame, in frame pixels."""
 
@@ -92,7 +88,7 @@ class Region(BaseModel):
     @field_validator("peak", "peak_normalized")
     @classmethod
     def _null_if_not_finite(cls, value: float | None) -> float | None:
-        return _finite(value)
+        return finite_or_none(value)
 
 
 class Decision(BaseModel):
@@ -123,7 +119,7 @@ class Decision(BaseModel):
     @field_validator("score", "normalized_score", "threshold", "latency_ms", "agent_ms", "inference_ms")
     @classmethod
     def _null_if_not_finite(cls, value: float | None) -> float | None:
-        return _finite(value)
+        return finite_or_none(value)
 
     def wire(self) -> dict[str, Any]:
         """The JSON object as published (`files` only when there are files)."""

@@ -68,7 +68,7 @@ def configure_logging(level: str = "info", json_output: bool | None = None) -> N
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tracebacks, renderer]))
     root = logging.getLogger()
     root.handlers = [handler]
-    root.setLevel(max(numeric, logging.INFO) if numeric < logging.INFO else numeric)
+    root.setLevel(max(numeric, logging.INFO))  # at --log-level debug, the libraries' debug lines stay out
     route_library_loggers()
 
 

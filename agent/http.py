@@ -37,6 +37,7 @@ from .errors import AgentError
 from .learning import FrameNotFound, accept_frame, accept_many, find_saved_frame
 from .private import create_private
 from .runner import Agent
+from .web import call_manager, json_body
 
 log = structlog.get_logger(__name__)
 
@@ -97,11 +98,6 @@ def create_app(agent: Agent, cache: SnapshotCache, token: TokenCheck | None) -> 
     return app
 
 
-def _body() -> dict[str, Any]:
-    data = request.get_json(silent=True)
-    return data if isinstance(data, dict) else {}
-
-
 def _who(data: dict[str, Any]) -> str:
     name = str(data.get("by") or "api")[:64]
     return f"operator:{name}"
@@ -120,7 +116,7 @@ def _learning_api(app: Flask, agent: Agent, token: TokenCheck | None, cache: Sna
     def chosen_point() -> str | None:
         """The inspection point a learning call is about: `point` (query or body), else the point of the
         body's camera, else the first point."""
-        data = _body()
+        data = json_body()
         name = request.args.get("point") or data.get("point")
         if name is None and isinstance(data.get("camera_id"), str):
             name = agent.point_of(data["camera_id"])
@@ -143,7 +139,7 @@ def _learning_api(app: Flask, agent: Agent, token: TokenCheck | None, cache: Sna
 
     @app.post("/v1/samples")
     def add_sample():
-        data = _body()
+        data = json_body()
         camera = data.get("camera_id")
         owner = agent.point_of(camera) if isinstance(camera, str) else None
         if owner is not None and owner != g.point.name:
@@ -187,39 +183,35 @@ def _learning_api(app: Flask, agent: Agent, token: TokenCheck | None, cache: Sna
             return jsonify(error=str(exc)), 404
 
     def manager_call(method: str, *args):
-        try:
-            return jsonify(ray.get(getattr(g.point.manager, method).remote(*args), timeout=300)), 200
-        except ray.exceptions.RayTaskError as exc:
-            return jsonify(error=str(exc).strip().splitlines()[-1]), 409
-        except (ray.exceptions.RayError, TimeoutError) as exc:
-            return jsonify(error=f"the model manager did not answer: {exc}"), 503
+        answer, code = call_manager(g.point.manager, method, *args)
+        return jsonify(answer), code
 
     @app.post("/v1/models/promote")
     def promote():
-        data = _body()
+        data = json_body()
         if not isinstance(data.get("version"), str):
             return jsonify(error="JSON body needs a version"), 400
         return manager_call("promote", data["version"], _who(data), str(data.get("reason", "")))
 
     @app.post("/v1/models/rollback")
     def rollback():
-        data = _body()
+        data = json_body()
         return manager_call("rollback", _who(data), str(data.get("reason", "")))
 
     @app.post("/v1/models/shadow")
     def shadow():
-        data = _body()
+        data = json_body()
         if not isinstance(data.get("version"), str):
             return jsonify(error="JSON body needs a version"), 400
         return manager_call("shadow", data["version"], _who(data), str(data.get("reason", "")))
 
     @app.delete("/v1/models/shadow")
     def clear_shadow():
-        return manager_call("clear_shadow", _who(_body()))
+        return manager_call("clear_shadow", _who(json_body()))
 
     @app.post("/v1/retrain")
     def retrain():
-        data = _body()
+        data = json_body()
         overrides = data.get("overrides", [])
         if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
             return jsonify(error="overrides must be a list of key=value strings"), 400
@@ -254,7 +246,7 @@ def _point_api(app: Flask, agent: Agent, cache: SnapshotCache, stores: dict[str,
 
     @app.post("/v1/points")
     def add_point():
-        data = _body()
+        data = json_body()
         name, cameras, frames = data.get("name"), data.get("cameras"), data.get("frames")
         if not isinstance(name, str) or not isinstance(cameras, list) or not all(isinstance(c, str) for c in cameras) \
                 or (frames is not None and (not isinstance(frames, int) or isinstance(frames, bool))):
@@ -270,7 +262,7 @@ def _point_api(app: Flask, agent: Agent, cache: SnapshotCache, stores: dict[str,
 
     @app.post("/v1/points/finish-recording")
     def finish_recording():
-        return manager_call("finish_recording", _who(_body()))
+        return manager_call("finish_recording", _who(json_body()))
 
 
 def _drift_hint(drift: dict[str, Any]) -> str | None:

@@ -29,7 +29,6 @@ from urllib.parse import urlencode, urlsplit
 
 import cv2
 import numpy as np
-import ray
 import structlog
 from flask import Flask, Response, abort, g, jsonify, redirect, render_template, request, send_file, session, url_for
 from flask_wtf.csrf import CSRFError, CSRFProtect
@@ -38,6 +37,7 @@ from lifecycle.registry import RegistryError
 from lifecycle.samples import SampleStore, StoreError, StoreLimits
 
 from ..learning import FrameNotFound, accept_frame, find_saved_frame
+from ..web import call_manager, json_body
 from .audit import REVIEW_ACTIONS, AuditLog
 from .auth import Authenticator, LoginThrottle, Sessions
 from .frames import FrameIndex, MediaNotFound
@@ -474,10 +474,6 @@ def _action_routes(app: Flask, c: _Console) -> None:
     (agent, audit, by, index, login_required, registry, store, store_of) = (
         c.agent, c.audit, c.by, c.index, c.login_required, c.registry, c.store, c.store_of)
 
-    def body() -> dict[str, Any]:
-        data = request.get_json(silent=True)
-        return data if isinstance(data, dict) else {}
-
     def need_learning():
         if registry is None or store is None:
             abort(Response('{"error": "labels and model versions need a model registry: start the agent with '
@@ -509,7 +505,7 @@ def _action_routes(app: Flask, c: _Console) -> None:
         if action == "skip":
             return act(name, frame.key, lambda: ({"skipped": frame.key}, 200))
         need_learning()
-        data = body()
+        data = json_body()
         side = index.sidecar(frame)
         note = data.get("note")
         if note is not None and (not isinstance(note, str) or len(note) > 500):
@@ -539,18 +535,14 @@ def _action_routes(app: Flask, c: _Console) -> None:
     def manager_call(method: str, *args) -> tuple[dict[str, Any], int]:
         if agent.manager is None:
             return {"error": "no model manager: the agent serves a plain model folder"}, 409
-        try:
-            return ray.get(getattr(agent.manager, method).remote(*args), timeout=300) or {}, 200
-        except ray.exceptions.RayTaskError as exc:
-            return {"error": str(exc).strip().splitlines()[-1]}, 409
-        except (ray.exceptions.RayError, TimeoutError) as exc:
-            return {"error": f"the model manager did not answer: {exc}"}, 503
+        answer, code = call_manager(agent.manager, method, *args)
+        return answer or {}, code  # a refusal's answer is never empty
 
     @app.post("/api/models/promote")
     @login_required("operator")
     def promote():
         need_learning()
-        data = body()
+        data = json_body()
         version = data.get("version")
         try:
             registry.version_dir(version if isinstance(version, str) else "")
@@ -563,14 +555,14 @@ def _action_routes(app: Flask, c: _Console) -> None:
     @login_required("operator")
     def rollback():
         need_learning()
-        reason = str(body().get("reason") or "rolled back in the console")[:300]
+        reason = str(json_body().get("reason") or "rolled back in the console")[:300]
         return act("rollback", None, lambda: manager_call("rollback", by(), reason))
 
     @app.post("/api/models/shadow")
     @login_required("operator")
     def shadow():
         need_learning()
-        version = body().get("version")
+        version = json_body().get("version")
         if version is None:
             return act("shadow_off", None, lambda: manager_call("clear_shadow", by()))
         try:
