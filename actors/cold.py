@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lifecycle.registry import write_json_atomic
+from adtr_edge.lifecycle.registry import write_json_atomic
 
 COLD_FILE = "cold_start.json"
 MIN_RECORDED = 40  # frames a first model needs: 70 % train, and a retrain needs min_train_samples (20)

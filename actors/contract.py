@@ -3,7 +3,7 @@
 
 A leaf: it imports only the standard library and pydantic (no torch, no OpenCV, no NumPy, no Ray, no
 ZeroMQ), so a camera or subscriber integrator can copy or import it alone. The wire JSON of a decision is
-`Decision.wire()`; `docs/decision.schema.json` is generated from `Decision` (`python -m actors.contract`)
+`Decision.wire()`; `docs/decision.schema.json` is generated from `Decision` (`python -m adtr_edge.actors.contract`)
 and a test checks it is current.
 """
 from __future__ import annotations
@@ -163,7 +163,7 @@ def decision_schema() -> str:
     return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
 
 
-if __name__ == "__main__":  # python -m actors.contract: rewrite docs/decision.schema.json
+if __name__ == "__main__":  # python -m adtr_edge.actors.contract: rewrite docs/decision.schema.json
     from pathlib import Path
 
     target = Path(__file__).resolve().parents[1] / "docs" / "decision.schema.json"

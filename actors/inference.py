@@ -38,8 +38,8 @@ import numpy as np
 import structlog
 import torch
 
-from lifecycle.registry import resolve_model
-from model.detector import AnomalyDetector, load_detector
+from adtr_edge.lifecycle.registry import resolve_model
+from adtr_edge.model.detector import AnomalyDetector, load_detector
 
 from .config import DEFAULT_POINT, InferenceConfig, point_paths
 from .logs import configure_logging

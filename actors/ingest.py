@@ -41,7 +41,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from model.data import resize_image
+from adtr_edge.model.data import resize_image
 
 from .config import DEFAULT_POINT, IngestConfig
 from .logs import configure_logging

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lifecycle.samples import SampleStore
+from adtr_edge.lifecycle.samples import SampleStore
 
 from .retrain import RetrainBusy
 
@@ -24,7 +24,7 @@ ACTIVE = ("PENDING", "RUNNING")
 def retrain_entrypoint(registry: str | Path, namespace: str, by: str, overrides: Sequence[str] = (),
                        python: str = sys.executable) -> str:
     """The job's shell command: this interpreter (a job's shell may not have the venv's `python`)."""
-    args = [python, "-m", "agent.cli", "--log-json", "retrain", "--registry", str(Path(registry).resolve()),
+    args = [python, "-m", "adtr_edge.agent.cli", "--log-json", "retrain", "--registry", str(Path(registry).resolve()),
             "--namespace", namespace, "--by", by]
     for override in overrides:
         args += ["--set", override]

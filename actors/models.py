@@ -23,8 +23,8 @@ from typing import Any
 import ray
 import structlog
 
-from lifecycle.registry import Registry
-from lifecycle.samples import SampleStore
+from adtr_edge.lifecycle.registry import Registry
+from adtr_edge.lifecycle.samples import SampleStore
 
 from .cold import MIN_RECORDED, end_cold, read_cold, write_cold
 from .config import DEFAULT_POINT, LearningConfig, RetrainConfig

@@ -22,7 +22,7 @@ import simplejpeg
 from PIL import Image
 from pydantic import ValidationError
 
-from model.data import DataError, decode_image, to_rgb8
+from adtr_edge.model.data import DataError, decode_image, to_rgb8
 
 from .contract import CAMERA_ID_RE, MAX_HEADER_BYTES, MAX_SAFE_INT, PROTOCOL_VERSION, FrameHeader
 

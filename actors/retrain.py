@@ -42,18 +42,18 @@ import numpy as np
 import structlog
 import torch
 
-from lifecycle.gate import GateResult, GateTolerances, ModelEvaluation, evaluate_model, gate
-from lifecycle.registry import Registry, write_json_atomic
-from lifecycle.samples import SampleStore, Snapshot, StoredSample, StoreLimits
-from model.adtr_plus import label_cell_masks, plus_loss, plus_training_data
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.config import AdtrConfig
-from model.data import BadFiles, Sample
-from model.detector import AnomalyDetector, load_detector
-from model.features import FeatureCache
-from model.reconstructor import Reconstructor, explained_variance
-from model.scorer import reconstructor_tensors
-from model.train import Calibration, checkpoint_tensors, fit, fit_scoring, model_manifest, seed_everything
+from adtr_edge.lifecycle.gate import GateResult, GateTolerances, ModelEvaluation, evaluate_model, gate
+from adtr_edge.lifecycle.registry import Registry, write_json_atomic
+from adtr_edge.lifecycle.samples import SampleStore, Snapshot, StoredSample, StoreLimits
+from adtr_edge.model.adtr_plus import label_cell_masks, plus_loss, plus_training_data
+from adtr_edge.model.checkpoint import load_checkpoint, save_checkpoint
+from adtr_edge.model.config import AdtrConfig
+from adtr_edge.model.data import BadFiles, Sample
+from adtr_edge.model.detector import AnomalyDetector, load_detector
+from adtr_edge.model.features import FeatureCache
+from adtr_edge.model.reconstructor import Reconstructor, explained_variance
+from adtr_edge.model.scorer import reconstructor_tensors
+from adtr_edge.model.train import Calibration, checkpoint_tensors, fit, fit_scoring, model_manifest, seed_everything
 
 from .config import DEFAULT_POINT, RetrainConfig
 

@@ -27,13 +27,13 @@ import structlog
 import torch
 import zmq
 
-from lifecycle.drift import Reference, ScoreDrift, reference_bins
-from lifecycle.registry import resolve_model
-from lifecycle.samples import SampleStore, StoreLimits
-from model.checkpoint import read_manifest
-from model.detector import ScoreHead, load_score_head
-from model.scoring import defect_regions
-from model.visualize import heatmap_overlay
+from adtr_edge.lifecycle.drift import Reference, ScoreDrift, reference_bins
+from adtr_edge.lifecycle.registry import resolve_model
+from adtr_edge.lifecycle.samples import SampleStore, StoreLimits
+from adtr_edge.model.checkpoint import read_manifest
+from adtr_edge.model.detector import ScoreHead, load_score_head
+from adtr_edge.model.scoring import defect_regions
+from adtr_edge.model.visualize import heatmap_overlay
 
 from .cold import read_cold
 from .config import AutoSampleConfig, LearningConfig, OutputConfig, point_paths

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import structlog
 
-from actors.logs import configure_logging, route_library_loggers
+from adtr_edge.actors.logs import configure_logging, route_library_loggers
 
 from .settings import SettingsError, load_settings, merge
 
@@ -221,8 +221,8 @@ def _learning_commands(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from model.data import load_dataset
-    from model.train import train_model
+    from adtr_edge.model.data import load_dataset
+    from adtr_edge.model.train import train_model
 
     cfg = load_settings(args.config, args.overrides)
     dataset = load_dataset(args.data, cfg.data)
@@ -234,10 +234,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from model.adtr_plus import finetune_adtr_plus
-    from model.checkpoint import read_manifest
-    from model.config import AdtrConfig
-    from model.data import load_dataset
+    from adtr_edge.model.adtr_plus import finetune_adtr_plus
+    from adtr_edge.model.checkpoint import read_manifest
+    from adtr_edge.model.config import AdtrConfig
+    from adtr_edge.model.data import load_dataset
 
     cfg = merge(AdtrConfig.model_validate(read_manifest(args.model)["settings"]), args.overrides)
     dataset = load_dataset(args.data, cfg.data)
@@ -248,7 +248,7 @@ def cmd_finetune(args) -> int:
 
 
 def _detector_with_overrides(model_dir: Path, overrides: list[str], device: str = "auto"):
-    from model.detector import load_detector
+    from adtr_edge.model.detector import load_detector
 
     detector = load_detector(model_dir).to(device)
     if overrides:
@@ -257,9 +257,9 @@ def _detector_with_overrides(model_dir: Path, overrides: list[str], device: str 
 
 
 def cmd_eval(args) -> int:
-    from model.checkpoint import record_metrics
-    from model.data import load_dataset
-    from model.evaluate import evaluate, write_report
+    from adtr_edge.model.checkpoint import record_metrics
+    from adtr_edge.model.data import load_dataset
+    from adtr_edge.model.evaluate import evaluate, write_report
 
     detector = _detector_with_overrides(args.model, args.overrides, args.device)
     dataset = load_dataset(args.data, detector.cfg.data)
@@ -290,7 +290,7 @@ def format_metrics(report: dict) -> str:
 
 
 def cmd_predict(args) -> int:
-    from model.predict import predict_path
+    from adtr_edge.model.predict import predict_path
 
     detector = _detector_with_overrides(args.model, args.overrides, args.device)
     summary = predict_path(detector, args.path, args.out, batch_size=args.batch_size,
@@ -363,7 +363,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from lifecycle.registry import Registry
+    from adtr_edge.lifecycle.registry import Registry
 
     from . import operate
 
@@ -397,7 +397,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from lifecycle.registry import Registry
+    from adtr_edge.lifecycle.registry import Registry
 
     from . import operate
 
@@ -406,7 +406,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_points(args) -> int:
-    from lifecycle.registry import Registry
+    from adtr_edge.lifecycle.registry import Registry
 
     from . import operate
 
@@ -429,7 +429,7 @@ def cmd_points(args) -> int:
 
 
 def cmd_accept(args) -> int:
-    from lifecycle.registry import Registry
+    from adtr_edge.lifecycle.registry import Registry
 
     from . import operate
 
@@ -453,8 +453,8 @@ def cmd_accept(args) -> int:
 
 
 def cmd_retrain(args) -> int:
-    from actors.retrain import retrain
-    from lifecycle.registry import Registry
+    from adtr_edge.actors.retrain import retrain
+    from adtr_edge.lifecycle.registry import Registry
 
     from . import operate
 
@@ -492,7 +492,7 @@ def cmd_console(args) -> int:
 
     path = args.users_file or Path(args.registry) / "console" / "users.json"
     if args.registry is not None:
-        from lifecycle.registry import Registry
+        from adtr_edge.lifecycle.registry import Registry
 
         Registry(args.registry)  # a clear error when it is not a registry
     try:
@@ -532,10 +532,10 @@ def package_version() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_json)
-    from lifecycle.samples import StoreError
-    from model.checkpoint import CheckpointError
-    from model.data import DataError
-    from model.weights import WeightsError
+    from adtr_edge.lifecycle.samples import StoreError
+    from adtr_edge.model.checkpoint import CheckpointError
+    from adtr_edge.model.data import DataError
+    from adtr_edge.model.weights import WeightsError
 
     from .errors import agent_input_errors
 

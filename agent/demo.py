@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from actors.contract import parse_decision
-from model.checkpoint import read_manifest
-from model.config import AdtrConfig
-from model.data import load_dataset
-from model.metrics import auroc
+from adtr_edge.actors.contract import parse_decision
+from adtr_edge.model.checkpoint import read_manifest
+from adtr_edge.model.config import AdtrConfig
+from adtr_edge.model.data import load_dataset
+from adtr_edge.model.metrics import auroc
 
 from .errors import AgentError
 from .rayhead import free_port
@@ -29,7 +29,7 @@ from .watch import subscribe
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "agent.cli", *args]
+    return [sys.executable, "-m", "adtr_edge.agent.cli", *args]
 
 
 def _event(path: Path, name: str) -> dict | None:

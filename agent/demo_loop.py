@@ -33,11 +33,11 @@ import cv2
 import numpy as np
 import zmq
 
-from actors.contract import parse_decision
-from lifecycle.registry import Registry, is_registry
-from model.checkpoint import read_manifest
-from model.config import AdtrConfig
-from model.data import load_dataset
+from adtr_edge.actors.contract import parse_decision
+from adtr_edge.lifecycle.registry import Registry, is_registry
+from adtr_edge.model.checkpoint import read_manifest
+from adtr_edge.model.config import AdtrConfig
+from adtr_edge.model.data import load_dataset
 
 from .demo import _cli, _event, _wait_ready, stop_agent
 from .errors import AgentError

@@ -13,8 +13,8 @@ class PublishError(ValueError):
 def agent_input_errors() -> tuple[type[Exception], ...]:
     import zmq
 
-    from actors.models import PromotionError
-    from actors.retrain import RetrainError
+    from adtr_edge.actors.models import PromotionError
+    from adtr_edge.actors.retrain import RetrainError
 
     from .learning import FrameNotFound
 

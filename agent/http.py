@@ -27,10 +27,10 @@ from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CollectorRegistry, generate_latest
 from waitress.server import create_server
 
-from actors.config import DEFAULT_POINT
-from actors.retrain import manager_name
-from lifecycle.registry import RegistryError
-from lifecycle.samples import SampleStore, StoreError, StoreLimits
+from adtr_edge.actors.config import DEFAULT_POINT
+from adtr_edge.actors.retrain import manager_name
+from adtr_edge.lifecycle.registry import RegistryError
+from adtr_edge.lifecycle.samples import SampleStore, StoreError, StoreLimits
 
 from .collector import AgentCollector, SnapshotCache
 from .errors import AgentError

@@ -13,8 +13,8 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
-from actors.contract import CAMERA_ID_PATTERN
-from lifecycle.samples import SampleStore
+from adtr_edge.actors.contract import CAMERA_ID_PATTERN
+from adtr_edge.lifecycle.samples import SampleStore
 
 from .console.frames import stem_time
 

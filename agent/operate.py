@@ -18,13 +18,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from actors.config import RetrainConfig
-from actors.jobs import job_info, submit_retrain
-from lifecycle.registry import Registry
-from lifecycle.samples import SampleStore, set_journal_mode
-from model.checkpoint import read_manifest
-from model.config import AdtrConfig
-from model.data import load_dataset
+from adtr_edge.actors.config import RetrainConfig
+from adtr_edge.actors.jobs import job_info, submit_retrain
+from adtr_edge.lifecycle.registry import Registry
+from adtr_edge.lifecycle.samples import SampleStore, set_journal_mode
+from adtr_edge.model.checkpoint import read_manifest
+from adtr_edge.model.config import AdtrConfig
+from adtr_edge.model.data import load_dataset
 
 from .errors import AgentError
 from .learning import accept_frame, accept_many, find_saved_frame

@@ -21,8 +21,8 @@ import zmq
 import zmq.auth
 from PIL import Image
 
-from actors.protocol import frame_message
-from model.data import IMAGE_SUFFIXES, DataError, images_in
+from adtr_edge.actors.protocol import frame_message
+from adtr_edge.model.data import IMAGE_SUFFIXES, DataError, images_in
 
 from .errors import PublishError
 

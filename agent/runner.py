@@ -11,16 +11,16 @@ from typing import Any
 import ray
 import structlog
 
-from actors.cold import MIN_RECORDED, write_cold
-from actors.config import DEFAULT_POINT, camera_points, check_point_name
-from actors.inference import InferenceActor
-from actors.ingest import IngestActor
-from actors.logs import route_library_loggers
-from actors.models import ModelManager
-from actors.retrain import AGENT_FILE, manager_name
-from actors.scoring import ScoringActor
-from lifecycle.registry import Registry, resolve_model, write_json_atomic
-from model.detector import load_score_head
+from adtr_edge.actors.cold import MIN_RECORDED, write_cold
+from adtr_edge.actors.config import DEFAULT_POINT, camera_points, check_point_name
+from adtr_edge.actors.inference import InferenceActor
+from adtr_edge.actors.ingest import IngestActor
+from adtr_edge.actors.logs import route_library_loggers
+from adtr_edge.actors.models import ModelManager
+from adtr_edge.actors.retrain import AGENT_FILE, manager_name
+from adtr_edge.actors.scoring import ScoringActor
+from adtr_edge.lifecycle.registry import Registry, resolve_model, write_json_atomic
+from adtr_edge.model.detector import load_score_head
 
 from .errors import AgentError
 from .rayhead import LocalHead, memory_monitor_env

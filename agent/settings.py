@@ -13,7 +13,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
-from actors.config import (
+from adtr_edge.actors.config import (
     InferenceConfig,
     IngestConfig,
     LearningConfig,
@@ -23,10 +23,10 @@ from actors.config import (
     camera_points,
     check_point_name,
 )
-from actors.config import (
+from adtr_edge.actors.config import (
     Section as _Section,
 )
-from model.config import AdtrConfig
+from adtr_edge.model.config import AdtrConfig
 
 
 class SettingsError(ValueError):

@@ -1,7 +1,7 @@
 """Every setting described once: in its pydantic field's `description`. From the models this writes the
 settings reference (docs/settings.md) and the two files of defaults (configs/edge.yaml, configs/agent.yaml).
 
-    python -m agent.settings_reference --write      # regenerate all three (tests check they are current)
+    python -m adtr_edge.agent.settings_reference --write      # regenerate all three (tests check they are current)
 """
 from __future__ import annotations
 
@@ -19,20 +19,20 @@ ROOT = Path(__file__).resolve().parents[1]
 YAML_HEADERS = {
     "model": """\
 The model's settings (`adtr-edge train --config FILE`): exactly the built-in defaults, generated from the
-code by `python -m agent.settings_reference --write` (a test checks it is current); copy this file to change
+code by `python -m adtr_edge.agent.settings_reference --write` (a test checks it is current); copy this file to change
 them. The edge default is tf_efficientnet_lite0 with the packaged ImageNet weights (no network needed),
 sized to train in minutes on a CPU. Every key can also come from ADTR_EDGE_<SECTION>__<KEY> or `--set`.""",
     "agent": """\
 The streaming agent's settings (`adtr-edge run --config FILE`): exactly the built-in defaults, generated
-from the code by `python -m agent.settings_reference --write` (a test checks it is current). The model's
+from the code by `python -m adtr_edge.agent.settings_reference --write` (a test checks it is current). The model's
 own settings travel in its checkpoint, not here. Every key can also come from
 ADTR_EDGE_<SECTION>__<KEY> or `--set section.key=value`.""",
 }
 
 
 def _models() -> dict[str, type[BaseModel]]:
-    from agent.settings import AgentConfig
-    from model.config import AdtrConfig
+    from adtr_edge.agent.settings import AgentConfig
+    from adtr_edge.model.config import AdtrConfig
 
     return {"model": AdtrConfig, "agent": AgentConfig}
 
@@ -90,10 +90,11 @@ def undescribed() -> list[str]:
 
 def reference_markdown() -> str:
     lines = ["# Settings", "",
-             "Generated from the code (`python -m agent.settings_reference --write`); every setting is described",
-             "once, in its field. Precedence: `--set section.key=value` > `ADTR_EDGE_SECTION__KEY` environment",
-             "variables > `--config FILE.yaml` > these defaults. Unknown keys, and unknown `ADTR_EDGE_*`",
-             "variables, are errors. `configs/edge.yaml` and `configs/agent.yaml` hold exactly these defaults.", ""]
+             "Generated from the code (`python -m adtr_edge.agent.settings_reference --write`); every setting is",
+             "described once, in its field. Precedence: `--set section.key=value` > `ADTR_EDGE_SECTION__KEY`",
+             "environment variables > `--config FILE.yaml` > these defaults. Unknown keys, and unknown",
+             "`ADTR_EDGE_*` variables, are errors. `configs/edge.yaml` and `configs/agent.yaml` hold exactly",
+             "these defaults.", ""]
     titles = {"model": "The model (`train`, `eval`, `predict`, `finetune`; travels in the checkpoint)",
               "agent": "The streaming agent (`run`, `retrain`)"}
     for kind, model in _models().items():

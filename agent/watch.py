@@ -6,7 +6,7 @@ import time
 
 import zmq
 
-from actors.contract import parse_decision
+from adtr_edge.actors.contract import parse_decision
 
 
 def format_decision(d: dict) -> str:

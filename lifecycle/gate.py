@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.detector import AnomalyDetector
-from model.metrics import auroc
-from model.reconstructor import explained_variance
-from model.train import batched_scores
+from adtr_edge.model.detector import AnomalyDetector
+from adtr_edge.model.metrics import auroc
+from adtr_edge.model.reconstructor import explained_variance
+from adtr_edge.model.train import batched_scores
 
 
 @dataclass(frozen=True)

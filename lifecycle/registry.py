@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from model.checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint, read_manifest
+from adtr_edge.model.checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint, read_manifest
 
 FORMAT = "adtr-edge-registry/1"
 MARKER = "registry.json"

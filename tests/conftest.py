@@ -53,14 +53,14 @@ def small_overrides(cache_dir) -> dict:
 
 @pytest.fixture(scope="session")
 def small_config(small_overrides):
-    from agent.settings import load_settings
+    from adtr_edge.agent.settings import load_settings
 
     return load_settings(overrides=small_overrides)
 
 
 @pytest.fixture(scope="session")
 def small_dataset(small_config, magnetic_tile):
-    from model.data import load_dataset
+    from adtr_edge.model.data import load_dataset
 
     return load_dataset(magnetic_tile, small_config.data)
 
@@ -68,7 +68,7 @@ def small_dataset(small_config, magnetic_tile):
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory, small_config, small_dataset) -> Path:
     """One real model trained once per session on a Magnetic Tile subset."""
-    from model.train import train_model
+    from adtr_edge.model.train import train_model
 
     out = tmp_path_factory.mktemp("model")
     train_model(small_config, small_dataset, out, progress=False)
@@ -111,7 +111,7 @@ def ray_cluster(ray_home):
     port so another Ray on the machine cannot break job submission), this process connected to it."""
     import ray
 
-    from agent.rayhead import LocalHead
+    from adtr_edge.agent.rayhead import LocalHead
 
     # 1 GiB of object store is ample for test frames, and keeps the session's footprint small: Ray's
     # memory monitor kills workers (the agent's actors among them) when the machine nears 95 % in use.
@@ -131,7 +131,7 @@ def no_retrain_left_running(request):
         return
     from ray.job_submission import JobSubmissionClient
 
-    from actors.jobs import active_retrains
+    from adtr_edge.actors.jobs import active_retrains
 
     client = JobSubmissionClient(request.getfixturevalue("ray_cluster").dashboard)
     for job in active_retrains(client.list_jobs()):

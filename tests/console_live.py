@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.console import start_console
-from agent.console.auth import add_user
-from agent.http import start_http
+from adtr_edge.agent.console import start_console
+from adtr_edge.agent.console.auth import add_user
+from adtr_edge.agent.http import start_http
 
 from live import live_agent
 

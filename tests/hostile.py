@@ -213,7 +213,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.detector import load_detector
+from adtr_edge.model.detector import load_detector
 
 
 def vm(field):

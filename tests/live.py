@@ -8,11 +8,11 @@ from pathlib import Path
 
 import zmq
 
-from actors.contract import parse_decision
-from agent.runner import Agent, totals
-from agent.settings import AgentSettings, load_settings
-from agent.waiting import wait_until
-from agent.watch import subscribe
+from adtr_edge.actors.contract import parse_decision
+from adtr_edge.agent.runner import Agent, totals
+from adtr_edge.agent.settings import AgentSettings, load_settings
+from adtr_edge.agent.waiting import wait_until
+from adtr_edge.agent.watch import subscribe
 
 ANY_PORT = "tcp://127.0.0.1:*"
 
@@ -89,7 +89,7 @@ class Streamer:
     """A camera on a thread: sends `frames` round-robin at `fps` until stopped; `sent` counts them."""
 
     def __init__(self, endpoint: str, camera: str, frames: list, fps: float = 10.0):
-        from agent.publisher import FramePublisher
+        from adtr_edge.agent.publisher import FramePublisher
 
         self.publisher = FramePublisher(endpoint, camera)
         self.frames, self.interval = frames, 1.0 / fps
@@ -123,8 +123,8 @@ class Streamer:
 
 def registry_with_base(model_dir: Path, root: Path, data):
     """A model registry serving `model_dir`, its training normals in the store as origin base."""
-    from agent.operate import import_base
-    from lifecycle.registry import Registry
+    from adtr_edge.agent.operate import import_base
+    from adtr_edge.lifecycle.registry import Registry
 
     registry = Registry.create(root, model_dir, by="test")
     import_base(registry, str(data), "test")

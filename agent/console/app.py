@@ -33,8 +33,8 @@ import structlog
 from flask import Flask, Response, abort, g, jsonify, redirect, render_template, request, send_file, session, url_for
 from flask_wtf.csrf import CSRFError, CSRFProtect
 
-from lifecycle.registry import RegistryError
-from lifecycle.samples import SampleStore, StoreError, StoreLimits
+from adtr_edge.lifecycle.registry import RegistryError
+from adtr_edge.lifecycle.samples import SampleStore, StoreError, StoreLimits
 
 from ..learning import FrameNotFound, accept_frame, find_saved_frame
 from ..web import call_manager, json_body

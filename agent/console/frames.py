@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.contract import CAMERA_ID_PATTERN, PAYLOADS, STEM, SUFFIXES
+from adtr_edge.actors.contract import CAMERA_ID_PATTERN, PAYLOADS, STEM, SUFFIXES
 
 _SUFFIX = "|".join(re.escape(s) for s in sorted(SUFFIXES, key=len, reverse=True))  # `_heat.png` before `.png`
 _NAME = re.compile(rf"^(?P<stem>{STEM})(?P<suffix>{_SUFFIX})$")

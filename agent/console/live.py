@@ -8,7 +8,7 @@ import time
 from collections import deque
 from typing import Any
 
-from actors.stats import LATENCY_BUCKETS_S
+from adtr_edge.actors.stats import LATENCY_BUCKETS_S
 
 from ..runner import totals
 

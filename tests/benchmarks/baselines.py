@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from model.config import AdtrConfig
-from model.detector import ScoreHead
-from model.scoring import (
+from adtr_edge.model.config import AdtrConfig
+from adtr_edge.model.detector import ScoreHead
+from adtr_edge.model.scoring import (
     cell_tokens,
     channel_major_memory,
     fit_cell_gaussians,
@@ -75,7 +75,7 @@ def load_baseline(path: Path):
     """A saved baseline as a function: images (B, 3, H, W) in [0, 1] → Scores (backbone included)."""
     from safetensors import safe_open
 
-    from model.backbone import Backbone
+    from adtr_edge.model.backbone import Backbone
 
     with safe_open(str(path), "pt") as fh:
         meta = fh.metadata()

@@ -29,11 +29,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from agent.publisher import FramePublisher, SourceFrame, frame_from_file
-from agent.runner import Agent, totals
-from agent.settings import AgentSettings, load_settings
-from model.data import load_dataset, read_image
-from model.detector import load_detector
+from adtr_edge.agent.publisher import FramePublisher, SourceFrame, frame_from_file
+from adtr_edge.agent.runner import Agent, totals
+from adtr_edge.agent.settings import AgentSettings, load_settings
+from adtr_edge.model.data import load_dataset, read_image
+from adtr_edge.model.detector import load_detector
 
 from live import Decisions
 from results_table import plural, update_section
@@ -42,8 +42,8 @@ log = structlog.get_logger("bench-agent")
 
 
 def frames_of(data: str, model_dir: Path, count: int) -> list[Path]:
-    from model.checkpoint import read_manifest
-    from model.config import AdtrConfig
+    from adtr_edge.model.checkpoint import read_manifest
+    from adtr_edge.model.config import AdtrConfig
 
     cfg = AdtrConfig.model_validate(read_manifest(model_dir)["settings"])
     test = load_dataset(data, cfg.data).test
@@ -113,7 +113,7 @@ def main() -> None:
     args = p.parse_args()
     model_dir = Path(args.model)
     if not (model_dir / "manifest.json").is_file():
-        from model.train import train_model
+        from adtr_edge.model.train import train_model
 
         model_cfg = load_settings()
         train_model(model_cfg, load_dataset(args.data, model_cfg.data), model_dir, progress=False)

@@ -33,13 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_learning import camera_at_half_load
 
-from agent.operate import import_base
-from agent.publisher import FramePublisher, SourceFrame, frame_from_file
-from agent.runner import Agent
-from agent.settings import AgentSettings, load_settings
-from lifecycle.registry import Registry
-from model.data import load_dataset, resize_image
-from model.detector import load_detector
+from adtr_edge.agent.operate import import_base
+from adtr_edge.agent.publisher import FramePublisher, SourceFrame, frame_from_file
+from adtr_edge.agent.runner import Agent
+from adtr_edge.agent.settings import AgentSettings, load_settings
+from adtr_edge.lifecycle.registry import Registry
+from adtr_edge.model.data import load_dataset, resize_image
+from adtr_edge.model.detector import load_detector
 
 from bench_agent import frames_of
 from live import wait_until

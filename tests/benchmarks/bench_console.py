@@ -38,14 +38,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from actors.scoring import frame_stem, heat_png, thumbnail_jpg
-from agent.console import start_console
-from agent.console.auth import add_user
-from agent.console.frames import FrameIndex
-from agent.runner import Agent
-from agent.settings import AgentSettings, load_settings
-from model.checkpoint import read_manifest
-from model.visualize import heatmap_overlay
+from adtr_edge.actors.scoring import frame_stem, heat_png, thumbnail_jpg
+from adtr_edge.agent.console import start_console
+from adtr_edge.agent.console.auth import add_user
+from adtr_edge.agent.console.frames import FrameIndex
+from adtr_edge.agent.runner import Agent
+from adtr_edge.agent.settings import AgentSettings, load_settings
+from adtr_edge.model.checkpoint import read_manifest
+from adtr_edge.model.visualize import heatmap_overlay
 
 from console_live import CHROMIUM_ARGS, chromium_path
 from results_table import update_section

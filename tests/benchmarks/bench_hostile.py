@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from agent.http import start_http
-from agent.runner import Agent
-from agent.settings import AgentSettings, load_settings
+from adtr_edge.agent.http import start_http
+from adtr_edge.agent.runner import Agent
+from adtr_edge.agent.settings import AgentSettings, load_settings
 
 from hostile import StrictDecisions, corrupt_jpegs, flat_jpeg, nested_json, parse_metrics, scrape
 from results_table import update_section
@@ -175,9 +175,9 @@ def victim_phase(agent: Agent, context: zmq.Context, decisions: StrictDecisions,
 
 def run(model_dir: Path, data: str, out: Path, seconds: float = 20.0, fps: float = 5.0, readme: bool = True,
         overrides: list[str] = ()) -> dict:
-    from model.checkpoint import read_manifest
-    from model.config import AdtrConfig
-    from model.data import load_dataset
+    from adtr_edge.model.checkpoint import read_manifest
+    from adtr_edge.model.config import AdtrConfig
+    from adtr_edge.model.data import load_dataset
 
     cfg = load_settings(overrides=[*overrides, "http.port=0", "output.save_anomalies=true",
                                    f"output.dir={out / 'hostile-anomalies'}"], kind=AgentSettings)

@@ -32,17 +32,17 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from agent.operate import import_base
-from agent.publisher import FramePublisher, frame_from_file
-from agent.runner import Agent
-from agent.settings import AgentSettings, load_settings
-from lifecycle.registry import Registry
-from lifecycle.samples import SampleStore
-from model.checkpoint import read_manifest
-from model.config import AdtrConfig
-from model.data import BadFiles, Sample, load_dataset
-from model.detector import load_detector
-from model.features import FeatureCache
+from adtr_edge.agent.operate import import_base
+from adtr_edge.agent.publisher import FramePublisher, frame_from_file
+from adtr_edge.agent.runner import Agent
+from adtr_edge.agent.settings import AgentSettings, load_settings
+from adtr_edge.lifecycle.registry import Registry
+from adtr_edge.lifecycle.samples import SampleStore
+from adtr_edge.model.checkpoint import read_manifest
+from adtr_edge.model.config import AdtrConfig
+from adtr_edge.model.data import BadFiles, Sample, load_dataset
+from adtr_edge.model.detector import load_detector
+from adtr_edge.model.features import FeatureCache
 
 from bench_agent import agent_run, frames_of
 from live import Decisions
@@ -134,7 +134,7 @@ def retrain_through_agent(agent: Agent, registry: Registry, overrides: list[str]
     """Submit through the model manager (a Ray job); wait for it; (outcome, submitted at, finished at)."""
     submitted = time.time()
     job = ray.get(agent.manager.submit_retrain.remote("bench", overrides), timeout=120)
-    from actors.jobs import job_info
+    from adtr_edge.actors.jobs import job_info
 
     while True:
         info = job_info(agent.jobs_address, job["submission_id"], 30)

@@ -33,16 +33,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from synthetic_sets import build_mosaic_set, synthetic_defects
 
-from agent.settings import load_settings, merge
-from model.backbone import Backbone
-from model.config import AdtrConfig
-from model.data import BadFiles, Dataset, load_dataset, read_image, resize_image, to_tensor_batch
-from model.detector import AnomalyDetector, ScoreHead, load_detector
-from model.evaluate import evaluate, load_masks, score_feature_set
-from model.features import FeatureCache
-from model.metrics import aupro, auroc
-from model.reconstructor import Reconstructor, reconstruction_loss, reconstruction_report
-from model.train import fit_scoring, train_model
+from adtr_edge.agent.settings import load_settings, merge
+from adtr_edge.model.backbone import Backbone
+from adtr_edge.model.config import AdtrConfig
+from adtr_edge.model.data import BadFiles, Dataset, load_dataset, read_image, resize_image, to_tensor_batch
+from adtr_edge.model.detector import AnomalyDetector, ScoreHead, load_detector
+from adtr_edge.model.evaluate import evaluate, load_masks, score_feature_set
+from adtr_edge.model.features import FeatureCache
+from adtr_edge.model.metrics import aupro, auroc
+from adtr_edge.model.reconstructor import Reconstructor, reconstruction_loss, reconstruction_report
+from adtr_edge.model.train import fit_scoring, train_model
 
 from baselines import LABELS, METHODS, coarse_map, fit_baseline, save_baseline
 from results_table import update_readme
@@ -344,7 +344,7 @@ class Bench:
 
     def adtr_plus(self, cfg: AdtrConfig, dataset: Dataset) -> dict:
         """ADTR+ with synthetic confetti anomalies only (the test split stays untouched)."""
-        from model.adtr_plus import finetune_adtr_plus
+        from adtr_edge.model.adtr_plus import finetune_adtr_plus
 
         t0 = time.monotonic()
         finetune_adtr_plus(self.out / "adtr-edge", dataset, self.out / "adtr-plus", progress=False, cfg=cfg)

@@ -29,12 +29,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from model.checkpoint import read_manifest
-from model.config import AdtrConfig
-from model.data import BadFiles, load_dataset, read_image, resize_image
-from model.detector import load_detector
-from model.evaluate import load_masks
-from model.metrics import aupro, auroc
+from adtr_edge.model.checkpoint import read_manifest
+from adtr_edge.model.config import AdtrConfig
+from adtr_edge.model.data import BadFiles, load_dataset, read_image, resize_image
+from adtr_edge.model.detector import load_detector
+from adtr_edge.model.evaluate import load_masks
+from adtr_edge.model.metrics import aupro, auroc
 
 from results_table import plural, update_section
 
@@ -47,7 +47,7 @@ def write_hf_cache(hf_home: Path) -> Path:
     import timm
     from safetensors.torch import save_file
 
-    from model.weights import convert_lite_state_dict, file_sha256, package_weights_path, read_state_dict
+    from adtr_edge.model.weights import convert_lite_state_dict, file_sha256, package_weights_path, read_state_dict
 
     path = package_weights_path("efficientnet-lite0")
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)

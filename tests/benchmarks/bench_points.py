@@ -45,7 +45,7 @@ def rss_mb() -> float:
 def registries(models: list[Path], root: Path, n: int) -> list[str]:
     """n registries: the n models given (one per point), or n copies of the one model under versions of
     their own."""
-    from lifecycle.registry import Registry
+    from adtr_edge.lifecycle.registry import Registry
 
     out = []
     for i in range(n):
@@ -62,10 +62,10 @@ def registries(models: list[Path], root: Path, n: int) -> list[str]:
 
 def child(args) -> dict:
 
-    from actors.config import InferenceConfig
-    from actors.inference import InferenceActor
-    from agent.settings import load_settings
-    from model.data import load_dataset, read_image, resize_image
+    from adtr_edge.actors.config import InferenceConfig
+    from adtr_edge.actors.inference import InferenceActor
+    from adtr_edge.agent.settings import load_settings
+    from adtr_edge.model.data import load_dataset, read_image, resize_image
 
     cfg = InferenceConfig(max_batch=args.batch, torch_threads=args.threads, max_wait_ms=2.0)
     paths = registries(args.model, args.work, 3)

@@ -24,11 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from agent.settings import load_settings
-from model.data import BadFiles, load_dataset
-from model.detector import load_detector
-from model.sizing import small_defect_check
-from model.train import train_model
+from adtr_edge.agent.settings import load_settings
+from adtr_edge.model.data import BadFiles, load_dataset
+from adtr_edge.model.detector import load_detector
+from adtr_edge.model.sizing import small_defect_check
+from adtr_edge.model.train import train_model
 
 SETS = {"mt": str(ROOT.parent / "shared" / "data" / "magnetic-tile"), "elpv:mono": "elpv:mono",
         "elpv:poly": "elpv:poly"}

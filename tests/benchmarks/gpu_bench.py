@@ -26,8 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from actors.config import InferenceConfig
-from actors.inference import InferenceActor
+from adtr_edge.actors.config import InferenceConfig
+from adtr_edge.actors.inference import InferenceActor
 
 
 def sync(device: str) -> None:
@@ -107,9 +107,9 @@ def main() -> None:
     part(results, "full_vs_backbone", bound)
 
     def decode():
-        from actors.device_decode import decode_batch
-        from actors.protocol import decode_jpeg
-        from model.data import resize_image
+        from adtr_edge.actors.device_decode import decode_batch
+        from adtr_edge.actors.protocol import decode_jpeg
+        from adtr_edge.model.data import resize_image
 
         paths = sorted(Path(args.frames).rglob("*.jpg"))[:256] if args.frames else []
         if not paths:
@@ -146,7 +146,7 @@ def main() -> None:
         size = a.image_size
         frames = [np.random.default_rng(100 + i).integers(0, 256, (size, size, 3), dtype=np.uint8) for i in range(8)]
         if args.frames:
-            from model.data import read_image
+            from adtr_edge.model.data import read_image
 
             frames = [read_image(q) for q in sorted(Path(args.frames).rglob("*.jpg"))[:8]] or frames
         ma, mb = a.coarse_maps(a.embed(frames)), b.coarse_maps(b.embed(frames))

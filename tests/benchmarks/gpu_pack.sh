@@ -26,8 +26,8 @@ cp -r "$MODEL" .gpu/model
 $PY - "$DATA" <<'PY'
 import shutil, sys
 from pathlib import Path
-from model.config import DataConfig
-from model.data import load_dataset
+from adtr_edge.model.config import DataConfig
+from adtr_edge.model.data import load_dataset
 root = Path(sys.argv[1]).resolve()
 ds = load_dataset(root, DataConfig(limit_per_class=60))
 for s in [*ds.train, *ds.val, *ds.test]:

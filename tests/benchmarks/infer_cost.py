@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from model.data import to_tensor_batch
+from adtr_edge.model.data import to_tensor_batch
 
 
 def rate(fn, batch: torch.Tensor, bs: int, repeats: int) -> float:
@@ -59,7 +59,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     batch = to_tensor_batch(list(np.load(args.images)))
     if args.model:
-        from model.detector import load_detector
+        from adtr_edge.model.detector import load_detector
 
         detector = load_detector(args.model)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from model.config import ScoringConfig
-from model.scoring import coarse_image_score, pool_kernel_px, upsample_map
+from adtr_edge.model.config import ScoringConfig
+from adtr_edge.model.scoring import coarse_image_score, pool_kernel_px, upsample_map
 
 
 class PatchMemory:

@@ -33,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_model import Bench
 
-from agent.settings import load_settings, merge
-from model.data import Dataset, load_dataset
-from model.evaluate import score_feature_set
-from model.metrics import auroc
-from model.reconstructor import reconstruction_report
-from model.train import fit, new_reconstructor, seed_everything
+from adtr_edge.agent.settings import load_settings, merge
+from adtr_edge.model.data import Dataset, load_dataset
+from adtr_edge.model.evaluate import score_feature_set
+from adtr_edge.model.metrics import auroc
+from adtr_edge.model.reconstructor import reconstruction_report
+from adtr_edge.model.train import fit, new_reconstructor, seed_everything
 
 log = structlog.get_logger("study")
 

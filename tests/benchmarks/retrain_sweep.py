@@ -27,16 +27,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from agent.demo_loop import GAIN, phase_images, relit
-from lifecycle.registry import Registry
-from lifecycle.samples import SampleStore
-from model.checkpoint import load_checkpoint
-from model.data import BadFiles, Sample, load_dataset, read_image, to_rgb8
-from model.detector import AnomalyDetector, load_detector
-from model.features import FeatureCache
-from model.reconstructor import Reconstructor, explained_variance
-from model.scorer import reconstructor_tensors
-from model.train import fit, fit_scoring, seed_everything
+from adtr_edge.agent.demo_loop import GAIN, phase_images, relit
+from adtr_edge.lifecycle.registry import Registry
+from adtr_edge.lifecycle.samples import SampleStore
+from adtr_edge.model.checkpoint import load_checkpoint
+from adtr_edge.model.data import BadFiles, Sample, load_dataset, read_image, to_rgb8
+from adtr_edge.model.detector import AnomalyDetector, load_detector
+from adtr_edge.model.features import FeatureCache
+from adtr_edge.model.reconstructor import Reconstructor, explained_variance
+from adtr_edge.model.scorer import reconstructor_tensors
+from adtr_edge.model.train import fit, fit_scoring, seed_everything
 
 DEFAULT = [{"epochs": e, "lr": 0.3, "rep": 4} for e in (12, 24, 30)]
 

@@ -95,7 +95,7 @@ def build_mosaic_set(dataset, out: Path, tile: int = 320, seed: int = 0) -> Path
     train/good: mosaics of training+validation normals; test/good: mosaics of test normals;
     test/<type>: one defect image (its mask carried over) among three test normals.
     """
-    from model.data import read_image, read_mask
+    from adtr_edge.model.data import read_image, read_mask
 
     if (out / "DONE").is_file():
         return out

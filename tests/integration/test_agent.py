@@ -19,10 +19,10 @@ import zmq
 import zmq.auth
 from test_deploy import alert_metrics, dashboard_metrics
 
-from actors.protocol import frame_message
-from agent.publisher import FramePublisher, SourceFrame, frame_from_file, frames_from
-from model.detector import load_detector
-from model.predict import predict_path
+from adtr_edge.actors.protocol import frame_message
+from adtr_edge.agent.publisher import FramePublisher, SourceFrame, frame_from_file, frames_from
+from adtr_edge.model.detector import load_detector
+from adtr_edge.model.predict import predict_path
 
 from hostile import malformed
 from live import Decisions, accounted, live_agent, settled_totals, wait_until
@@ -190,7 +190,7 @@ def test_curve_lets_an_allowed_camera_in_and_keeps_an_unknown_key_out(trained_mo
 
 
 def test_metrics_health_and_readiness_over_http(trained_model, tmp_path, test_images):
-    from agent.http import start_http
+    from adtr_edge.agent.http import start_http
 
     with live_agent(trained_model, tmp_path, http={"enabled": True, "port": 0},
                     output={"save_anomalies": False}) as agent:

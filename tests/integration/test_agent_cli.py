@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("magnetic_tile")  # real data; skipped, and
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "adtr_edge.agent.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
 
 

@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from actors.config import GateConfig, RetrainConfig, RetrainPlusConfig
-from actors.retrain import retrain
-from lifecycle.samples import SampleStore, split_for
+from adtr_edge.actors.config import GateConfig, RetrainConfig, RetrainPlusConfig
+from adtr_edge.actors.retrain import retrain
+from adtr_edge.lifecycle.samples import SampleStore, split_for
 
 from conftest import MAGNETIC_TILE
 from live import registry_with_base

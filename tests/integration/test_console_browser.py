@@ -17,9 +17,9 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.publisher import frame_from_file
-from lifecycle.registry import Registry
-from lifecycle.samples import SampleStore
+from adtr_edge.agent.publisher import frame_from_file
+from adtr_edge.lifecycle.registry import Registry
+from adtr_edge.lifecycle.samples import SampleStore
 
 from conftest import MAGNETIC_TILE
 from console_live import OPERATOR, VIEWER, add_users, agent_with_console, browser, screenshot_dir  # noqa: F401 - browser is a pytest fixture, used by name

@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.publisher import frame_from_file
-from lifecycle.samples import SampleStore
+from adtr_edge.agent.publisher import frame_from_file
+from adtr_edge.lifecycle.samples import SampleStore
 
 from conftest import MAGNETIC_TILE
 from console_live import OPERATOR, VIEWER, Client, add_users, agent_with_console, raw_get
@@ -276,7 +276,7 @@ def test_the_login_never_sends_anyone_off_the_console(env):
 
 
 def test_a_removed_user_is_logged_out_and_a_changed_role_applies_at_once(env):
-    from agent.console.auth import add_user, remove_user
+    from adtr_edge.agent.console.auth import add_user, remove_user
 
     users = env["registry"].root / "console" / "users.json"
     add_user(users, "temp", "temporary password 1", "operator")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from agent.cli import build_parser
-from agent.settings import AgentSettings, load_settings
+from adtr_edge.agent.cli import build_parser
+from adtr_edge.agent.settings import AgentSettings, load_settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNIT = DEPLOY / "adtr-edge.service"

@@ -6,14 +6,14 @@ import sys
 import numpy as np
 import pytest
 
-from model.detector import load_detector
-from model.evaluate import evaluate
+from adtr_edge.model.detector import load_detector
+from adtr_edge.model.evaluate import evaluate
 
 from conftest import MAGNETIC_TILE, ROOT
 
 pytestmark = pytest.mark.usefixtures("magnetic_tile")  # real data; skipped, and said, without it
 
-CLI = [sys.executable, "-m", "agent.cli"]
+CLI = [sys.executable, "-m", "adtr_edge.agent.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_training_loss_falls(trained_model):
 
 
 def test_adtr_plus_finetune_writes_a_working_model(trained_model, small_config, small_dataset, tmp_path):
-    from model.adtr_plus import finetune_adtr_plus
+    from adtr_edge.model.adtr_plus import finetune_adtr_plus
 
     cfg = small_config.model_copy(update={"adtr_plus": small_config.adtr_plus.model_copy(
         update={"epochs": 1, "confetti_fraction": 0.3})})
@@ -66,8 +66,8 @@ def test_adtr_plus_finetune_writes_a_working_model(trained_model, small_config, 
 
 
 def test_adtr_plus_with_labelled_anomalies_calibrates_at_best_f1(trained_model, small_config, tmp_path):
-    from model.adtr_plus import finetune_adtr_plus
-    from model.data import load_dataset
+    from adtr_edge.model.adtr_plus import finetune_adtr_plus
+    from adtr_edge.model.data import load_dataset
 
     cfg = small_config.model_copy(update={
         "adtr_plus": small_config.adtr_plus.model_copy(update={"epochs": 1, "confetti_fraction": 0.0}),
@@ -82,8 +82,8 @@ def test_adtr_plus_with_labelled_anomalies_calibrates_at_best_f1(trained_model, 
 
 
 def test_adtr_plus_without_any_anomalies_is_a_clear_error(trained_model, small_config, small_dataset, tmp_path):
-    from model.adtr_plus import finetune_adtr_plus
-    from model.data import DataError
+    from adtr_edge.model.adtr_plus import finetune_adtr_plus
+    from adtr_edge.model.data import DataError
 
     cfg = small_config.model_copy(update={"adtr_plus": small_config.adtr_plus.model_copy(
         update={"confetti_fraction": 0.0})})
@@ -92,7 +92,7 @@ def test_adtr_plus_without_any_anomalies_is_a_clear_error(trained_model, small_c
 
 
 def test_confetti_noise_mask_marks_exactly_the_changed_pixels():
-    from model.adtr_plus import confetti_noise
+    from adtr_edge.model.adtr_plus import confetti_noise
 
     image = np.full((64, 64, 3), 128, np.uint8)
     noised, mask = confetti_noise(image, np.random.default_rng(1))
@@ -189,7 +189,7 @@ def test_the_trained_reconstructor_explains_part_of_the_normals_and_misses_more_
 
 def test_a_statistics_only_model_trains_nothing_and_still_finds_real_defects(small_config, small_dataset, tmp_path):
     """train.epochs 0: the reconstruction stays each cell's training mean, the model is its fitted scoring."""
-    from model.train import train_model
+    from adtr_edge.model.train import train_model
 
     cfg = small_config.model_copy(update={"train": small_config.train.model_copy(update={"epochs": 0})})
     manifest = train_model(cfg, small_dataset, tmp_path / "statistics", progress=False)

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import zmq
 
-from actors.config import OutputConfig
-from actors.contract import MAX_SAFE_INT
-from actors.scoring import ScoringActor
+from adtr_edge.actors.config import OutputConfig
+from adtr_edge.actors.contract import MAX_SAFE_INT
+from adtr_edge.actors.scoring import ScoringActor
 
 from hostile import StrictDecisions, corrupt_jpegs, flat_jpeg, malformed, metric, parse_metrics, push_socket, scrape
 from live import live_agent, wait_until
@@ -38,8 +38,8 @@ def jpeg(test_images):
 @pytest.fixture(scope="module")
 def anomalous_jpeg(trained_model, test_images):
     """A real test frame the model flags (what `adtr-edge predict` decides for it)."""
-    from model.data import read_image
-    from model.detector import load_detector
+    from adtr_edge.model.data import read_image
+    from adtr_edge.model.detector import load_detector
 
     detector = load_detector(trained_model)
     scores = detector.score_images([read_image(p) for p in test_images])
@@ -101,7 +101,7 @@ def _scrape_when(base: str, predicate, timeout_s: float = 60.0) -> dict:
 
 
 def _http(agent):
-    from agent.http import start_http
+    from adtr_edge.agent.http import start_http
 
     return start_http(agent)
 
@@ -223,7 +223,7 @@ def test_a_message_part_over_max_payload_is_never_received_whole(trained_model, 
     max_payload = 1 << 20
     ingest_cfg = {"max_payload_bytes": max_payload, "max_pixels": 1_000_000}
     with live_agent(trained_model, tmp_path, ingest=ingest_cfg, output={"save_anomalies": False}) as agent:
-        from agent.settings import AgentConfig
+        from adtr_edge.agent.settings import AgentConfig
 
         snap = agent.snapshot(timeout_s=5)
         pid = snap["ingest-0"]["pid"]
@@ -498,7 +498,7 @@ def test_a_hostile_fuzz_mix_is_counted_exactly_per_reason(trained_model, tmp_pat
 # ------------------------------------------------------------------ a minute of everything at once
 def test_an_attack_mix_for_a_minute_keeps_memory_in_its_bound_metrics_readable_and_the_books_exact(
         trained_model, tmp_path, test_images, jpeg):
-    from agent.settings import AgentConfig
+    from adtr_edge.agent.settings import AgentConfig
 
     from hostile import forward_working_set, nested_json, resized_sof
 

@@ -25,13 +25,13 @@ import pytest
 import ray
 import torch
 
-from actors.config import RetrainConfig
-from actors.jobs import job_info, submit_retrain
-from actors.retrain import RetrainBusy, retrain
-from agent.publisher import SourceFrame, frame_from_file
-from lifecycle.registry import Registry
-from lifecycle.samples import SampleStore
-from model.checkpoint import load_checkpoint
+from adtr_edge.actors.config import RetrainConfig
+from adtr_edge.actors.jobs import job_info, submit_retrain
+from adtr_edge.actors.retrain import RetrainBusy, retrain
+from adtr_edge.agent.publisher import SourceFrame, frame_from_file
+from adtr_edge.lifecycle.registry import Registry
+from adtr_edge.lifecycle.samples import SampleStore
+from adtr_edge.model.checkpoint import load_checkpoint
 
 from conftest import MAGNETIC_TILE, ROOT
 from live import (
@@ -291,7 +291,7 @@ def _copy_version(registry: Registry, name: str, threshold_factor: float = 1.0, 
 
 
 def test_promote_rollback_and_shadow_through_the_token_protected_api_live(registry, tmp_path, test_frames):
-    from agent.http import start_http
+    from adtr_edge.agent.http import start_http
 
     v1 = registry.current()
     v2 = _copy_version(registry, "v2-lower-threshold", threshold_factor=0.5)
@@ -378,9 +378,9 @@ def _brightened(path: Path, gain: float) -> SourceFrame:
 def drift_model(tmp_path_factory, small_overrides):
     """The small model trained on more normals: a drift alarm needs a validation set of tens of images
     (with the session model's 5 the alarm's noise floor is above any shift; lifecycle/drift.py)."""
-    from agent.settings import load_settings
-    from model.data import load_dataset
-    from model.train import train_model
+    from adtr_edge.agent.settings import load_settings
+    from adtr_edge.model.data import load_dataset
+    from adtr_edge.model.train import train_model
 
     cfg = load_settings(overrides={**small_overrides, "data": {**small_overrides["data"], "limit_per_class": 400}})
     out = tmp_path_factory.mktemp("drift-model")
@@ -451,8 +451,8 @@ def test_the_schedule_submits_a_retrain_after_enough_new_samples(registry, tmp_p
 
 
 def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=kwargs.pop("timeout", 300), **kwargs)
+    return subprocess.run([sys.executable, "-m", "adtr_edge.agent.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=kwargs.pop("timeout", 300), **kwargs)
 
 
 def test_killing_the_agent_mid_retrain_loses_no_accepted_frame(registry, tmp_path, small_dataset, ray_cluster):
@@ -461,7 +461,7 @@ def test_killing_the_agent_mid_retrain_loses_no_accepted_frame(registry, tmp_pat
     out = tmp_path / "agent.out"
     anomalies = tmp_path / "anomalies"
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "--log-json", "run", "--model", str(registry.root),
+        [sys.executable, "-m", "adtr_edge.agent.cli", "--log-json", "run", "--model", str(registry.root),
          "--ingest", "tcp://127.0.0.1:*", "--results", "tcp://127.0.0.1:*",
          "--set", f"ray.address={ray_cluster.address}",
          "--set", "http.port=0", "--set", f"output.dir={anomalies}", "--set", f"state_dir={tmp_path / 'state'}",
@@ -470,7 +470,7 @@ def test_killing_the_agent_mid_retrain_loses_no_accepted_frame(registry, tmp_pat
     try:
         assert wait_until(lambda: '"agent ready"' in out.read_text(), 180), (tmp_path / "agent.log").read_text()[-2000:]
         ready = json.loads(next(line for line in out.read_text().splitlines() if '"agent ready"' in line))
-        from agent.publisher import FramePublisher
+        from adtr_edge.agent.publisher import FramePublisher
 
         camera = FramePublisher(ready["bound_ingest"][0], "line")
         defects = [s for s in small_dataset.test if s.label][:40]
@@ -530,7 +530,7 @@ def test_ray_job_submit_by_hand_runs_as_the_readme_and_status_say(registry, tmp_
     out = tmp_path / "agent.out"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # a fresh shell: no Ray settings
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "--log-json", "run", "--model", str(registry.root),
+        [sys.executable, "-m", "adtr_edge.agent.cli", "--log-json", "run", "--model", str(registry.root),
          "--ingest", "tcp://127.0.0.1:*", "--results", "tcp://127.0.0.1:*", "--set", "http.port=0",
          "--set", "console.enabled=false", "--set", f"output.dir={tmp_path / 'anomalies'}",
          "--set", f"state_dir={tmp_path / 'state'}"],
@@ -589,7 +589,7 @@ def test_ray_token_auth_stays_on_and_its_token_file_is_private(ray_cluster, ray_
 def test_on_a_two_node_cluster_training_runs_on_the_worker_node(registry, tmp_path, extra_normals):
     """`ray start --head` + a worker node labelled trainer (each with its own temp dir, token mode on both);
     the agent joins with ray.address; the retrain job's Ray Train worker lands on the labelled node."""
-    from agent.rayhead import LocalHead, LocalWorker
+    from adtr_edge.agent.rayhead import LocalHead, LocalWorker
 
     _accept(SampleStore(registry.store_dir), extra_normals[:30], "operator")
     head = LocalHead(num_cpus=1)
@@ -608,7 +608,7 @@ def test_on_a_two_node_cluster_training_runs_on_the_worker_node(registry, tmp_pa
         assert wait_until(lambda: sum(n["alive"] for n in nodes()) == 2, 180, 2.0), worker.log_path.read_text()[-2000:]
         trainer_node = next(n["id"] for n in nodes() if n["labels"].get("adtr-role") == "trainer")
         agent = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "--log-json", "run", "--model", str(registry.root),
+            [sys.executable, "-m", "adtr_edge.agent.cli", "--log-json", "run", "--model", str(registry.root),
              "--ingest", "tcp://127.0.0.1:*", "--results", "tcp://127.0.0.1:*", "--set", f"ray.address={head.address}",
              "--set", "http.port=0", "--set", f"output.dir={tmp_path / 'anomalies'}",
              "--set", f"state_dir={tmp_path / 'state'}"],

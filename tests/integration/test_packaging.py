@@ -37,17 +37,29 @@ def _run(target: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
 def test_the_wheel_carries_every_console_page_and_script(installed):
     wheel, _ = installed
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {f"agent/console/{p.relative_to(CONSOLE)}" for folder in ("templates", "static")
+    expected = {f"adtr_edge/agent/console/{p.relative_to(CONSOLE)}" for folder in ("templates", "static")
                 for p in (CONSOLE / folder).iterdir() if p.is_file()}
     assert expected and expected <= names, sorted(expected - names)
     assert not any(n.startswith(("tests/", ".venv", "runs/")) for n in names)
 
 
+def test_the_wheel_installs_one_namespace_with_every_source_file(installed):
+    """Our code under adtr_edge only: no top-level `model`, `agent`, `actors` or `lifecycle` to shadow (or be
+    shadowed by) another package, and every module of the four folders inside it (the links are followed)."""
+    wheel, _ = installed
+    names = set(zipfile.ZipFile(wheel).namelist())
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"adtr_edge"}, tops
+    sources = {f"adtr_edge/{p.relative_to(ROOT)}" for folder in ("model", "lifecycle", "actors", "agent")
+               for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts}
+    assert len(sources) > 50 and sources <= names, sorted(sources - names)
+
+
 def test_the_installed_package_reports_its_version_and_renders_its_templates(installed, tmp_path):
     _, target = installed
-    result = _run(target, tmp_path, "-m", "agent.cli", "--version")
+    result = _run(target, tmp_path, "-m", "adtr_edge.agent.cli", "--version")
     assert result.returncode == 0 and result.stdout.strip() == "adtr-edge 0.1.0", result.stderr[-2000:]
-    check = ("import agent.console.app as app, flask, pathlib, jinja2;"
+    check = ("import adtr_edge.agent.console.app as app, flask, pathlib, jinja2;"
              "root = pathlib.Path(app.__file__).parent;"
              "print(root);"
              "env = jinja2.Environment(loader=jinja2.FileSystemLoader(root / 'templates'));"

@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 import ray
 
-from actors.config import InferenceConfig, LearningConfig, OutputConfig
-from actors.inference import InferenceActor, InferenceResult
-from actors.protocol import UNKNOWN_CAMERA
-from actors.scoring import ScoringActor
-from agent.errors import AgentError
-from agent.publisher import FramePublisher, SourceFrame, frame_from_file
-from agent.runner import Agent
-from agent.settings import SettingsError
-from lifecycle.registry import Registry
-from lifecycle.samples import SampleStore
-from model.data import read_image, resize_image
+from adtr_edge.actors.config import InferenceConfig, LearningConfig, OutputConfig
+from adtr_edge.actors.inference import InferenceActor, InferenceResult
+from adtr_edge.actors.protocol import UNKNOWN_CAMERA
+from adtr_edge.actors.scoring import ScoringActor
+from adtr_edge.agent.errors import AgentError
+from adtr_edge.agent.publisher import FramePublisher, SourceFrame, frame_from_file
+from adtr_edge.agent.runner import Agent
+from adtr_edge.agent.settings import SettingsError
+from adtr_edge.lifecycle.registry import Registry
+from adtr_edge.lifecycle.samples import SampleStore
+from adtr_edge.model.data import read_image, resize_image
 
 from live import ANY_PORT, Decisions, agent_config, settled_totals, wait_until
 
@@ -188,7 +188,7 @@ def test_a_retrain_of_one_point_goes_to_that_points_manager_and_leaves_the_other
         trained_model, tmp_path, test_images):
     """A real Ray job for point `side`: its refit-only candidate is gated on side's own holdout and shadowed
     by side's model manager; the default point serves and shadows nothing new."""
-    from actors.jobs import job_info
+    from adtr_edge.actors.jobs import job_info
 
     from conftest import MAGNETIC_TILE
     from live import registry_with_base
@@ -240,8 +240,8 @@ def test_a_new_camera_is_taught_on_the_box_from_its_first_frames_while_another_c
     until the operator ends the recording → a real Ray job refits and trains its first model → shadowed →
     promoted → its decisions are inspected,
     with far fewer false alarms on its normals than the template model; the other camera never stops."""
-    from actors.jobs import job_info
-    from model.detector import load_detector
+    from adtr_edge.actors.jobs import job_info
+    from adtr_edge.model.detector import load_detector
 
     from conftest import MAGNETIC_TILE
     from live import Streamer, accounted, registry_with_base
@@ -316,7 +316,7 @@ def test_a_new_camera_is_taught_on_the_box_from_its_first_frames_while_another_c
     import cv2
 
     frames = [cv2.cvtColor(255 - cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in later]
-    from model.data import resize_image
+    from adtr_edge.model.data import resize_image
 
     template_rate = float((template.score_images([resize_image(f, template.image_size) for f in frames]).scores
                            > template.threshold).float().mean())

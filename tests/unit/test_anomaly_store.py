@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import time
 
-from actors.scoring import AnomalyStore
+from adtr_edge.actors.scoring import AnomalyStore
 
 
 def test_the_store_deletes_oldest_files_first_to_stay_under_its_cap(tmp_path):

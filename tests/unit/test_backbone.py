@@ -3,9 +3,9 @@ import pytest
 import timm
 import torch
 
-from model.backbone import Backbone
-from model.config import BackboneConfig
-from model.weights import WeightsError, convert_lite_state_dict, package_weights_path, read_state_dict
+from adtr_edge.model.backbone import Backbone
+from adtr_edge.model.config import BackboneConfig
+from adtr_edge.model.weights import WeightsError, convert_lite_state_dict, package_weights_path, read_state_dict
 
 
 @pytest.mark.parametrize(
@@ -175,7 +175,7 @@ def test_the_agents_switch_reaches_the_backbone(trained_model):
     """inference.cpu_graph → AnomalyDetector.to(cpu_graph=…) → the backbone: off means eager, on a graph."""
     import numpy as np
 
-    from model.detector import load_detector
+    from adtr_edge.model.detector import load_detector
 
     frame = [np.full((64, 64, 3), 127, np.uint8)]
     detector = load_detector(trained_model).to("cpu", cpu_graph=False)

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from actors.scoring import frame_stem
-from agent.learning import accept_many, parse_time, saved_anomalies
-from lifecycle.samples import SampleStore
+from adtr_edge.actors.scoring import frame_stem
+from adtr_edge.agent.learning import accept_many, parse_time, saved_anomalies
+from adtr_edge.lifecycle.samples import SampleStore
 
 
 @pytest.fixture

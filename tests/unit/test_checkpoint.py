@@ -5,10 +5,10 @@ import shutil
 import pytest
 import torch
 
-from model.checkpoint import CheckpointError, load_checkpoint, read_manifest
-from model.config import AdtrConfig
-from model.data import read_image
-from model.detector import load_detector
+from adtr_edge.model.checkpoint import CheckpointError, load_checkpoint, read_manifest
+from adtr_edge.model.config import AdtrConfig
+from adtr_edge.model.data import read_image
+from adtr_edge.model.detector import load_detector
 
 
 def test_round_trip_is_exact(trained_model, small_dataset):
@@ -120,7 +120,7 @@ def test_a_scoring_fit_that_does_not_match_its_tensors_is_refused(trained_model,
 
 def test_a_checkpoint_from_before_fitted_scoring_scores_with_the_paper_map(trained_model, tmp_path):
     """Old models (no scoring_fit, no scorer tensors) keep working: the paper's L2 map, unscaled."""
-    from model.checkpoint import save_checkpoint
+    from adtr_edge.model.checkpoint import save_checkpoint
 
     manifest, tensors = load_checkpoint(trained_model)
     old = _copy(trained_model, tmp_path)
@@ -145,7 +145,7 @@ def test_a_checkpoint_from_before_the_memory_projection_keeps_every_channel_on_a
 
 
 def test_a_memory_projection_that_does_not_fit_the_backbone_is_refused(trained_model, tmp_path):
-    from model.checkpoint import save_checkpoint
+    from adtr_edge.model.checkpoint import save_checkpoint
 
     manifest, tensors = load_checkpoint(trained_model)
     if "scorer.memory_projection" not in tensors:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from actors.scoring import NORMAL_PREFIX, AnomalyStore, frame_stem, heat_png, thumbnail_jpg
-from agent.console.auth import (
+from adtr_edge.actors.scoring import NORMAL_PREFIX, AnomalyStore, frame_stem, heat_png, thumbnail_jpg
+from adtr_edge.agent.console.auth import (
     Authenticator,
     LoginThrottle,
     Sessions,
@@ -24,10 +24,10 @@ from agent.console.auth import (
     remove_user,
     verify_password,
 )
-from agent.console.frames import FrameIndex, MediaNotFound
-from agent.console.live import histogram_quantile
-from model.adtr_plus import label_cell_masks, plus_loss, plus_training_data
-from model.data import DataError
+from adtr_edge.agent.console.frames import FrameIndex, MediaNotFound
+from adtr_edge.agent.console.live import histogram_quantile
+from adtr_edge.model.adtr_plus import label_cell_masks, plus_loss, plus_training_data
+from adtr_edge.model.data import DataError
 
 
 # ------------------------------------------------------------------ users and passwords
@@ -238,7 +238,7 @@ def test_boxes_and_masks_become_cell_fractions_and_an_unlabelled_defect_keeps_it
 def test_the_cli_adds_lists_and_removes_users_and_refuses_weak_passwords(tmp_path, monkeypatch, capsys):
     import io
 
-    from agent.cli import main
+    from adtr_edge.agent.cli import main
 
     users = tmp_path / "users.json"
     monkeypatch.setattr("sys.stdin", io.StringIO("a long enough password\n"))

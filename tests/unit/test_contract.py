@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 from pydantic import ValidationError
 
-from actors.contract import Decision, decision_message, decision_schema, parse_decision
+from adtr_edge.actors.contract import Decision, decision_message, decision_schema, parse_decision
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT / "docs" / "decision.schema.json"
@@ -35,7 +35,7 @@ def test_the_contract_imports_neither_torch_nor_opencv_nor_numpy_nor_ray():
 
 
 def test_the_published_schema_is_generated_from_the_decision_model():
-    assert SCHEMA.read_text() == decision_schema(), "regenerate with `python -m actors.contract`"
+    assert SCHEMA.read_text() == decision_schema(), "regenerate with `python -m adtr_edge.actors.contract`"
 
 
 def test_a_decision_on_the_wire_is_strict_json_that_the_schema_accepts():

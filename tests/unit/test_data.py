@@ -5,8 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from model.config import DataConfig
-from model.data import (
+from adtr_edge.model.config import DataConfig
+from adtr_edge.model.data import (
     NORMAL_TYPE,
     BadFiles,
     DataError,

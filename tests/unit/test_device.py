@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.data import read_image
-from model.detector import load_detector, resolve_device
+from adtr_edge.model.data import read_image
+from adtr_edge.model.detector import load_detector, resolve_device
 
 
 def test_asking_for_a_gpu_that_is_not_there_is_a_clear_error():
@@ -28,8 +28,8 @@ def test_embed_then_coarse_maps_is_score_images(trained_model, small_dataset):
 def test_fp16_and_channels_last_on_a_gpu_match_fp32(trained_model, small_dataset):
     if not torch.cuda.is_available():
         pytest.skip("no GPU here: the fp16 path is checked by tests/benchmarks/gpu_bench.sh on a GPU machine")
-    from model.data import read_image
-    from model.detector import load_detector
+    from adtr_edge.model.data import read_image
+    from adtr_edge.model.detector import load_detector
 
     images = [read_image(s.path) for s in small_dataset.test[:8]]
     fp32 = load_detector(trained_model).to("cuda")
@@ -46,9 +46,9 @@ def test_jpeg_frames_decoded_on_the_gpu_score_like_frames_decoded_by_the_ingest(
 
     import numpy as np
 
-    from actors.config import InferenceConfig
-    from actors.inference import InferenceActor
-    from model.data import resize_image
+    from adtr_edge.actors.config import InferenceConfig
+    from adtr_edge.actors.inference import InferenceActor
+    from adtr_edge.model.data import resize_image
 
     paths = [s.path for s in small_dataset.test[:16] if s.path.suffix.lower() == ".jpg"]
     size = load_detector(trained_model).image_size
@@ -64,9 +64,9 @@ def test_jpeg_frames_decoded_on_the_gpu_score_like_frames_decoded_by_the_ingest(
 def test_on_a_gpu_the_tuner_serves_the_best_batch_within_the_budget(trained_model):
     if not torch.cuda.is_available():
         pytest.skip("no GPU here")
-    from actors.config import InferenceConfig
-    from actors.inference import InferenceActor
-    from actors.tuning import best_point
+    from adtr_edge.actors.config import InferenceConfig
+    from adtr_edge.actors.inference import InferenceActor
+    from adtr_edge.actors.tuning import best_point
 
     actor = InferenceActor(str(trained_model), InferenceConfig(device="cuda", tune_seconds=0.1))
     table = actor.tuned["table"]
@@ -80,7 +80,7 @@ def test_training_on_a_gpu_follows_the_model_and_matches_the_cpu(trained_model, 
         pytest.skip("no GPU here: training on the GPU is checked by tests/benchmarks/gpu_bench.sh on a GPU machine")
     import numpy as np
 
-    from model.train import fit, new_reconstructor, seed_everything
+    from adtr_edge.model.train import fit, new_reconstructor, seed_everything
 
     features = load_detector(trained_model).to("cpu").embed([read_image(s.path) for s in small_dataset.train[:16]])
     tcfg = small_config.train.model_copy(update={"epochs": 2, "max_minutes": 0.0})

@@ -63,18 +63,18 @@ def test_the_link_checker_catches_a_missing_file_and_a_missing_anchor(tmp_path):
 
 
 def test_the_settings_reference_and_default_files_are_generated_from_the_code():
-    from agent.settings_reference import generated, undescribed
+    from adtr_edge.agent.settings_reference import generated, undescribed
 
     stale = [str(path.relative_to(ROOT)) for path, text in generated().items()
              if not path.is_file() or path.read_text() != text]
-    assert not stale, f"regenerate with `python -m agent.settings_reference --write`: {stale}"
+    assert not stale, f"regenerate with `python -m adtr_edge.agent.settings_reference --write`: {stale}"
     assert not undescribed(), "every setting says what it does (Field(description=...))"
 
 
 def test_the_generated_defaults_load_back_as_exactly_the_defaults():
-    from agent.settings import AgentConfig, AgentSettings, load_settings
-    from agent.settings_reference import ROOT as SOURCE_ROOT
-    from model.config import AdtrConfig
+    from adtr_edge.agent.settings import AgentConfig, AgentSettings, load_settings
+    from adtr_edge.agent.settings_reference import ROOT as SOURCE_ROOT
+    from adtr_edge.model.config import AdtrConfig
 
     assert load_settings(SOURCE_ROOT / "configs" / "edge.yaml") == AdtrConfig()
     assert load_settings(SOURCE_ROOT / "configs" / "agent.yaml", kind=AgentSettings) == AgentConfig()

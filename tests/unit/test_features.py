@@ -4,9 +4,9 @@ import shutil
 import pytest
 import torch
 
-from model.backbone import Backbone
-from model.data import BadFiles, DataError, Sample
-from model.features import FeatureCache
+from adtr_edge.model.backbone import Backbone
+from adtr_edge.model.data import BadFiles, DataError, Sample
+from adtr_edge.model.features import FeatureCache
 
 from conftest import MAGNETIC_TILE
 

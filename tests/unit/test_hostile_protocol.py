@@ -12,11 +12,11 @@ import cv2
 import numpy as np
 import pytest
 
-from actors.config import IngestConfig
-from actors.contract import MAX_HEADER_BYTES, MAX_SAFE_INT, decision_message, parse_decision
-from actors.protocol import FrameError, FrameLimits, check_message, parse_frame
-from actors.scoring import AnomalyStore
-from agent.learning import find_saved_frame
+from adtr_edge.actors.config import IngestConfig
+from adtr_edge.actors.contract import MAX_HEADER_BYTES, MAX_SAFE_INT, decision_message, parse_decision
+from adtr_edge.actors.protocol import FrameError, FrameLimits, check_message, parse_frame
+from adtr_edge.actors.scoring import AnomalyStore
+from adtr_edge.agent.learning import find_saved_frame
 
 from conftest import MAGNETIC_TILE
 from hostile import corrupt_jpegs, malformed, nested_json

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import zmq
 
-from actors.config import InferenceConfig, LearningConfig, OutputConfig
-from actors.inference import InferenceActor, InferenceResult, ModelLoadError
-from actors.scoring import ScoringActor
-from agent.watch import subscribe
-from lifecycle.registry import Registry
-from model.data import read_image, resize_image
+from adtr_edge.actors.config import InferenceConfig, LearningConfig, OutputConfig
+from adtr_edge.actors.inference import InferenceActor, InferenceResult, ModelLoadError
+from adtr_edge.actors.scoring import ScoringActor
+from adtr_edge.agent.watch import subscribe
+from adtr_edge.lifecycle.registry import Registry
+from adtr_edge.model.data import read_image, resize_image
 
 
 def _second_version(registry: Registry, model_dir, tmp_path, name="v2", threshold_factor=1.0):

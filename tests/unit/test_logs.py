@@ -8,7 +8,7 @@ import sys
 
 import structlog
 
-from actors.logs import configure_logging
+from adtr_edge.actors.logs import configure_logging
 
 
 def test_log_lines_go_to_the_current_stderr_even_after_the_configured_one_closed(monkeypatch):

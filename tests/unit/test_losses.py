@@ -3,8 +3,8 @@ import math
 
 import torch
 
-from model.losses import image_topk_loss, pixel_push_pull_loss, pseudo_huber_distance
-from model.reconstructor import reconstruction_loss
+from adtr_edge.model.losses import image_topk_loss, pixel_push_pull_loss, pseudo_huber_distance
+from adtr_edge.model.reconstructor import reconstruction_loss
 
 
 def test_pseudo_huber_distance_matches_formula():

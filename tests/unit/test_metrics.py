@@ -2,7 +2,7 @@
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from model.metrics import aupro, auroc, precision_recall_f1
+from adtr_edge.model.metrics import aupro, auroc, precision_recall_f1
 
 
 def test_auroc_matches_sklearn_with_ties():

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from actors.protocol import FrameError, FrameLimits, frame_message, parse_frame
+from adtr_edge.actors.protocol import FrameError, FrameLimits, frame_message, parse_frame
 
 from conftest import MAGNETIC_TILE
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from model.config import ReconstructorConfig
-from model.reconstructor import Reconstructor
+from adtr_edge.model.config import ReconstructorConfig
+from adtr_edge.model.reconstructor import Reconstructor
 
 
 def _model(**kw) -> Reconstructor:
@@ -67,7 +67,7 @@ def test_wrong_grid_size_is_rejected():
 
 
 def test_neighbor_mask_hides_the_window_around_each_position():
-    from model.reconstructor import neighbor_mask
+    from adtr_edge.model.reconstructor import neighbor_mask
 
     mask = neighbor_mask(4, 3)
     assert mask.shape == (16, 16) and mask.diagonal().all()
@@ -123,7 +123,7 @@ def test_kept_decoder_queries_give_the_same_reconstruction_and_follow_the_weight
 
 
 def test_hard_mining_loss_is_the_mse_of_each_images_worst_cells():
-    from model.reconstructor import hard_mining_loss, reconstruction_loss
+    from adtr_edge.model.reconstructor import hard_mining_loss, reconstruction_loss
 
     target = torch.zeros(2, 3, 2, 2, requires_grad=False)
     recon = torch.zeros(2, 3, 2, 2)
@@ -141,7 +141,7 @@ def test_hard_mining_loss_is_the_mse_of_each_images_worst_cells():
 
 
 def test_explained_variance_is_zero_for_the_mean_and_follows_its_definition():
-    from model.reconstructor import explained_variance
+    from adtr_edge.model.reconstructor import explained_variance
 
     feats = torch.randn(30, 12, 4, 4) * 2 + 1
     model = _model(feature_norm="position").eval()
@@ -167,7 +167,7 @@ def test_explained_variance_is_zero_for_the_mean_and_follows_its_definition():
 
 
 def test_explained_variance_counts_a_worse_than_mean_reconstruction_as_negative():
-    from model.reconstructor import explained_variance
+    from adtr_edge.model.reconstructor import explained_variance
 
     model = _model(feature_norm="position", zero_init_output=False).eval()
     feats = torch.randn(30, 12, 4, 4)
@@ -177,7 +177,7 @@ def test_explained_variance_counts_a_worse_than_mean_reconstruction_as_negative(
 
 
 def test_defect_cells_with_a_larger_residual_raise_the_ratio():
-    from model.reconstructor import cell_masks, defect_residual_ratio, reconstruction_report
+    from adtr_edge.model.reconstructor import cell_masks, defect_residual_ratio, reconstruction_report
 
     model = _model(feature_norm="position").eval()
     normals = torch.randn(20, 12, 4, 4)

@@ -13,11 +13,11 @@ import sys
 import numpy as np
 import pytest
 
-from lifecycle.drift import ScoreDrift, psi, reference_bins
-from lifecycle.gate import GateTolerances, ModelEvaluation, gate
-from lifecycle.registry import Registry, RegistryError, resolve_model
-from lifecycle.samples import SampleStore, StoreError, StoreLimits, set_journal_mode, split_for
-from model.checkpoint import read_manifest
+from adtr_edge.lifecycle.drift import ScoreDrift, psi, reference_bins
+from adtr_edge.lifecycle.gate import GateTolerances, ModelEvaluation, gate
+from adtr_edge.lifecycle.registry import Registry, RegistryError, resolve_model
+from adtr_edge.lifecycle.samples import SampleStore, StoreError, StoreLimits, set_journal_mode, split_for
+from adtr_edge.model.checkpoint import read_manifest
 
 from conftest import MAGNETIC_TILE, ROOT
 
@@ -175,7 +175,7 @@ def test_an_acknowledged_sample_is_on_disk_and_committed(tmp_path):
 
 
 def _add_from_another_process(root, paths, camera) -> subprocess.Popen:
-    code = ("import sys, pathlib; from lifecycle.samples import SampleStore; s = SampleStore(sys.argv[1]); "
+    code = ("import sys, pathlib; from adtr_edge.lifecycle.samples import SampleStore; s = SampleStore(sys.argv[1]); "
             "[s.add(pathlib.Path(p).read_bytes(), 'operator', 'proc', '.jpg', camera_id=sys.argv[2]) "
             "for p in sys.argv[3:]]")
     return subprocess.Popen([sys.executable, "-c", code, str(root), camera, *map(str, paths)], cwd=ROOT)
@@ -318,7 +318,7 @@ def test_a_trained_manifest_keeps_the_quantiles_drift_needs(trained_model):
 
 
 def test_a_trained_candidate_replaces_the_refit_only_one_only_when_better_on_the_same_holdout():
-    from actors.retrain import not_better_than
+    from adtr_edge.actors.retrain import not_better_than
 
     refit = _evaluation(_flags(50, 1, 2, 3), _flags(20, *range(18)), 0.94)
     better = _evaluation(_flags(50, 1), _flags(20, *range(18)), 0.94)  # two false alarms fewer

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import AdtrConfig, ReconstructorConfig
-from model.detector import ScoreHead
-from model.reconstructor import Reconstructor
-from model.scorer import FittedScorer, fit_scorer, used_terms
-from model.scoring import (
+from adtr_edge.model.config import AdtrConfig, ReconstructorConfig
+from adtr_edge.model.detector import ScoreHead
+from adtr_edge.model.reconstructor import Reconstructor
+from adtr_edge.model.scorer import FittedScorer, fit_scorer, used_terms
+from adtr_edge.model.scoring import (
     cell_tokens,
     channel_major_memory,
     fit_cell_gaussians,
@@ -237,8 +237,8 @@ def test_a_cell_that_never_varied_in_training_keeps_normalized_scores_below_100x
     """A black background: one cell is constant in every training and validation image. A test image
     that changes there by three standard deviations of the other cells must stand out, but not score
     thousands of times the threshold (without the std floor the paper's l2 map read ~400,000× at one)."""
-    from model.detector import AnomalyDetector
-    from model.train import fit_scoring, new_reconstructor
+    from adtr_edge.model.detector import AnomalyDetector
+    from adtr_edge.model.train import fit_scoring, new_reconstructor
 
     torch.manual_seed(0)
     train, val = torch.randn(60, 6, 4, 4), torch.randn(20, 6, 4, 4)

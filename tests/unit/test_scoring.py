@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import ScoringConfig
-from model.scoring import (
+from adtr_edge.model.config import ScoringConfig
+from adtr_edge.model.scoring import (
     anomaly_map,
     coarse_image_score,
     gaussian_blur,

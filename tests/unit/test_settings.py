@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.settings import SettingsError, load_settings, merge, parse_overrides
-from model.config import AdtrConfig
+from adtr_edge.agent.settings import SettingsError, load_settings, merge, parse_overrides
+from adtr_edge.model.config import AdtrConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -94,13 +94,13 @@ def test_merge_overrides_an_existing_config():
 
 
 def test_agent_yaml_is_exactly_the_agent_defaults():
-    from agent.settings import AgentConfig, AgentSettings
+    from adtr_edge.agent.settings import AgentConfig, AgentSettings
 
     assert load_settings(CONFIGS / "agent.yaml", kind=AgentSettings) == AgentConfig()
 
 
 def test_agent_settings_come_from_env_and_overrides_and_reject_unknown_keys(monkeypatch):
-    from agent.settings import AgentSettings
+    from adtr_edge.agent.settings import AgentSettings
 
     monkeypatch.setenv("ADTR_EDGE_INGEST__MODE", "latest")
     cfg = load_settings(overrides=["inference.max_batch=4"], kind=AgentSettings)
@@ -112,7 +112,7 @@ def test_agent_settings_come_from_env_and_overrides_and_reject_unknown_keys(monk
 
 
 def test_curve_without_its_keys_is_a_settings_error_before_anything_starts():
-    from agent.settings import AgentSettings
+    from adtr_edge.agent.settings import AgentSettings
 
     with pytest.raises(SettingsError, match="ingest.curve.server_secret_key"):
         load_settings(overrides=["ingest.curve.enabled=true"], kind=AgentSettings)
@@ -122,7 +122,7 @@ def test_the_kuberay_agent_manifest_uses_real_agent_settings():
     """deploy/kuberay/agent.yaml passes --set overrides: each must be a setting the agent accepts."""
     import yaml
 
-    from agent.settings import AgentSettings
+    from adtr_edge.agent.settings import AgentSettings
 
     deployment = next(doc for doc in yaml.safe_load_all((CONFIGS.parent / "deploy/kuberay/agent.yaml").read_text())
                       if doc["kind"] == "Deployment")
@@ -133,9 +133,9 @@ def test_the_kuberay_agent_manifest_uses_real_agent_settings():
 
 
 def test_an_ingest_endpoint_other_hosts_reach_needs_a_peer_list_or_curve():
-    from actors.config import IngestConfig
-    from agent.errors import AgentError
-    from agent.runner import Agent
+    from adtr_edge.actors.config import IngestConfig
+    from adtr_edge.agent.errors import AgentError
+    from adtr_edge.agent.runner import Agent
 
     open_cfg = IngestConfig()
     assert open_cfg.peer_allowlist("tcp://127.0.0.1:*") == ["127.0.0.1", "::1"]  # loopback: loopback only
@@ -147,14 +147,14 @@ def test_an_ingest_endpoint_other_hosts_reach_needs_a_peer_list_or_curve():
     assert IngestConfig(allowed_peers=["*"]).peer_allowlist("tcp://0.0.0.0:5555") is None
     with pytest.raises(ValueError, match="not an IP address"):
         IngestConfig(allowed_peers=["camera-7"])
-    from agent.settings import AgentSettings
+    from adtr_edge.agent.settings import AgentSettings
 
     with pytest.raises(AgentError, match="reachable from other hosts"):  # refused before Ray starts
         Agent("/nonexistent", ["tcp://0.0.0.0:5555"], "tcp://127.0.0.1:*", load_settings(kind=AgentSettings))
 
 
 def test_an_unknown_adtr_edge_variable_is_refused_by_name(monkeypatch):
-    from agent.settings import AgentSettings
+    from adtr_edge.agent.settings import AgentSettings
 
     monkeypatch.setenv("ADTR_EDGE_TRAIN__EPOCHS", "3")  # a model setting: fine for both kinds
     monkeypatch.setenv("ADTR_EDGE_INGEST__MODE", "latest")  # an agent setting: fine for both kinds

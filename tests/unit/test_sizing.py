@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from model.sizing import CELL_SHARE, MAX_IMAGE_SIZE, input_size_for, paint_disc
+from adtr_edge.model.sizing import CELL_SHARE, MAX_IMAGE_SIZE, input_size_for, paint_disc
 
 
 def test_the_input_grows_until_the_smallest_defect_covers_half_a_cell():
@@ -43,10 +43,10 @@ def test_a_painted_disc_has_the_asked_diameter_and_changes_only_its_pixels():
 
 def test_train_sizes_the_input_for_the_smallest_defect_and_reports_how_many_it_flags(
         small_config, small_dataset, tmp_path):
-    from model.data import BadFiles
-    from model.detector import load_detector
-    from model.sizing import native_side
-    from model.train import train_model
+    from adtr_edge.model.data import BadFiles
+    from adtr_edge.model.detector import load_detector
+    from adtr_edge.model.sizing import native_side
+    from adtr_edge.model.train import train_model
 
     native = native_side(small_dataset.train, BadFiles(), "skip")
     backbone = small_config.backbone.model_copy(update={"min_defect_px": 16.0})
@@ -69,8 +69,8 @@ def test_train_sizes_the_input_for_the_smallest_defect_and_reports_how_many_it_f
 
 
 def test_a_larger_grid_keeps_the_scorer_near_the_configured_grids_memory(small_config, small_dataset):
-    from model.data import BadFiles
-    from model.sizing import sized_for_defects
+    from adtr_edge.model.data import BadFiles
+    from adtr_edge.model.sizing import sized_for_defects
 
     cfg = small_config.model_copy(update={"backbone": small_config.backbone.model_copy(update={"min_defect_px": 8.0})})
     sized, size = sized_for_defects(cfg, small_dataset.train, BadFiles())

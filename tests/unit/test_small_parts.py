@@ -4,8 +4,8 @@ from __future__ import annotations
 import stat
 import time
 
-from agent.private import create_private
-from agent.waiting import wait_until
+from adtr_edge.agent.private import create_private
+from adtr_edge.agent.waiting import wait_until
 
 
 def test_a_secret_file_is_created_private_and_never_overwritten(tmp_path):

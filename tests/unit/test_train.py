@@ -1,9 +1,9 @@
 """The training loop: loss falls, runs are reproducible, and an interrupted run resumes."""
 import torch
 
-from model.config import ReconstructorConfig, TrainConfig
-from model.reconstructor import Reconstructor
-from model.train import fit, seed_everything
+from adtr_edge.model.config import ReconstructorConfig, TrainConfig
+from adtr_edge.model.reconstructor import Reconstructor
+from adtr_edge.model.train import fit, seed_everything
 
 
 def _setup(seed=0):
@@ -54,7 +54,7 @@ def test_state_from_other_settings_is_ignored(tmp_path):
 def test_the_configured_loss_is_the_one_trained_on():
     """train.loss=hard_mining trains on each image's worst cells: its reported loss is that loss (above
     the plain MSE of the same model), and it is deterministic like the default."""
-    from model.reconstructor import hard_mining_loss, reconstruction_loss
+    from adtr_edge.model.reconstructor import hard_mining_loss, reconstruction_loss
 
     model, feats = _setup()
     result = fit(model, (feats,), (feats[:8],), _tcfg(epochs=2, loss="hard_mining", hard_fraction=0.25),

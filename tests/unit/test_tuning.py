@@ -9,11 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
-from actors.config import InferenceConfig
-from actors.inference import InferenceActor, cpu_cores
-from actors.tuning import LoadCheck, Tuner, best_point, contenders, ladder
-from lifecycle.registry import Registry
-from model.data import read_image, resize_image
+from adtr_edge.actors.config import InferenceConfig
+from adtr_edge.actors.inference import InferenceActor, cpu_cores
+from adtr_edge.actors.tuning import LoadCheck, Tuner, best_point, contenders, ladder
+from adtr_edge.lifecycle.registry import Registry
+from adtr_edge.model.data import read_image, resize_image
 
 
 def _row(threads, batch, ms, fps, failed=None):
