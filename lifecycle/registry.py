@@ -53,12 +53,23 @@ def _fsync_dir(path: Path) -> None:
 def write_json_atomic(path: Path, data: Any) -> None:
     """JSON written to a temp file, fsynced and renamed in: a crash leaves the old file or the new, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    except BaseException:  # e.g. a full disk: the old file stays, the half-written one goes
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+def _why(exc: OSError) -> str:
+    """An OSError in a line: copytree's shutil.Error lists (src, dst, why) per file; its first reason."""
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
+        return str(exc.args[0][0][-1])
+    return exc.strerror or str(exc)
 
 
 class Registry:
@@ -117,7 +128,8 @@ class Registry:
         """One summary per version, oldest first: version, created, threshold, gate, pointers naming it."""
         pointers = self.pointers()
         out = []
-        for path in sorted(p for p in self.versions_dir.iterdir() if (p / MANIFEST_FILE).is_file()):
+        for path in sorted(p for p in self.versions_dir.iterdir()
+                           if not p.name.startswith(".") and (p / MANIFEST_FILE).is_file()):  # not staging
             manifest = read_manifest(path)
             gate = _read_json(path / "gate.json")
             out.append({
@@ -169,8 +181,11 @@ class Registry:
         entry = {"at": _now_iso(), "ts": time.time(), "event": event, "version": version, "by": by,
                  "reason": reason, **details}
         with self.locked():
-            with open(self.root / "events.jsonl", "a") as fh:
-                fh.write(json.dumps(entry, sort_keys=True) + "\n")
+            with open(self.root / "events.jsonl", "ab+") as fh:
+                # A write cut off (a full disk, a crash) leaves a torn last line: start on a fresh line, or
+                # this event would be glued to the fragment and both lost to the reader.
+                torn = fh.seek(0, os.SEEK_END) > 0 and fh.seek(-1, os.SEEK_END) >= 0 and fh.read(1) != b"\n"
+                fh.write((("\n" if torn else "") + json.dumps(entry, sort_keys=True) + "\n").encode())
                 fh.flush()
                 os.fsync(fh.fileno())
         return entry
@@ -185,13 +200,21 @@ class Registry:
         if target.exists():
             raise RegistryError(f"version {version} is already in the registry")
         staging = self.versions_dir / f".incoming-{version}-{os.getpid()}"
-        if copy:
-            shutil.copytree(model_dir, staging, ignore=shutil.ignore_patterns("train_state.pt*"))
-        else:
-            model_dir.rename(staging)
-        for name, data in {**(extra or {}), "registered.json": {"at": _now_iso(), "by": by}}.items():
-            write_json_atomic(staging / name, data)
-        staging.rename(target)
+        try:
+            if copy:
+                shutil.copytree(model_dir, staging, ignore=shutil.ignore_patterns("train_state.pt*"))
+            else:
+                model_dir.rename(staging)
+            for name, data in {**(extra or {}), "registered.json": {"at": _now_iso(), "by": by}}.items():
+                write_json_atomic(staging / name, data)
+            staging.rename(target)
+        except OSError as exc:  # e.g. a full disk mid-copy: no half version is left, the source is kept
+            if copy:
+                shutil.rmtree(staging, ignore_errors=True)
+            elif staging.exists() and not model_dir.exists():
+                staging.rename(model_dir)
+            raise RegistryError(f"version {version} could not be registered in {self.versions_dir}: "
+                                f"{_why(exc)}; the registry is unchanged") from exc
         _fsync_dir(self.versions_dir)
         self.record("registered", version, by, source=str(model_dir))
         return version

@@ -178,18 +178,25 @@ class SampleStore:
     def blob_path(self, sha256: str, ext: str) -> Path:
         return self.blobs / sha256[:2] / f"{sha256}{ext}"
 
-    def _write_blob(self, data: bytes, ext: str) -> tuple[str, Path]:
+    def _write_blob(self, data: bytes, ext: str) -> tuple[str, bool]:
+        """The image's file, written once (by content); (its sha256, whether this call created it)."""
         sha = hashlib.sha256(data).hexdigest()
         path = self.blob_path(sha, ext)
-        if not path.is_file():
+        if path.is_file():
+            return sha, False
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             with open(tmp, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
             tmp.replace(path)
-        return sha, path
+        except OSError as exc:  # e.g. a full disk: nothing half-written stays, the store is unchanged
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"the image could not be written to {self.blobs}: {exc.strerror or exc}; "
+                             "nothing was stored") from exc
+        return sha, True
 
     def add(self, data: bytes, origin: str, by: str, ext: str = ".jpg", camera_id: str | None = None,
             seq: int | None = None, source: str | None = None, model_version: str | None = None,
@@ -203,8 +210,29 @@ class SampleStore:
         if not ext.startswith(".") or len(ext) > 8 or not ext[1:].isalnum():
             raise StoreError(f"bad file extension {ext!r}")
         label = int(origin == "confirmed_defect")
-        sha, _ = self._write_blob(data, ext)
-        mask_sha = self._write_blob(mask, ".png")[0] if mask else None
+        sha, created = self._write_blob(data, ext)
+        try:
+            mask_sha, mask_created = self._write_blob(mask, ".png") if mask else (None, False)
+        except StoreError:
+            if created:
+                self.blob_path(sha, ext).unlink(missing_ok=True)
+            raise
+        try:
+            return self._index(sha, ext, len(data), origin, label, by, camera_id, seq, source, model_version, score,
+                               normalized_score, box, mask_sha, note)
+        except sqlite3.OperationalError as exc:  # e.g. "database or disk is full": rolled back, files go too
+            for done, blob, path in ((created, sha, self.blob_path(sha, ext)),
+                                     (mask_created, mask_sha, self.blob_path(mask_sha, ".png") if mask_sha else None)):
+                if done and path is not None and not self._referenced(blob):  # another writer's row keeps it
+                    path.unlink(missing_ok=True)
+            raise StoreError(f"the sample index in {self.root} could not be written: {exc}; nothing was "
+                             "stored") from exc
+
+    def _index(self, sha: str, ext: str, size: int, origin: str, label: int, by: str, camera_id: str | None,
+               seq: int | None, source: str | None, model_version: str | None, score: float | None,
+               normalized_score: float | None, box: list[int] | None, mask_sha: str | None,
+               note: str | None) -> AddResult:
+        """The add's one transaction (the image's file is written already)."""
         db = self._db()
         now = time.time()
         evicted: list[tuple[str, str]] = []  # (sha, ext) of the blobs to unlink once committed
@@ -228,7 +256,7 @@ class SampleStore:
                     "INSERT INTO samples (sha256, ext, bytes, origin, label, split, camera_id, seq, source, added_at, "
                     "added_by, model_version, score, normalized_score, box, mask_sha256, note) "
                     "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (sha, ext, len(data), origin, label, split_for(sha, label), camera_id, seq, source, now, by,
+                    (sha, ext, size, origin, label, split_for(sha, label), camera_id, seq, source, now, by,
                      model_version, score, normalized_score, json.dumps(box) if box else None, mask_sha, note))
                 self._event(db, "added", sha, origin, camera_id, by, {"seq": seq, "source": source})
                 result = AddResult(sha, added=True)
@@ -236,12 +264,17 @@ class SampleStore:
                 evicted = self._enforce_caps(db, camera_id, label)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # a COMMIT that failed (a full disk) may have ended it already
+                db.execute("ROLLBACK")
             raise
         for evicted_sha, evicted_ext in evicted:
             self.blob_path(evicted_sha, evicted_ext).unlink(missing_ok=True)
         result.evicted = [s for s, _ in evicted]
         return result
+
+    def _referenced(self, sha: str | None) -> bool:
+        return sha is not None and self._db().execute(
+            "SELECT 1 FROM samples WHERE sha256=? OR mask_sha256=? LIMIT 1", (sha, sha)).fetchone() is not None
 
     def _enforce_caps(self, db: sqlite3.Connection, camera_id: str, label: int) -> list[tuple[str, str]]:
         """Inside the add's transaction: evict this camera's oldest samples past the caps."""
