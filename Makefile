@@ -7,7 +7,7 @@ DEMO   ?= runs/demo
 
 PEERS  := .venv-peers
 
-.PHONY: demo demo-loop test test-fast lint screenshots bench bench-peers install install-test clean
+.PHONY: demo demo-loop test test-fast lint screenshots bench bench-peers soak install install-test clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,12 @@ bench: $(VENV)/.installed-test
 	$(PY) tests/benchmarks/bench_learning.py --data $(DATA) --model runs/bench/adtr-edge --out runs/bench
 	bash tests/install_browser.sh
 	$(PY) tests/benchmarks/bench_console.py --data $(DATA) --model runs/bench/adtr-edge --out runs/bench
+
+# Hours on one box: four cameras at half capacity, retrains and promotions, a hostile peer; memory, files,
+# object store, logs, latency and books every minute (docs/results.md#soak-hours-on-one-box).
+SOAK_MINUTES ?= 60
+soak: $(VENV)/.installed-test
+	$(PY) tests/benchmarks/soak.py --data $(DATA) --model runs/bench/adtr-edge --out runs/soak --minutes $(SOAK_MINUTES)
 
 # anomalib's PaDiM and PatchCore beside ADTR, in their own virtualenv (anomalib pins its own Lightning stack),
 # with the same offline backbone weights, split and resolution; rewrites the README's peers table.
