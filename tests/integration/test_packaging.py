@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -18,8 +19,13 @@ CONSOLE = ROOT / "agent" / "console"
 def installed(tmp_path_factory) -> tuple[Path, Path]:
     """(the wheel, a folder it is installed into) — built from this checkout, no dependencies fetched."""
     out = tmp_path_factory.mktemp("wheel")
+    # From a clean copy of the sources (links kept): setuptools packs whatever an old build left in build/lib,
+    # so a checkout's stale build/ would put modules in the wheel that its sources no longer have.
+    source = out / "source"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "runs", "build", "tests", "*.egg-info", "__pycache__", ".*_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(ROOT)], check=True, capture_output=True, text=True, timeout=600)
+                    str(source)], check=True, capture_output=True, text=True, timeout=600)
     wheel = next(out.glob("adtr_edge-*.whl"))
     target = out / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
