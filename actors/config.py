@@ -64,12 +64,26 @@ class CurveConfig(Section):
     )
     server_secret_key: Path | None = Field(None, description="the agent's `<name>.key_secret` from `adtr-edge keys`")
     allowed_keys_dir: Path | None = Field(None, description="a folder of camera `<name>.key` public-key files")
+    cameras: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description=(
+            "camera ids bound to keys: `<name>` (its `<name>.key` in allowed_keys_dir) → the camera ids that key "
+            "may send as. Set, every key may send only as its ids (a key not listed, as none): a frame claiming "
+            "another id is refused as `camera_not_bound`. Empty: any allowed key may claim any camera id"
+        ),
+    )
 
     @model_validator(mode="after")
     def _keys_when_enabled(self) -> CurveConfig:
         if self.enabled and not (self.server_secret_key and self.allowed_keys_dir):
             raise ValueError("ingest.curve.enabled needs ingest.curve.server_secret_key and "
                              "ingest.curve.allowed_keys_dir")
+        if self.cameras and not self.enabled:
+            raise ValueError("ingest.curve.cameras binds camera ids to CURVE keys: it needs ingest.curve.enabled")
+        empty = sorted(name for name, ids in self.cameras.items() if not ids or not all(ids))
+        if empty:
+            raise ValueError(f"ingest.curve.cameras: {empty} list no camera id (a key that may send as none is "
+                             "simply left out)")
         return self
 
 

@@ -182,6 +182,21 @@ class InferenceActor:
         return {"point": point, "version": model.version,
                 "shares_backbone": model.detector.backbone is self.serving.detector.backbone}
 
+    async def remove_point(self, point: str) -> dict[str, Any]:
+        """Stop serving `point` (`adtr-edge points remove`). Its frames must have stopped arriving: the ingest
+        routes its cameras elsewhere and waits for what it had sent first; a frame of it still queued here is
+        an error, not a silent loss."""
+        models = self._point(point)
+        if models is next(iter(self.points.values())):
+            raise ValueError(f"inspection point {point!r} is the first one: the batch size is tuned on it and the "
+                             "others share its backbone; it cannot be removed while the agent runs")
+        queued = sum(p == point for _, p, _ in self.queue)
+        if queued:
+            raise RuntimeError(f"{queued} frames of inspection point {point!r} are still queued")
+        del self.points[point]
+        self.log.info("inspection point removed", point=point, version=models.serving.version)
+        return {"point": point, "version": models.serving.version}
+
     @property
     def serving(self) -> LoadedModel:
         """The first point's serving model: the one the batch size is tuned on (all share the backbone)."""

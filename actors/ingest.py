@@ -94,6 +94,22 @@ def _authenticator(socket: zmq.Socket, context: zmq.Context, cfg: IngestConfig,
     return auth
 
 
+def key_bindings(cfg: IngestConfig) -> dict[str, tuple[str, frozenset[str]]] | None:
+    """ingest.curve.cameras as the ZAP user id of each allowed key (its Z85 public key) → (the key's name, the
+    camera ids it may send as); None when ids are not bound. A name without its key file is an error."""
+    curve = cfg.curve
+    if not curve.enabled or not curve.cameras or curve.allowed_keys_dir is None:
+        return None
+    out: dict[str, tuple[str, frozenset[str]]] = {}
+    for name, ids in curve.cameras.items():
+        path = curve.allowed_keys_dir / f"{name}.key"
+        if not path.is_file():
+            raise ValueError(f"ingest.curve.cameras names key {name!r}, but {path} does not exist")
+        public, _ = zmq.auth.load_certificate(str(path))
+        out[public.decode("ascii")] = (name, frozenset(ids))
+    return out
+
+
 class IngestActor:
     def __init__(self, endpoint: str, cfg: IngestConfig, image_size: int, inference: str, scoring: str,
                  chunk: int = 8, state_file: str | None = None, run_id: str = "", jpeg_bytes: bool = False,
@@ -118,6 +134,7 @@ class IngestActor:
         self.cameras: dict[str, CameraStats] = {}
         self.queues: OrderedDict[str, deque[Message]] = OrderedDict()
         self.in_flight: dict[str, int] = {}
+        self.point_in_flight: Counter[str] = Counter()  # frames sent to each inspection point, not yet decided
         self.decoding: set[str] = set()  # cameras whose chunk a dispatcher is decoding (one at a time)
         self.blocked_on: str | None = None  # the camera whose full queue the receiver waits on
         self.peers: Counter = Counter()  # ZeroMQ connection events (accepted, disconnected, …)
@@ -130,6 +147,7 @@ class IngestActor:
         self.restored: set[str] = set()  # cameras whose next seq closes the gap a restart left
         self.changes = 0
         bind_to = self._restore() or endpoint
+        self.bindings = key_bindings(cfg)  # a key name without its file fails here, before the socket
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.PULL if cfg.mode == "every" else zmq.SUB)
         self.socket.rcvhwm = cfg.rcv_hwm
@@ -158,7 +176,10 @@ class IngestActor:
             self._save_state()
             threading.Thread(target=self._save_loop, name="ingest-books", daemon=True).start()
         self.log.info("ingest listening", mode=cfg.mode, curve=cfg.curve.enabled, bound=self.bound,
-                      allowed_peers=cfg.peer_allowlist(bind_to) or "any")
+                      allowed_peers=cfg.peer_allowlist(bind_to) or "any",
+                      cameras_bound_to_keys={name: sorted(ids) for name, ids in (self.bindings or {}).values()})
+        if cfg.curve.enabled and self.bindings is None:
+            self.log.warning("CURVE without ingest.curve.cameras: any allowed key may send as any camera id")
 
     # ------------------------------------------------------------------ Ray-callable
     def ready(self) -> str:
@@ -310,19 +331,34 @@ class IngestActor:
             if not poller.poll(100):
                 continue
             try:
-                parts = self.socket.recv_multipart(zmq.NOBLOCK)
+                if self.bindings is None:
+                    parts, user = self.socket.recv_multipart(zmq.NOBLOCK), ""
+                else:  # the sender's key (ZAP user id) travels with each frame; copy=False to read it
+                    frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                    parts, user = [f.bytes for f in frames], str(frames[0].get("User-Id") or "")
             except zmq.Again:
                 continue
             except zmq.ZMQError as exc:
                 self.log.error("receive failed", error=str(exc))
                 continue
             try:
-                self._accept(check_message(parts, self.limits))
+                message = check_message(parts, self.limits)
+                if self.bindings is not None:
+                    self._check_binding(message, user)
+                self._accept(message)
             except FrameError as exc:
                 self._refuse(exc)
             except Exception as exc:  # noqa: BLE001 - one bad frame must never stop the camera
                 self._unexpected("unexpected error on a received message")
                 self._refuse(FrameError("unexpected", f"{type(exc).__name__}: {exc}"))
+
+    def _check_binding(self, message: Message, user: str) -> None:
+        """Under ingest.curve.cameras a key sends only as its own camera ids (an allowed key, not another's)."""
+        name, ids = (self.bindings or {}).get(user, ("an unlisted key", frozenset()))
+        camera = message.header.camera_id
+        if camera not in ids:
+            raise FrameError("camera_not_bound", f"{name} may send as {sorted(ids)}, not as {camera!r} "
+                             "(ingest.curve.cameras)", camera, message.header.seq)
 
     def _unexpected(self, event: str, **fields) -> None:
         """A bug of ours that a peer can trigger at will: its traceback, in samples."""
@@ -404,6 +440,19 @@ class IngestActor:
         """Frames of `camera` go to `point` from now on (a point added while the agent runs)."""
         with self.lock:
             self.routes[camera] = point
+
+    def remove_routes(self, point: str, timeout_s: float) -> dict[str, Any]:
+        """The cameras of `point` (removed while the agent runs) go to the default point from their next chunk
+        on, or are refused as `unknown_camera` when there is none; waits until none of the frames already sent
+        to `point` is still in flight. Returns {cameras, in_flight: what was still out at the deadline}."""
+        deadline = time.monotonic() + timeout_s
+        with self.lock:
+            cameras = sorted(c for c, p in self.routes.items() if p == point)
+            for camera in cameras:
+                del self.routes[camera]
+            while self.point_in_flight.get(point, 0) and time.monotonic() < deadline:
+                self.lock.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            return {"cameras": cameras, "in_flight": self.point_in_flight.get(point, 0)}
 
     def _accept(self, item: Message) -> None:
         header = item.header
@@ -532,15 +581,28 @@ class IngestActor:
         """One inference call and one scoring call for a chunk of one camera's frames. Frames and payloads
         go as plain arguments: Ray inlines small ones and moves large ones (> 100 KB) through the
         shared-memory object store itself (an explicit ray.put per frame cost a third of this actor's CPU)."""
-        point = self.routes.get(items[0].header.camera_id, self.default_point)
+        with self.lock:  # the route and its count together: remove_routes() then waits for every frame sent
+            point = self.routes.get(camera, self.default_point)
+            if point is None:  # the camera's point was removed while these frames were queued; no default
+                self._stats(camera).invalid["unknown_camera"] += len(items)
+                self.in_flight[camera] -= len(items)
+                self.changes += 1
+                self.lock.notify_all()
+            else:
+                self.point_in_flight[point] += len(items)
+        if point is None:
+            self.log.warning("invalid frame", camera_id=camera, reason="unknown_camera", count=len(items),
+                             seqs=[item.header.seq for item in items],
+                             detail="its inspection point was removed and the agent serves no default point")
+            return
         result_ref = self.inference.infer_batch.remote(frames, point)
         decisions_ref = self.scoring.score_batch.remote(
             [item.header.model_dump() for item in items], result_ref, [item.payload for item in items],
             [item.received_at for item in items], [item.clock_ok for item in items])
         decisions_ref.future().add_done_callback(
-            lambda fut, cam=camera, its=items, res=result_ref: self._decided(cam, its, res, fut))
+            lambda fut, cam=camera, its=items, res=result_ref, pt=point: self._decided(cam, its, res, fut, pt))
 
-    def _decided(self, camera: str, items: list[Message], result_ref, fut) -> None:
+    def _decided(self, camera: str, items: list[Message], result_ref, fut, point: str) -> None:
         """On Ray's callback thread: count each frame's outcome and free its slot."""
         try:
             decisions = fut.result()
@@ -569,6 +631,7 @@ class IngestActor:
                     if decision["latency_ms"] is not None:  # None: the camera's clock is implausible
                         stats.latency.observe(decision["latency_ms"] / 1000.0)
             self.in_flight[camera] -= len(items)
+            self.point_in_flight[point] -= len(items)
             self.changes += 1
             self.lock.notify_all()
 

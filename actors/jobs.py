@@ -70,6 +70,18 @@ def submit_retrain(address: str, registry: str | Path, namespace: str, by: str,
     return {"submission_id": submission_id, "entrypoint": entrypoint, "address": address}
 
 
+def stop_retrains(address: str, registry: str | Path) -> list[str]:
+    """Stop the active retrain jobs of one registry (its inspection point is removed); their ids."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    root = str(Path(registry).resolve())
+    ours = [j.submission_id for j in active_retrains(client.list_jobs()) if (j.metadata or {}).get("registry") == root]
+    for submission_id in ours:
+        client.stop_job(submission_id)
+    return ours
+
+
 def job_info(address: str | None, submission_id: str, log_tail: int = 40) -> dict[str, Any]:
     from ray.job_submission import JobSubmissionClient
 

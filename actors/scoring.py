@@ -11,6 +11,7 @@ under a size cap; so is a sample of normal frames (by a thread, for review in th
 """
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import queue
@@ -321,8 +322,23 @@ class AutoSampler:
         self.offered = self.written = self.duplicates = self.shed = self.errors = 0
         if target:  # a restarted recording counts what it stored before
             self.written = self.store.total()
-        threading.Thread(target=self._write_loop, name="cold-recorder" if target else "auto-sampler",
-                         daemon=True).start()
+        self.thread = threading.Thread(target=self._write_loop, name="cold-recorder" if target else "auto-sampler",
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self, timeout_s: float = 10.0) -> dict[str, int]:
+        """Write what is queued (up to timeout_s), then stop the thread; what is left is counted as shed."""
+        try:
+            self.queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            pass
+        self.thread.join(timeout_s)
+        while True:
+            try:
+                self.shed += int(self.queue.get_nowait() is not None)
+            except queue.Empty:
+                break
+        return self.stats()
 
     @property
     def complete(self) -> bool:
@@ -342,7 +358,10 @@ class AutoSampler:
 
     def _write_loop(self) -> None:
         while True:
-            header, payload, version, score, normalized = self.queue.get()
+            item = self.queue.get()
+            if item is None:  # close()
+                return
+            header, payload, version, score, normalized = item
             if self.complete:
                 continue
             try:
@@ -450,6 +469,26 @@ class ScoringActor:
         self._add_point(point, path)
         self.log.info("inspection point added", point=point, cold_start=self.cold.get(point))
         return {"point": point, "cold_start": self.cold.get(point)}
+
+    async def remove_point(self, point: str) -> dict[str, Any]:
+        """Stop serving `point` (`adtr-edge points remove`): its heads, counts and samplers go; the samples
+        they had queued are written first. Its frames must have stopped arriving (the ingest waits for that)."""
+        if point not in self.paths:
+            raise ValueError(f"no inspection point {point!r} here (points: {', '.join(self.paths)})")
+        if point == next(iter(self.paths)):
+            raise ValueError(f"inspection point {point!r} is the first one: the agent's batch size, overlays and "
+                             "defaults are tuned on it; it cannot be removed while the agent runs")
+        samplers = [s for s in (self.samplers.pop(point, None), self.recorders.pop(point, None)) if s is not None]
+        loop = asyncio.get_running_loop()
+        flushed = [await loop.run_in_executor(None, s.close) for s in samplers]
+        final = self.points.pop(point).summary() if point in self.points else None
+        for key in [k for k in self.heads if k[0] == point]:
+            del self.heads[key]
+        self.paths.pop(point)
+        self.registries.pop(point, None)
+        self.cold.pop(point, None)
+        self.log.info("inspection point removed", point=point, decided=final, samplers=flushed)
+        return {"point": point, "decided": final, "samplers": flushed}
 
     async def set_cold(self, point: str, cold: dict[str, Any] | None) -> None:
         """The point's cold start moved on (None: a model of its own serves: decisions are inspected)."""

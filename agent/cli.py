@@ -170,6 +170,11 @@ def _learning_commands(sub) -> None:
     q.add_argument("--camera", dest="cameras", action="append", required=True, help="its camera ids (repeatable)")
     q.add_argument("--frames", type=int, help="frames to record before training (learning.cold_start.frames)")
     q.add_argument("--by", default=None)
+    q = psub.add_parser("remove", help="stop serving a point added on the box: its cameras go to the default "
+                        "point (or are refused); its registry stays on disk")
+    q.add_argument("--registry", required=True, type=Path, help="any registry the agent serves (to find it)")
+    q.add_argument("name")
+    q.add_argument("--by", default=None)
     q = psub.add_parser("finish-recording", help="a point being taught: the frames recorded so far are enough "
                         "(at least 40), train its first model now")
     q.add_argument("--registry", required=True, type=Path, help="the point's own registry (points_dir/NAME)")
@@ -420,6 +425,9 @@ def cmd_points(args) -> int:
     client.point = None  # about the agent, not one point
     if args.points_command == "list":
         print(json.dumps(client.call("GET", "/v1/points"), indent=2))
+        return 0
+    if args.points_command == "remove":
+        print(json.dumps(client.call("DELETE", f"/v1/points/{args.name}", {"by": args.by or operate.default_by()})))
         return 0
     body = {"name": args.name, "cameras": args.cameras, "by": args.by or operate.default_by()}
     if args.frames is not None:

@@ -230,7 +230,7 @@ def _learning_api(app: Flask, agent: Agent, token: TokenCheck | None, cache: Sna
 
 def _point_api(app: Flask, agent: Agent, cache: SnapshotCache, stores: dict[str, SampleStore],
                limits: StoreLimits, manager_call) -> None:
-    """/v1/points: list the inspection points, teach a new one (cold start), end its recording."""
+    """/v1/points: list the inspection points, teach a new one (cold start), end its recording, remove one."""
     @app.get("/v1/points")
     def points():
         snap = cache.get()
@@ -242,7 +242,7 @@ def _point_api(app: Flask, agent: Agent, cache: SnapshotCache, stores: dict[str,
                                       "serving": served.get(name, {}).get("model_version"),
                                       "shadow": served.get(name, {}).get("shadow_version"),
                                       "decided": decided.get(name)}
-                               for name, p in agent.points.items()})
+                               for name, p in list(agent.points.items())})
 
     @app.post("/v1/points")
     def add_point():
@@ -259,6 +259,19 @@ def _point_api(app: Flask, agent: Agent, cache: SnapshotCache, stores: dict[str,
             return jsonify(error=f"the actors did not take the new point: {exc}"), 503
         stores[name] = SampleStore(agent.points[name].registry.store_dir, limits)
         return jsonify(result), 201
+
+    @app.delete("/v1/points/<name>")
+    def remove_point(name: str):
+        try:
+            result = agent.remove_point(name, _who(json_body()))
+        except AgentError as exc:
+            return jsonify(error=str(exc)), 409
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            return jsonify(error=f"the actors did not let the point go: {exc}"), 503
+        store = stores.pop(name, None)
+        if store is not None:
+            store.close()
+        return jsonify(result)
 
     @app.post("/v1/points/finish-recording")
     def finish_recording():

@@ -14,7 +14,8 @@ import structlog
 from adtr_edge.actors.cold import MIN_RECORDED, write_cold
 from adtr_edge.actors.config import DEFAULT_POINT, camera_points, check_point_name
 from adtr_edge.actors.inference import InferenceActor
-from adtr_edge.actors.ingest import IngestActor
+from adtr_edge.actors.ingest import IngestActor, key_bindings
+from adtr_edge.actors.jobs import stop_retrains
 from adtr_edge.actors.logs import route_library_loggers
 from adtr_edge.actors.models import ModelManager
 from adtr_edge.actors.retrain import AGENT_FILE, manager_name
@@ -107,11 +108,12 @@ class Agent:
             raise AgentError("at least one --ingest endpoint is needed")
         if model_path is None and not cfg.points:
             raise AgentError("no model: pass --model, or set points.<name>.model and points.<name>.cameras")
-        for endpoint in ingest:  # before Ray starts: an endpoint open to any host is refused here, clearly
-            try:
+        try:  # before Ray starts: an endpoint open to any host, or a key binding without its key, clearly
+            for endpoint in ingest:
                 cfg.ingest.peer_allowlist(endpoint)
-            except ValueError as exc:
-                raise AgentError(str(exc)) from None
+            key_bindings(cfg.ingest)
+        except ValueError as exc:
+            raise AgentError(str(exc)) from None
         self.ingest_endpoints, self.results_endpoint, self.cfg = ingest, results, cfg
         self.points: dict[str, Point] = {}
         if model_path is not None:
@@ -284,6 +286,45 @@ class Agent:
         return {"point": name, "registry": str(root), "cameras": cameras, "frames": frames,
                 "template": template.registry.current()}
 
+    def remove_point(self, name: str, by: str, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Stop serving a point taught on the box (`adtr-edge points remove`). Its cameras go to the default
+        point from their next frame on (or are refused as unknown when there is none); the frames it had in
+        flight are decided first; its retrain job, if any, is stopped; its registry stays on disk, untouched,
+        for the record (delete it by hand, or teach the point again under another name).
+        Points from the settings are removed there, with a restart."""
+        if name not in self.points:
+            raise AgentError(f"no inspection point {name!r} (points: {', '.join(self.points)})")
+        added = self._added_points()
+        if name not in added:
+            raise AgentError(f"inspection point {name!r} comes from the settings (points.{name} or --model): "
+                             "remove it there and restart the agent; only points added on the box are removed live")
+        point = self.points[name]
+        moved = ray.get([ingest.remove_routes.remote(name, timeout_s) for ingest in self.ingests],
+                        timeout=timeout_s + 30)
+        late = sum(m["in_flight"] for m in moved)
+        if late:
+            raise AgentError(f"{late} frames of point {name!r} were still in flight after {timeout_s:.0f} s; its "
+                             "cameras already go to the default point: try again")
+        for camera in point.cameras:
+            self.routes.pop(camera, None)
+        ray.get(self.inference.remove_point.remote(name), timeout=timeout_s)
+        final = ray.get(self.scoring.remove_point.remote(name), timeout=timeout_s)
+        stopped: list[str] = []
+        if point.registry is not None:
+            if self.jobs_address is not None:
+                stopped = stop_retrains(self.jobs_address, point.registry.root)
+            (point.registry.root / AGENT_FILE).unlink(missing_ok=True)
+        if point.manager is not None:
+            ray.kill(point.manager, no_restart=True)
+        del self.points[name]
+        added.pop(name)
+        write_json_atomic(self.state_dir / POINTS_FILE, added)
+        after = self.default_point
+        log.info("inspection point removed", point=name, by=by, cameras=point.cameras, now_to=after,
+                 decided=final["decided"], stopped_jobs=stopped, registry_kept=str(point.model_path))
+        return {"point": name, "cameras": point.cameras, "cameras_now_go_to": after, "decided": final["decided"],
+                "stopped_jobs": stopped, "registry_kept": point.model_path}
+
     def announce(self, http_url: str | None, token_file: Path | None) -> None:
         """Tell the CLI (`adtr-edge accept`, `models promote`, `retrain --submit`) where this agent is."""
         self.announced = (http_url, token_file)
@@ -340,7 +381,8 @@ class Agent:
         """Stats from every actor; an actor that does not answer in time is reported as down."""
         actors = {"inference": self.inference, "scoring": self.scoring,
                   **{f"ingest-{i}": a for i, a in enumerate(self.ingests)}}
-        managers = {manager_name(name): p.manager for name, p in self.points.items() if p.manager is not None}
+        points = list(self.points.items())  # a point may be added or removed meanwhile (another thread)
+        managers = {manager_name(name): p.manager for name, p in points if p.manager is not None}
         actors.update(managers)
         refs = {name: actor.stats.remote() if name not in managers else actor.status.remote()
                 for name, actor in actors.items()}

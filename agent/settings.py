@@ -5,6 +5,7 @@ Nested keys use `__` in the environment (ADTR_EDGE_TRAIN__EPOCHS=5) and dots on 
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,28 @@ class ConsoleConfig(_Section):
             "the cookie only travels over HTTPS (set when a TLS proxy fronts it)"
         ),
     )
+    trusted_proxy: str | None = Field(
+        None,
+        description=(
+            "the address of a reverse proxy in front of the console: from it, waitress takes the client's address "
+            "from X-Forwarded-For (the lockout and the audit then go by each client, not by the proxy); from any "
+            "other peer the header is removed. \"*\": any peer (only when nothing but the proxy can reach the "
+            "console's port). None: the connection's address (behind a proxy every client then shares the "
+            "proxy's, and one lockout locks everyone out)"
+        ),
+    )
+    trusted_proxy_count: int = Field(1, ge=1, le=8, description="proxies in a chain in front of the console")
     max_login_failures: int = Field(5, ge=1, description="per user name and per client address…")
+
+    @field_validator("trusted_proxy")
+    @classmethod
+    def _proxy_address(cls, value: str | None) -> str | None:
+        if value not in (None, "*"):
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError(f"console.trusted_proxy: {value!r} is not an IP address (or \"*\")") from None
+        return value
     lockout_s: float = Field(60.0, ge=0, description="…then logins from there wait this long")
     page_size: int = Field(48, ge=1, le=500, description="thumbnails per review page")
     threads: int = Field(8, ge=1, le=256, description="request handler pool")

@@ -37,6 +37,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _proxy(cfg) -> dict:
+    """waitress' own reverse-proxy handling: from `console.trusted_proxy` only, the client's address comes from
+    X-Forwarded-For (`trusted_proxy_count` hops from the right); from anyone else the header is dropped."""
+    if cfg.trusted_proxy is None:
+        return {}
+    return {"trusted_proxy": cfg.trusted_proxy, "trusted_proxy_count": cfg.trusted_proxy_count,
+            "trusted_proxy_headers": {"x-forwarded-for"}, "clear_untrusted_proxy_headers": True}
+
+
 class ConsoleServer:
     """waitress on its own thread and port; `url` is the address really bound (port 0 = any free one)."""
 
@@ -51,7 +60,7 @@ class ConsoleServer:
             self.app, host=cfg.host, port=cfg.port, threads=cfg.threads, connection_limit=cfg.connection_limit,
             channel_timeout=cfg.request_timeout_s, cleanup_interval=max(1, int(cfg.request_timeout_s / 4)),
             max_request_header_size=16 << 10, max_request_body_size=16 << 20, ident="adtr-edge-console",
-            expose_tracebacks=False)
+            expose_tracebacks=False, **_proxy(cfg))
         self.port = self.server.effective_port
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         self.url = f"http://{host}:{self.port}"

@@ -33,6 +33,7 @@ import structlog
 from flask import Flask, Response, abort, g, jsonify, redirect, render_template, request, send_file, session, url_for
 from flask_wtf.csrf import CSRFError, CSRFProtect
 
+from adtr_edge.actors.retrain import manager_name
 from adtr_edge.lifecycle.registry import RegistryError
 from adtr_edge.lifecycle.samples import SampleStore, StoreError, StoreLimits
 
@@ -127,15 +128,28 @@ class _Console:
     login_required: Any
     wants_json: Any
     by: Any
+    point_view: Any
 
 
-def _models_data(c: _Console) -> dict[str, Any]:
-    cache, registry, store, agent, audit = c.cache, c.registry, c.store, c.agent, c.audit
+@dataclass
+class _PointView:
+    """One inspection point as the models page and its actions see it (a registry and a store, or neither)."""
+
+    name: str
+    registry: Any
+    store: Any
+    manager: Any
+
+
+def _models_data(c: _Console, view: _PointView) -> dict[str, Any]:
+    cache, registry, store, agent, audit = c.cache, view.registry, view.store, c.agent, c.audit
     snap = cache.get(wait_s=2.0)
-    status = snap.get("models") or {}
+    status = snap.get(manager_name(view.name)) or {}
+    live = ((snap.get("inference") or {}).get("points") or {}).get(view.name) or {}
+    points = {"points": list(agent.points), "point": view.name}
     if registry is None or store is None:  # both, or neither
-        return {"learning": False, "serving": (snap.get("inference") or {}).get("model_version",
-                                                                                 agent.model_version)}
+        return {"learning": False, "serving": live.get("model_version", agent.model_version), **points}
+    cameras = set((((snap.get("scoring") or {}).get("points") or {}).get(view.name) or {}).get("cameras") or [])
     versions = registry.versions()
     for v in versions:  # the files beside each version (not registry.show: it rereads the event log each time)
         folder = registry.version_dir(v["version"])
@@ -145,11 +159,10 @@ def _models_data(c: _Console) -> dict[str, Any]:
     versions.reverse()  # newest first
     counts = store.counts()
     return {"learning": True, "versions": versions, "pointers": registry.pointers(),
-            "serving": (snap.get("inference") or {}).get("model_version"),
-            "shadow": (snap.get("inference") or {}).get("shadow_version"),
-            "shadow_stats": (snap.get("scoring") or {}).get("shadow", []), "guard": status.get("guard"),
-            "last_job": status.get("last_job"), "store": counts,
-            "events": list(reversed(registry.events(30))), "activity": audit.tail(15)}
+            "serving": live.get("model_version"), "shadow": live.get("shadow_version"),
+            "shadow_stats": [s for s in (snap.get("scoring") or {}).get("shadow", []) if s.get("camera_id") in cameras],
+            "guard": status.get("guard"), "last_job": status.get("last_job"), "store": counts,
+            "events": list(reversed(registry.events(30))), "activity": audit.tail(15), **points}
 
 
 def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flask:
@@ -176,9 +189,22 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
     store = SampleStore(registry.store_dir, limits) if registry is not None else None
     point_stores: dict[str, SampleStore] = {}
 
+    def point_view(name: str | None) -> _PointView | None:
+        """The inspection point a models page or action is about (`point`; the first one by default)."""
+        name = name or next(iter(agent.points))
+        point = agent.points.get(name)
+        if point is None:
+            return None
+        if point.registry is None:
+            return _PointView(name, None, None, None)
+        if point.registry is registry:
+            return _PointView(name, registry, store, point.manager)
+        if name not in point_stores:
+            point_stores[name] = SampleStore(point.registry.store_dir, limits)
+        return _PointView(name, point.registry, point_stores[name], point.manager)
+
     def store_of(camera: str, decision: dict[str, Any]) -> SampleStore:
-        """The sample store of the point that decided the frame: a label belongs with that point's model.
-        (These pages show the first point's versions; every point's frames are reviewed here.)"""
+        """The sample store of the point that decided the frame: a label belongs with that point's model."""
         name = decision.get("point") or agent.point_of(camera)
         point = agent.points.get(name)
         if point is None or point.registry is None:
@@ -274,7 +300,7 @@ def create_console_app(agent, cache, users_file: Path, audit_file: Path) -> Flas
                 "learning": registry is not None}
     c = _Console(agent=agent, cache=cache, cfg=cfg, auth=auth, throttle=throttle, sessions=sessions, audit=audit,
                  index=index, live=live, registry=registry, store=store, store_of=store_of,
-                 login_required=login_required, wants_json=wants_json, by=by)
+                 login_required=login_required, wants_json=wants_json, by=by, point_view=point_view)
     _login_routes(app, c)
     _page_routes(app, c)
     _action_routes(app, c)
@@ -419,10 +445,17 @@ def _page_routes(app: Flask, c: _Console) -> None:
                                if older else None,
                                back_url=url_for("review_page") + "?" + query)
 
+    def chosen_point() -> _PointView:
+        """`?point=NAME` (the first point without it); an unknown name is a 404."""
+        view = c.point_view(request.args.get("point"))
+        if view is None:
+            abort(404, f"no inspection point {request.args.get('point')!r}")
+        return view
+
     @app.get("/models")
     @login_required()
     def models_page():
-        return render_template("models.html", page="models", m=_models_data(c))
+        return render_template("models.html", page="models", m=_models_data(c, chosen_point()))
 
     @app.get("/activity")
     @login_required()
@@ -460,7 +493,7 @@ def _page_routes(app: Flask, c: _Console) -> None:
     @app.get("/api/models")
     @login_required()
     def api_models():
-        return jsonify(_models_data(c))
+        return jsonify(_models_data(c, chosen_point()))
 
     @app.get("/api/activity")
     @login_required()
@@ -471,13 +504,24 @@ def _page_routes(app: Flask, c: _Console) -> None:
 
 def _action_routes(app: Flask, c: _Console) -> None:
     """What an operator changes: review labels, promotion, rollback, shadow, retrain."""
-    (agent, audit, by, index, login_required, registry, store, store_of) = (
-        c.agent, c.audit, c.by, c.index, c.login_required, c.registry, c.store, c.store_of)
+    (audit, by, index, login_required, registry, store, store_of) = (
+        c.audit, c.by, c.index, c.login_required, c.registry, c.store, c.store_of)
 
     def need_learning():
         if registry is None or store is None:
             abort(Response('{"error": "labels and model versions need a model registry: start the agent with '
                            '--model REGISTRY"}', 409, mimetype="application/json"))
+
+    def chosen() -> _PointView:
+        """The point a model action is about: `point` in the body (or the query), else the first point."""
+        name = json_body().get("point") or request.args.get("point")
+        view = c.point_view(name if isinstance(name, str) else None)
+        if view is None:
+            abort(Response(json.dumps({"error": f"no inspection point {name!r}"}), 404, mimetype="application/json"))
+        if view.registry is None or view.manager is None:
+            abort(Response(json.dumps({"error": f"point {view.name!r} serves a plain model folder: model versions "
+                                                "need a registry"}), 409, mimetype="application/json"))
+        return view
 
     def act(action: str, frame_key: str | None, fn, **detail):
         """Run an action, audit it (ok or not) and answer JSON."""
@@ -532,57 +576,56 @@ def _action_routes(app: Flask, c: _Console) -> None:
         return act(name, frame.key, run, box=data.get("box") if action == "confirm" else None,
                    mask=bool(data.get("mask")) if action == "confirm" else None)
 
-    def manager_call(method: str, *args) -> tuple[dict[str, Any], int]:
-        if agent.manager is None:
-            return {"error": "no model manager: the agent serves a plain model folder"}, 409
-        answer, code = call_manager(agent.manager, method, *args)
+    def manager_call(view: _PointView, method: str, *args) -> tuple[dict[str, Any], int]:
+        answer, code = call_manager(view.manager, method, *args)
         return answer or {}, code  # a refusal's answer is never empty
 
     @app.post("/api/models/promote")
     @login_required("operator")
     def promote():
-        need_learning()
+        view = chosen()
         data = json_body()
         version = data.get("version")
         try:
-            registry.version_dir(version if isinstance(version, str) else "")
+            view.registry.version_dir(version if isinstance(version, str) else "")
         except RegistryError as exc:
             return jsonify(error=str(exc)), 400
         reason = str(data.get("reason") or "promoted in the console")[:300]
-        return act("promote", None, lambda: manager_call("promote", version, by(), reason), version=version)
+        return act("promote", None, lambda: manager_call(view, "promote", version, by(), reason), version=version,
+                   point=view.name)
 
     @app.post("/api/models/rollback")
     @login_required("operator")
     def rollback():
-        need_learning()
+        view = chosen()
         reason = str(json_body().get("reason") or "rolled back in the console")[:300]
-        return act("rollback", None, lambda: manager_call("rollback", by(), reason))
+        return act("rollback", None, lambda: manager_call(view, "rollback", by(), reason), point=view.name)
 
     @app.post("/api/models/shadow")
     @login_required("operator")
     def shadow():
-        need_learning()
+        view = chosen()
         version = json_body().get("version")
         if version is None:
-            return act("shadow_off", None, lambda: manager_call("clear_shadow", by()))
+            return act("shadow_off", None, lambda: manager_call(view, "clear_shadow", by()), point=view.name)
         try:
-            registry.version_dir(version if isinstance(version, str) else "")
+            view.registry.version_dir(version if isinstance(version, str) else "")
         except RegistryError as exc:
             return jsonify(error=str(exc)), 400
-        return act("shadow", None, lambda: manager_call("shadow", version, by(), "shadowed in the console"),
-                   version=version)
+        return act("shadow", None, lambda: manager_call(view, "shadow", version, by(), "shadowed in the console"),
+                   version=version, point=view.name)
 
     @app.post("/api/retrain")
     @login_required("operator")
     def retrain():
-        need_learning()
-        return act("retrain", None, lambda: manager_call("submit_retrain", by(), []))
+        view = chosen()
+        return act("retrain", None, lambda: manager_call(view, "submit_retrain", by(), []), point=view.name)
 
     @app.get("/api/retrain/<submission_id>")
     @login_required()
     def retrain_status(submission_id: str):
         if not submission_id.startswith("retrain-") or len(submission_id) > 80:
             return jsonify(error="not a retrain submission id"), 400
-        result, code = manager_call("job", submission_id)
+        result, code = manager_call(chosen(), "job", submission_id)
         return jsonify(result), code
 

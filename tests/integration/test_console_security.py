@@ -30,7 +30,9 @@ def env(trained_model, tmp_path_factory, small_dataset):
     registry = registry_with_base(trained_model, tmp / "registry", MAGNETIC_TILE)
     add_users(registry.root)
     frames = [frame_from_file(s.path) for s in small_dataset.test[:24]]
-    with agent_with_console(registry.root, tmp, console={"max_login_failures": 3, "lockout_s": 3.0},
+    # The tests' own address is a trusted proxy: without X-Forwarded-For each client is that address, as before.
+    with agent_with_console(registry.root, tmp, console={"max_login_failures": 3, "lockout_s": 3.0,
+                                                         "trusted_proxy": "127.0.0.1"},
                             output={"normals": {"every_s": 0.5}}) as (agent, console):
         camera = Streamer(agent.bound_ingest[0], "line-1", frames, fps=6)
         anomalies = Path(agent.cfg.output.dir) / "line-1"
@@ -103,6 +105,24 @@ def test_wrong_passwords_are_refused_then_throttled_and_audited(env):
     failed = [e for e in _audit(env) if e["action"] == "login" and e["by"] == "mallory"]
     assert len(failed) >= 5 and not any(e["ok"] for e in failed)
     assert {e["reason"] for e in failed} == {"wrong name or password", "locked out"}
+
+
+def test_behind_a_reverse_proxy_one_clients_lockout_does_not_lock_out_the_others(env):
+    """Every request comes from the proxy (here 127.0.0.1, console.trusted_proxy); the lockout and the audit go
+    by the address the proxy forwards, so an attacker's failures lock out only the attacker."""
+    attacker, colleague = {"X-Forwarded-For": "203.0.113.9"}, {"X-Forwarded-For": "198.51.100.4"}
+    client = Client(env["url"])
+    token = client.page_token("/login")
+    codes = [client.post_form("/login", {"csrf_token": token, "user": f"mallory-{i}", "password": "guess"},
+                              **attacker)[0] for i in range(4)]  # new names: only the address can lock
+    assert codes == [401, 401, 401, 429]
+    operator = Client(env["url"])
+    token = operator.page_token("/login")
+    fields = {"csrf_token": token, "user": OPERATOR[0], "password": OPERATOR[1], "next": "/live"}
+    assert operator.post_form("/login", fields, **colleague)[0] == 302  # the proxy's address is not locked
+    audit = _audit(env)
+    assert {e["address"] for e in audit if e["by"].startswith("mallory-")} == {"203.0.113.9"}
+    assert [e for e in audit if e["action"] == "login" and e["ok"]][-1]["address"] == "198.51.100.4"
 
 
 def _state(env) -> tuple:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import ray
 
-from adtr_edge.actors.config import InferenceConfig, LearningConfig, OutputConfig
+from adtr_edge.actors.config import DEFAULT_POINT, InferenceConfig, LearningConfig, OutputConfig
 from adtr_edge.actors.inference import InferenceActor, InferenceResult
 from adtr_edge.actors.protocol import UNKNOWN_CAMERA
 from adtr_edge.actors.scoring import ScoringActor
@@ -27,9 +27,33 @@ from adtr_edge.lifecycle.registry import Registry
 from adtr_edge.lifecycle.samples import SampleStore
 from adtr_edge.model.data import read_image, resize_image
 
+from console_live import add_users
 from live import ANY_PORT, Decisions, agent_config, settled_totals, wait_until
 
 pytestmark = pytest.mark.usefixtures("magnetic_tile")  # real data; skipped, and said, without it
+
+
+def _remove_over_http(agent: Agent, name: str) -> dict:
+    """DELETE /v1/points/NAME on the agent's own API (in-process): the first point and a point from the settings
+    are refused, an unknown name too, without a token nothing happens; then the point goes."""
+    from adtr_edge.agent.collector import SnapshotCache
+    from adtr_edge.agent.http import TokenCheck, create_app
+
+    token, cache = "t" * 32, SnapshotCache(agent, 0.2)  # its thread snapshots the agent while the point goes
+    try:
+        client = create_app(agent, cache, TokenCheck(token)).test_client()
+        auth = {"Authorization": f"Bearer {token}"}
+        assert client.delete(f"/v1/points/{name}").status_code == 401 and name in agent.points
+        first = next(iter(agent.points))
+        refused = client.delete(f"/v1/points/{first}", headers=auth)
+        assert refused.status_code == 409 and "settings" in refused.get_json()["error"], refused.get_json()
+        assert client.delete("/v1/points/nowhere", headers=auth).status_code == 409
+        answer = client.delete(f"/v1/points/{name}", headers=auth, json={"by": "test"})
+        assert answer.status_code == 200, answer.get_json()
+        assert name not in agent.points and name not in client.get("/v1/points", headers=auth).get_json()["points"]
+        return answer.get_json()
+    finally:
+        cache.stop.set()
 
 
 def _variant(model_dir, dst, version: str, threshold_factor: float):
@@ -139,8 +163,9 @@ def test_two_points_stream_together_and_a_promotion_on_one_changes_only_its_came
     top, side = two_registries
     cfg = agent_config(tmp_path, {"points": {"top": {"model": str(top.root), "cameras": ["cam-top"]},
                                              "side": {"model": str(side.root), "cameras": ["cam-side"]}},
-                                  "learning": {"guard": {"enabled": False}}})
+                                  "learning": {"guard": {"enabled": False}}, "console": {"port": 0}})
     agent = Agent(None, [ANY_PORT], ANY_PORT, cfg).start()
+    add_users(top.root)
     try:
         decisions = Decisions(agent.bound_results)
         publishers = {camera: FramePublisher(agent.bound_ingest[0], camera) for camera in
@@ -160,7 +185,7 @@ def test_two_points_stream_together_and_a_promotion_on_one_changes_only_its_came
         assert totals[UNKNOWN_CAMERA]["invalid"] == {"unknown_camera": 6}
 
         v2 = side.add_version(_variant(trained_model, tmp_path / "side-v2", "side-v2", 1.0), by="test")
-        ray.get(agent.points["side"].manager.promote.remote(v2, "test"), timeout=120)
+        _promote_in_the_console(agent, top, "side", v2)
         assert side.current() == v2 and top.current() != v2
         for _seq, path in enumerate(test_images[:6], start=6):
             for camera in ("cam-top", "cam-side"):
@@ -181,6 +206,36 @@ def test_two_points_stream_together_and_a_promotion_on_one_changes_only_its_came
         decisions.close()
     finally:
         agent.stop(drain=False)
+
+
+def _promote_in_the_console(agent: Agent, first: Registry, point: str, version: str) -> None:
+    """The console's models page of each point, and a promotion there that reaches that point's manager only."""
+    from adtr_edge.agent.console import start_console
+
+    from console_live import OPERATOR, Client
+
+    console = start_console(agent)
+    assert console is not None
+    try:
+        client = Client(console.url)
+        assert client.login(*OPERATOR) == 302
+        status, _, page = client.get(f"/models?point={point}")
+        assert status == 200 and f'data-point="{point}"'.encode() in page and version.encode() in page
+        assert b"Inspection point:" in page
+        status, _, page = client.get("/models")  # the first point's page by default
+        assert status == 200 and f'data-point="{next(iter(agent.points))}"'.encode() in page
+        assert version.encode() not in page
+        assert client.get("/models?point=nowhere")[0] == 404
+        client.page_token(f"/models?point={point}")
+        assert client.post_json("/api/models/promote", {"version": version, "point": "nowhere"})[0] == 404
+        assert client.post_json("/api/models/promote", {"version": version})[0] == 400  # not the first point's
+        code, answer = client.post_json("/api/models/promote", {"version": version, "point": point})
+        assert code == 200 and answer["promoted"] == version, answer
+        audit = [json.loads(line) for line in (first.root / "console" / "audit.jsonl").read_text().splitlines()]
+        assert [(e["action"], e["ok"], e.get("point")) for e in audit if e["action"] == "promote"][-1] == \
+            ("promote", True, point)
+    finally:
+        console.shutdown()
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -307,8 +362,22 @@ def test_a_new_camera_is_taught_on_the_box_from_its_first_frames_while_another_c
         assert wait_until(lambda: job_info(agent.jobs_address, cold["job"], 0)["status"] in terminal, 600, 1.0)
         info = job_info(agent.jobs_address, cold["job"], 80)
         assert info["status"] == "SUCCEEDED", "\n".join(info["log_tail"])
+        removed = _remove_over_http(agent, "new")
+        assert removed["cameras"] == ["cam-new"] and removed["cameras_now_go_to"] == DEFAULT_POINT
+        assert removed["decided"]["decisions"] == len(later) and not removed["stopped_jobs"]  # recorded: not decided
+        assert new.root.is_dir() and new.current() == candidate  # the registry stays, untouched
+        assert "new" not in json.loads((tmp_path / "state" / "points.json").read_text())
+        assert "models-new" not in agent.snapshot() and not (new.root / "agent.json").exists()
+        seq1 = new_cam.seq
+        for path in later[:8]:  # the camera now goes to the default point, its model and threshold
+            new_cam.send(_new_product(path))
+        assert wait_until(lambda: sum(k[0] == "cam-new" and k[1] >= seq1 for k in decisions.by_key) >= 8, 120)
+        after = [d for k, d in decisions.by_key.items() if k[0] == "cam-new" and k[1] >= seq1]
+        assert {(d["point"], d["model_version"]) for d in after} == {(DEFAULT_POINT, top.current())}
         sent = other.stop()
         totals = settled_totals(agent)
+        assert totals["cam-new"]["processed"] == accounted(totals["cam-new"]) == new_cam.seq
+        assert not totals["cam-new"]["dropped"] and not totals["cam-new"]["invalid"]
     finally:
         cleanup.close()  # last in, first out: the new camera, the other camera, the subscriber
         agent.stop(drain=False)

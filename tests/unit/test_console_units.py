@@ -79,6 +79,16 @@ def test_logins_are_throttled_per_name_and_address_then_released():
     assert throttle.wait_s("user:ana", "addr:1") == 0
 
 
+def test_the_trusted_proxy_must_be_an_address():
+    from adtr_edge.agent.settings import AgentSettings, SettingsError, load_settings
+
+    for value in ("10.0.0.7", "::1", "*"):
+        assert load_settings(overrides=[f'console.trusted_proxy="{value}"'],
+                             kind=AgentSettings).console.trusted_proxy == value
+    with pytest.raises(SettingsError, match="not an IP address"):
+        load_settings(overrides=["console.trusted_proxy=proxy.local"], kind=AgentSettings)
+
+
 def test_sessions_end_at_logout_and_expiry():
     sessions = Sessions(lifetime_s=0.3)
     sid = sessions.create("ana", "operator")

@@ -118,6 +118,33 @@ def test_curve_without_its_keys_is_a_settings_error_before_anything_starts():
         load_settings(overrides=["ingest.curve.enabled=true"], kind=AgentSettings)
 
 
+def test_camera_ids_bound_to_curve_keys_are_checked_before_anything_starts(tmp_path):
+    """ingest.curve.cameras: only with CURVE, no empty id list, and every key it names must have its file."""
+    import zmq.auth
+
+    from adtr_edge.actors.ingest import key_bindings
+    from adtr_edge.agent.settings import AgentSettings
+
+    with pytest.raises(SettingsError, match="needs ingest.curve.enabled"):
+        load_settings(overrides=['ingest.curve.cameras={"cam-1": ["cam-1"]}'], kind=AgentSettings)
+    public, secret = zmq.auth.create_certificates(str(tmp_path), "cam-1")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "cam-1.key").write_bytes(Path(public).read_bytes())
+    curve = ["ingest.curve.enabled=true", f"ingest.curve.server_secret_key={secret}",
+             f"ingest.curve.allowed_keys_dir={allowed}"]
+    with pytest.raises(SettingsError, match="list no camera id"):
+        load_settings(overrides=[*curve, 'ingest.curve.cameras={"cam-1": []}'], kind=AgentSettings)
+    assert key_bindings(load_settings(overrides=curve, kind=AgentSettings).ingest) is None  # not bound
+    cfg = load_settings(overrides=[*curve, 'ingest.curve.cameras={"cam-1": ["cam-1", "cam-1b"]}'],
+                        kind=AgentSettings)
+    key = zmq.auth.load_certificate(public)[0].decode()
+    assert key_bindings(cfg.ingest) == {key: ("cam-1", frozenset({"cam-1", "cam-1b"}))}
+    cfg = load_settings(overrides=[*curve, 'ingest.curve.cameras={"cam-2": ["cam-2"]}'], kind=AgentSettings)
+    with pytest.raises(ValueError, match="cam-2.key does not exist"):
+        key_bindings(cfg.ingest)
+
+
 def test_the_kuberay_agent_manifest_uses_real_agent_settings():
     """deploy/kuberay/agent.yaml passes --set overrides: each must be a setting the agent accepts."""
     import yaml

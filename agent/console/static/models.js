@@ -1,13 +1,15 @@
-// Models: retrain now (and follow the job), promote, shadow, roll back, each after a confirmation.
+// Models of one inspection point: retrain now (and follow the job), promote, shadow, roll back, each after a
+// confirmation.
 "use strict";
 (() => {
   const { api, toast, confirmAction } = Console;
+  const point = document.getElementById("point").dataset.point;  // the inspection point this page shows
 
   async function run(button, method, url, body, done) {
     if (!(await confirmAction(button.dataset.confirm))) return;
     button.disabled = true;
     try {
-      const result = await api(method, url, body);
+      const result = await api(method, url, { ...body, point });
       toast(done(result));
       return result;
     } catch (e) {
@@ -41,7 +43,7 @@
     panel.dataset.job = id;
     document.getElementById("job-id").textContent = id;
     try {
-      const info = await api("GET", "/api/retrain/" + encodeURIComponent(id));
+      const info = await api("GET", "/api/retrain/" + encodeURIComponent(id) + "?point=" + encodeURIComponent(point));
       document.getElementById("job-status").textContent = info.status || "—";
       document.getElementById("job-message").textContent = info.message || "";
       const logNode = document.getElementById("job-log");
