@@ -42,7 +42,7 @@ from adtr_edge.lifecycle.registry import resolve_model
 from adtr_edge.model.detector import AnomalyDetector, load_detector
 
 from .config import DEFAULT_POINT, InferenceConfig, point_paths
-from .logs import configure_logging
+from .logs import configure_logging, node_id
 from .stats import BATCH_BUCKETS, Histogram
 from .tuning import LoadCheck, Tuner, contenders, ladder
 
@@ -578,7 +578,7 @@ class InferenceActor:
     async def stats(self) -> dict[str, Any]:
         first = next(iter(self.points.values()))
         return {"model_version": self.serving.version, "shadow_version": first.shadow.version if first.shadow else None,
-                "staged": sorted(first.staged), "device": str(self.device), "pid": os.getpid(),
+                "staged": sorted(first.staged), "device": str(self.device), "pid": os.getpid(), "node_id": node_id(),
                 "points": {name: {"model_version": m.serving.version,
                                   "shadow_version": m.shadow.version if m.shadow else None, "staged": sorted(m.staged),
                                   "shares_backbone": m.serving.detector.backbone is self.serving.detector.backbone}

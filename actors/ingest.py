@@ -44,7 +44,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from adtr_edge.model.data import resize_image
 
 from .config import DEFAULT_POINT, IngestConfig
-from .logs import configure_logging
+from .logs import configure_logging, node_id
 from .protocol import MAX_HEADER_BYTES, UNKNOWN_CAMERA, FrameError, FrameLimits, Message, check_message
 from .stats import COST_BUCKETS_S, CameraStats, Histogram
 
@@ -188,6 +188,7 @@ class IngestActor:
     def stats(self) -> dict[str, Any]:
         with self.lock:
             return {"endpoint": self.endpoint, "bound": self.bound, "mode": self.cfg.mode, "pid": os.getpid(),
+                    "node_id": node_id(),
                     "restarted": self.restarted, "peers": dict(self.peers), "chunk": self.chunk,
                     "decode_seconds": self.decode_seconds.cumulative(), "decode_seconds_sum": self.decode_seconds.total,
                     "decode_seconds_count": self.decode_seconds.n,

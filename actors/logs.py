@@ -79,3 +79,13 @@ def route_library_loggers() -> None:
         logger = logging.getLogger(name)
         logger.handlers = []
         logger.propagate = True
+
+
+def node_id() -> str | None:
+    """The Ray node this process runs on, for an actor's stats (None outside Ray: a class built in a test)."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - where it runs is information, never a reason to fail
+        return None

@@ -40,7 +40,7 @@ from .cold import read_cold
 from .config import AutoSampleConfig, LearningConfig, OutputConfig, point_paths
 from .contract import NORMAL_PREFIX, Decision, FrameHeader, decision_message, strict_json
 from .inference import InferenceResult
-from .logs import configure_logging
+from .logs import configure_logging, node_id
 from .protocol import decode_jpeg, decode_payload
 from .stats import COST_BUCKETS_S, Histogram
 
@@ -666,6 +666,7 @@ class ScoringActor:
                 "seconds": self.seconds.cumulative(), "seconds_sum": self.seconds.total,
                 "seconds_count": self.seconds.n,
                 "write_errors": self.write_errors, "store": store, "results": self.bound, "pid": os.getpid(),
+                "node_id": node_id(),
                 "drift": {camera: dict(monitor.state(), model_version=version)
                           for camera, (version, monitor) in self.drift.items() if monitor is not None},
                 "shadow": [dict(stats.summary(), camera_id=camera, shadow_version=version)

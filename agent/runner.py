@@ -144,6 +144,7 @@ class Agent:
         self.bound_ingest: list[str] = []
         self.bound_results = ""
         self.started_at = 0.0
+        self.nodes: dict[str, str | None] = {}  # actor → the Ray node it runs on (placement on a cluster)
         self.stopped = False
         self.run_id = uuid.uuid4().hex
         self.announced: tuple[str | None, Path | None] | None = None
@@ -170,19 +171,28 @@ class Agent:
             node = min(ray.cluster_resources().get("CPU", 1.0), float(os.cpu_count() or 1))
             cpus = max(1.0, float(int(node) - 1))
         paths = {name: p.model_path for name, p in self.points.items()}
+        # Placement on a cluster: the socket-binding actors on the node facing the cameras, inference where told.
+        # No task events for the per-frame actors: Ray's GCS keeps an event for every actor call (up to 100,000),
+        # which grew it by ~7 MB a minute at 18 frames/s in the soak; their own stats say what happens.
+        edge: dict[str, Any] = {"enable_task_events": False}
+        near_model: dict[str, Any] = {"enable_task_events": False}
+        if self.cfg.ray.edge_labels:
+            edge["label_selector"] = dict(self.cfg.ray.edge_labels)
+        if self.cfg.ray.inference_labels:
+            near_model["label_selector"] = dict(self.cfg.ray.inference_labels)
         try:
             self.inference = ray.remote(InferenceActor).options(
                 name="inference", namespace=namespace, max_restarts=restarts, max_task_retries=0,
-                num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_concurrency=1000,
+                num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_concurrency=1000, **near_model,
             ).remote(paths, self.cfg.inference, learning.shadow.sample, str(state_dir / "inference.json"),
                       self.run_id, max(1, int(cpus)))
             self.scoring = ray.remote(ScoringActor).options(
-                name="scoring", namespace=namespace, max_restarts=restarts, max_task_retries=0, num_cpus=0,
+                name="scoring", namespace=namespace, max_restarts=restarts, max_task_retries=0, num_cpus=0, **edge,
             ).remote(paths, self.results_endpoint, self.cfg.output, learning, self.cfg.scoring.threads)
             self.ingests = [
                 ray.remote(IngestActor).options(
                     name=f"ingest-{i}", namespace=namespace, max_restarts=restarts, max_task_retries=0,
-                    num_cpus=0, max_concurrency=4,
+                    num_cpus=0, max_concurrency=4, **edge,
                 ).remote(endpoint, self.cfg.ingest, self.head.image_size, "inference", "scoring",
                           self.cfg.inference.max_batch or 1, str(state_dir / f"ingest-{i}.json"), self.run_id,
                           self.cfg.inference.jpeg_decode == "device", self.routes, self.default_point)
@@ -205,7 +215,10 @@ class Agent:
             ray.get([p.manager.start.remote() for p in learning_points], timeout=timeout_s)
         except ray.exceptions.GetTimeoutError as exc:
             self.stop(drain=False)
-            raise AgentError(f"the agent's actors were not ready within {timeout_s:.0f} s") from exc
+            placement = {k: v for k, v in (("ray.edge_labels", self.cfg.ray.edge_labels),
+                                           ("ray.inference_labels", self.cfg.ray.inference_labels)) if v}
+            hint = f" (no node may match {placement}: check the nodes' labels)" if placement else ""
+            raise AgentError(f"the agent's actors were not ready within {timeout_s:.0f} s{hint}") from exc
         except ray.exceptions.RayError as exc:
             self.stop(drain=False)
             cause = str(exc).strip().splitlines()[-1][:300]
@@ -213,7 +226,10 @@ class Agent:
         # What was really bound (a `tcp://host:*` endpoint gets a free port).
         self.bound_results, self.bound_ingest = ready[0]["results"], ready[1:-1]
         self.started_at = time.time()
-        log.info("agent running", model=self.model_path, model_version=self.model_version,
+        nodes = ray.get([self.inference.stats.remote(), *[a.stats.remote() for a in self.ingests]], timeout=timeout_s)
+        self.nodes = {"inference": nodes[0].get("node_id"), "scoring": ready[0].get("node_id"),
+                      **{f"ingest-{i}": s.get("node_id") for i, s in enumerate(nodes[1:])}}
+        log.info("agent running", model=self.model_path, model_version=self.model_version, nodes=self.nodes,
                  points={name: {"model": p.model_path, "model_version": p.head.model_version, "cameras": p.cameras}
                          for name, p in self.points.items()},
                  registry=bool(self.registry), ingest=self.ingest_endpoints, results=self.results_endpoint,

@@ -73,6 +73,22 @@ class RayConfig(_Section):
             "1.0 turns it off."
         ),
     )
+    edge_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "On a cluster: the node labels (a Ray label selector, e.g. {\"adtr-role\": \"edge\"}) of the node "
+            "that faces the cameras. The ingest and scoring actors bind the camera and results sockets, so they "
+            "must run where the cameras, the subscribers and the Service in front of the agent reach them. "
+            "Empty: anywhere (one box)."
+        ),
+    )
+    inference_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "On a cluster: the node labels the inference actor needs (e.g. {\"adtr-role\": \"gpu\"}). Empty: any "
+            "node with its CPUs (and GPU)."
+        ),
+    )
 
 
 class HttpConfig(_Section):

@@ -28,7 +28,7 @@ def serve_until_signal(agent: Agent) -> int:
                       "bound_ingest": agent.bound_ingest, "bound_results": agent.bound_results,
                       "model_version": agent.model_version, "registry": str(agent.registry.root) if agent.registry
                       else None, "http": server.port if server else None, "jobs": agent.jobs_address,
-                      "console": console.url if console else None}), flush=True)
+                      "console": console.url if console else None, "nodes": agent.nodes}), flush=True)
     while not stop.wait(1.0):
         pass
     log.info("stopping: draining frames in flight", timeout_s=agent.cfg.drain_timeout_s)

@@ -21,6 +21,7 @@ import re
 import sys
 import threading
 import time
+from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -41,10 +42,51 @@ from adtr_edge.model.data import load_dataset
 
 from bench_agent import agent_run, frames_of
 from hostile import malformed, push_socket
-from live import Decisions, Streamer, accounted, registry_with_base
+from live import Streamer, accounted, registry_with_base
 from results_table import update_section
 
 MB = 1 << 20
+
+
+class Latencies:
+    """The results socket on a thread, keeping only what the soak needs: each decision's latency, for two minutes
+    (keeping every decision, as the tests' Decisions does, would grow this process by megabytes a minute and
+    hide the agent's own memory in it)."""
+
+    def __init__(self, endpoint: str):
+        from adtr_edge.actors.contract import parse_decision
+        from adtr_edge.agent.watch import subscribe
+
+        self._parse = parse_decision
+        self.recent: deque[tuple[float, float]] = deque()  # (received at, latency ms)
+        self.decided = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._context = zmq.Context()
+        self._socket = subscribe(self._context, endpoint)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._socket.poll(100):
+                decision = self._parse(self._socket.recv_multipart())
+                now = time.time()
+                with self._lock:
+                    self.decided += 1
+                    self.recent.append((now, (now - decision["ts"]) * 1000.0))
+                    while self.recent and self.recent[0][0] < now - 120:
+                        self.recent.popleft()
+
+    def since(self, t: float) -> list[float]:
+        with self._lock:
+            return [ms for at, ms in self.recent if at >= t]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._socket.close(linger=0)
+        self._context.term()
 
 
 class Hostile:
@@ -109,7 +151,7 @@ def log_bytes() -> int:
     return sum(p.stat().st_size for p in logs.rglob("*") if p.is_file())
 
 
-def sample(agent: Agent, decisions: Decisions, since: float) -> dict:
+def sample(agent: Agent, decisions: Latencies, since: float) -> dict:
     """One minute's record."""
     record: dict = {"t": time.time(), "rss_mb": {}, "fds": {}}
     for name, proc in processes().items():
@@ -120,8 +162,7 @@ def sample(agent: Agent, decisions: Decisions, since: float) -> dict:
             continue
     record["object_store_mb"] = object_store_mb()
     record["log_bytes"] = log_bytes()
-    recent = [(decisions.received_at[k] - d["ts"]) * 1000.0 for k, d in list(decisions.by_key.items())
-              if decisions.received_at.get(k, 0) >= since]
+    recent = decisions.since(since)
     record["decided"] = len(recent)
     record["p50_ms"] = float(np.percentile(recent, 50)) if recent else None
     record["p99_ms"] = float(np.percentile(recent, 99)) if recent else None
@@ -294,7 +335,7 @@ def main() -> None:
         frames = [frame_from_file(p) for p in paths]
         capacity = agent_run(agent, "capacity", frames, 200)["frames_per_second"]
         fps = capacity * args.load / args.cameras
-        decisions = Decisions(agent.bound_results)
+        decisions = Latencies(agent.bound_results)
         cameras = {f"cam-{i}": Streamer(agent.bound_ingest[0], f"cam-{i}", frames, fps=fps)
                    for i in range(args.cameras)}
         hostile = Hostile(agent.bound_ingest[0], paths[0].read_bytes(), 256, args.hostile_interval)

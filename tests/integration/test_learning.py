@@ -587,13 +587,15 @@ def test_ray_token_auth_stays_on_and_its_token_file_is_private(ray_cluster, ray_
 
 @pytest.mark.timeout(1800)  # waits on real Ray jobs that train
 def test_on_a_two_node_cluster_training_runs_on_the_worker_node(registry, tmp_path, extra_normals):
-    """`ray start --head` + a worker node labelled trainer (each with its own temp dir, token mode on both);
-    the agent joins with ray.address; the retrain job's Ray Train worker lands on the labelled node."""
+    """`ray start --head` labelled edge + a worker node labelled trainer (each with its own temp dir, token mode on
+    both); the agent joins with ray.address, its socket-binding actors pinned to the edge node and its inference
+    to the other (ray.edge_labels, ray.inference_labels); the retrain job's Ray Train worker lands on the
+    labelled node."""
     from adtr_edge.agent.rayhead import LocalHead, LocalWorker
 
     _accept(SampleStore(registry.store_dir), extra_normals[:30], "operator")
-    head = LocalHead(num_cpus=1)
-    worker = LocalWorker(head.address, num_cpus=2, labels={"adtr-role": "trainer"})
+    head = LocalHead(num_cpus=1, labels={"adtr-role": "edge"})
+    worker = LocalWorker(head.address, num_cpus=3, labels={"adtr-role": "trainer"})
     out = tmp_path / "agent.out"
     agent = None
     try:
@@ -611,11 +613,14 @@ def test_on_a_two_node_cluster_training_runs_on_the_worker_node(registry, tmp_pa
             [sys.executable, "-m", "adtr_edge.agent.cli", "--log-json", "run", "--model", str(registry.root),
              "--ingest", "tcp://127.0.0.1:*", "--results", "tcp://127.0.0.1:*", "--set", f"ray.address={head.address}",
              "--set", "http.port=0", "--set", f"output.dir={tmp_path / 'anomalies'}",
-             "--set", f"state_dir={tmp_path / 'state'}"],
+             "--set", f"state_dir={tmp_path / 'state'}", "--set", 'ray.edge_labels={"adtr-role": "edge"}',
+             "--set", 'ray.inference_labels={"adtr-role": "trainer"}', "--set", "inference.num_cpus=1"],
             stdout=open(out, "w"), stderr=open(tmp_path / "agent.log", "w"), cwd=ROOT)
         assert wait_until(lambda: '"agent ready"' in out.read_text(), 240), (tmp_path / "agent.log").read_text()[-3000:]
         ready = json.loads(next(line for line in out.read_text().splitlines() if '"agent ready"' in line))
         assert ready["jobs"], ready
+        edge_node = next(n["id"] for n in nodes() if n["labels"].get("adtr-role") == "edge")
+        assert ready["nodes"] == {"inference": trainer_node, "scoring": edge_node, "ingest-0": edge_node}, ready
         result = _cli("retrain", "--registry", str(registry.root), "--submit", "--wait",
                       "--set", 'retrain.label_selector={"adtr-role": "trainer"}', "--set", "retrain.epochs=2",
                       "--set", "retrain.policy=register", timeout=900)
