@@ -271,14 +271,14 @@ def plot(records: list[dict], events: list[dict], path: Path) -> None:
             if event["event"] in ("promoted", "retrain"):
                 x = int(left + ((event["t"] - t0) / 60.0 / span) * (right - left))
                 cv2.line(img, (x, top), (x, bottom), (0, 160, 0) if event["event"] == "promoted" else (0, 0, 200), 1)
-    cv2.putText(img, f"minutes 0 .. {minutes[-1]:.0f}; blue lines: retrain submitted, green: promoted",
+    cv2.putText(img, f"minutes 0 .. {minutes[-1]:.0f}; red lines: retrain submitted, green: promoted",
                 (pad, h - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.imwrite(str(path), img)
 
 
 def render(result: dict) -> str:
     j = result["judged"]
-    lines = [f"Measured by `python tests/benchmarks/soak.py --minutes {result['minutes']:g}` on {result['date']} "
+    lines = [f"Measured by `python tests/benchmarks/soak.py {result['args']}` on {result['date']} "
              f"({os.cpu_count()} cores, no GPU): {result['cameras']} cameras at {result['load']:.0%} of the measured "
              f"capacity ({result['capacity_fps']:.1f} frames/s, so {result['fps_per_camera']:.2f} frames/s each), "
              f"a retrain every {result['retrain_every_min']:g} min with its candidate promoted, a hostile peer "
@@ -367,7 +367,8 @@ def main() -> None:
         agent.stop(drain=False)
     warm = [r for r in records if r["t"] - started >= args.warmup * 60] or records
     judged = judge(records, warm, snap_books, sent, hostile_sent, log_start)
-    result = {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "minutes": args.minutes, "warmup_min": args.warmup,
+    result = {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "args": " ".join(sys.argv[1:]),
+              "minutes": args.minutes, "warmup_min": args.warmup,
               "cameras": args.cameras, "load": args.load, "capacity_fps": capacity, "fps_per_camera": fps,
               "retrain_every_min": args.retrain_every, "judged": judged, "events": events, "records": records}
     (out / "soak.json").write_text(json.dumps(result, indent=2, default=str))
