@@ -314,6 +314,9 @@ class Agent:
         if name not in added:
             raise AgentError(f"inspection point {name!r} comes from the settings (points.{name} or --model): "
                              "remove it there and restart the agent; only points added on the box are removed live")
+        if name == next(iter(self.points)):  # (added, with no --model) refused before any route moves
+            raise AgentError(f"inspection point {name!r} is the first one: the batch size is tuned on it and the "
+                             "others share its backbone; it cannot be removed while the agent runs")
         point = self.points[name]
         moved = ray.get([ingest.remove_routes.remote(name, timeout_s) for ingest in self.ingests],
                         timeout=timeout_s + 30)

@@ -184,7 +184,8 @@ class Registry:
             with open(self.root / "events.jsonl", "ab+") as fh:
                 # A write cut off (a full disk, a crash) leaves a torn last line: start on a fresh line, or
                 # this event would be glued to the fragment and both lost to the reader.
-                torn = fh.seek(0, os.SEEK_END) > 0 and fh.seek(-1, os.SEEK_END) >= 0 and fh.read(1) != b"\n"
+                size = fh.seek(0, os.SEEK_END)
+                torn = size > 0 and fh.seek(size - 1) >= 0 and fh.read(1) != b"\n"
                 fh.write((("\n" if torn else "") + json.dumps(entry, sort_keys=True) + "\n").encode())
                 fh.flush()
                 os.fsync(fh.fileno())

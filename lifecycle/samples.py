@@ -210,21 +210,24 @@ class SampleStore:
         if not ext.startswith(".") or len(ext) > 8 or not ext[1:].isalnum():
             raise StoreError(f"bad file extension {ext!r}")
         label = int(origin == "confirmed_defect")
-        sha, created = self._write_blob(data, ext)
+        created: list[tuple[str, Path]] = []  # the files this call wrote: they go again if nothing is stored
         try:
-            mask_sha, mask_created = self._write_blob(mask, ".png") if mask else (None, False)
-        except StoreError:
-            if created:
-                self.blob_path(sha, ext).unlink(missing_ok=True)
-            raise
-        try:
+            sha, new = self._write_blob(data, ext)
+            if new:
+                created.append((sha, self.blob_path(sha, ext)))
+            mask_sha = None
+            if mask:
+                mask_sha, new = self._write_blob(mask, ".png")
+                if new:
+                    created.append((mask_sha, self.blob_path(mask_sha, ".png")))
             return self._index(sha, ext, len(data), origin, label, by, camera_id, seq, source, model_version, score,
                                normalized_score, box, mask_sha, note)
-        except sqlite3.OperationalError as exc:  # e.g. "database or disk is full": rolled back, files go too
-            for done, blob, path in ((created, sha, self.blob_path(sha, ext)),
-                                     (mask_created, mask_sha, self.blob_path(mask_sha, ".png") if mask_sha else None)):
-                if done and path is not None and not self._referenced(blob):  # another writer's row keeps it
+        except (StoreError, sqlite3.OperationalError) as exc:  # e.g. a full disk: rolled back, its files go too
+            for blob, path in created:
+                if not self._referenced(blob):  # another writer's row keeps it
                     path.unlink(missing_ok=True)
+            if isinstance(exc, StoreError):
+                raise
             raise StoreError(f"the sample index in {self.root} could not be written: {exc}; nothing was "
                              "stored") from exc
 
